@@ -1,0 +1,64 @@
+"""The dataset card (README.md): Hugging Face front matter so `datasets.load_dataset(DIR)` reads
+exactly the manifest's shards, and a provenance table for people."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from data.atomic import write_text
+from data.manifest import Manifest
+
+
+def render(m: Manifest) -> str:
+    files = "\n".join(f"          - {s.file}" for s in m.shards)
+    prov = "\n".join(f"| {k} | `{v}` |" for k, v in m.provenance.items())
+    return f"""---
+configs:
+  - config_name: default
+    data_files:
+      - split: train
+        path:
+{files}
+tags:
+  - knowledge-distillation
+  - soft-labels
+  - softlabels
+---
+
+# Soft-label dataset (softlabels format v{m.format_version})
+
+Per token, the teacher's top-{m.k} next-token log-probabilities, stored so a student can be
+trained without running the teacher again. {m.rows} rows, {m.tokens} tokens, {len(m.shards)} shards.
+
+## Columns
+| column | type | meaning |
+|---|---|---|
+| row_id | string | `<record>:<window>`: input record index, window index within it |
+| input_ids | list<int32> | token ids of the window |
+| target_mask | list<bool> | false where a position carries no target |
+| topk_ids | list<int32[{m.k}]> | teacher's top-{m.k} ids per position, most probable first |
+| topk_logprob_deltas | list<uint16[{m.k}]> | quantised log-probs, see decoding |
+
+**Decoding**: `logprob[t, j] = -{m.logprob_step!r} * cumsum(topk_logprob_deltas[t])[j]`, natural-log
+probabilities at temperature 1 over the full vocabulary ({m.vocab_size} tokens); the tail mass is
+`1 - sum(exp(logprob[t]))`. `targets[t]` predicts the token after `input_ids[0..t]`.
+The same rule is in every shard's Arrow schema metadata and in `manifest.json`.
+
+Check the files against the manifest with `softlabels verify <this folder>`.
+
+## Provenance
+| field | value |
+|---|---|
+{prov}
+"""
+
+
+def write_card(directory: str | os.PathLike, m: Manifest) -> None:
+    write_text(Path(directory) / "README.md", render(m))
+
+
+def publish(directory: str | os.PathLike, m: Manifest) -> None:
+    """Make a dataset visible: the card first, the manifest last (readers trust the manifest)."""
+    write_card(directory, m)
+    m.save(directory)

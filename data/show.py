@@ -1,0 +1,75 @@
+"""`softlabels inspect DIR --row N`: one stored row, for a person or (with --json) a program."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from data.errors import UserError
+from data.format import Row
+from data.reader import SoftLabelReader
+
+TOKENIZER_DIR = "tokenizer"  # generate copies the teacher's tokenizer here
+
+
+def get_row(directory: str | os.PathLike, n: int) -> Row:
+    reader = SoftLabelReader(directory)
+    if not 0 <= n < reader.manifest.rows:
+        raise UserError(f"--row {n} is out of range: the dataset has {reader.manifest.rows} rows")
+    for _, row in reader.rows(start=n):
+        return row
+    raise UserError(f"row {n} not found")  # unreachable unless shards changed under us
+
+
+def row_json(row: Row) -> dict:
+    targets = [
+        [[int(i), float(lp)] for i, lp in zip(ids, lps)] if m else None
+        for ids, lps, m in zip(row.topk_ids, row.topk_logprobs, row.target_mask)
+    ]
+    return {
+        "row_id": row.row_id,
+        "input_ids": row.input_ids.tolist(),
+        "targets": targets,
+        "mask": row.target_mask.tolist(),
+    }
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    path = Path(directory) / TOKENIZER_DIR
+    if not path.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def render(row: Row, tok, top: int = 5) -> str:
+    def text(i):
+        return repr(tok.decode([int(i)])) if tok is not None else str(int(i))
+
+    lines = [f"row {row.row_id}: {len(row.input_ids)} tokens, {int(row.target_mask.sum())} targets"]
+    if tok is not None:
+        lines.append(repr(tok.decode(row.input_ids.tolist())))
+    lines.append(f"{'t':>5} {'token':<16} top-{top} next tokens (probability)")
+    for t, (tid, ids, lps, m) in enumerate(
+        zip(row.input_ids, row.topk_ids, row.topk_logprobs, row.target_mask)
+    ):
+        if not m:
+            lines.append(f"{t:>5} {text(tid):<16} (context, no target)")
+            continue
+        tail = 1 - float(np.exp(lps.astype(np.float64)).sum())
+        tops = "  ".join(f"{text(i)} {np.exp(lp):.3f}" for i, lp in zip(ids[:top], lps[:top]))
+        lines.append(f"{t:>5} {text(tid):<16} {tops}  | tail {max(tail, 0):.3f}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    row = get_row(args.dir, args.row)
+    if args.json:
+        print(json.dumps(row_json(row)))
+    else:
+        print(render(row, load_tokenizer(args.dir), top=args.top))
+    return 0

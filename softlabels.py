@@ -1,0 +1,121 @@
+"""The `softlabels` command: one subcommand per stage; each stage lives in its own package.
+
+Imports are lazy so `softlabels --help` answers at once (importing vLLM takes ~25 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _verify(args) -> int:
+    from data.verify import verify
+
+    problems = verify(args.dir)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s); regenerate the named shards "
+              "(rerun the same `softlabels generate` command)", file=sys.stderr)
+        return 1
+    from data.manifest import Manifest
+
+    m = Manifest.load(args.dir)
+    print(f"{args.dir}: OK ({len(m.shards)} shards, {m.rows} rows, {m.tokens} tokens, k={m.k})")
+    return 0
+
+
+def _inspect(args) -> int:
+    from data.show import main
+
+    return main(args)
+
+
+def _generate(args) -> int:
+    from generate.cli import main
+
+    return main(args)
+
+
+def _train(args) -> int:
+    from train_student.cli import main
+
+    return main(args)
+
+
+def _eval(args) -> int:
+    from train_student.evaluate import main
+
+    return main(args)
+
+
+def _demo(args) -> int:
+    from demo import main
+
+    return main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="softlabels",
+        description="Offline knowledge distillation: run the teacher once (vLLM on Dask), store "
+        "its top-k soft targets in Parquet, train students from them (Accelerate).",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from demo import add_arguments as demo_args
+    from generate.cli import add_arguments as gen_args
+    from train_student.cli import add_arguments as train_args
+    from train_student.evaluate import add_arguments as eval_args
+
+    g = sub.add_parser("generate", help="run the teacher over a corpus, write a soft-label dataset")
+    gen_args(g)
+    g.set_defaults(func=_generate)
+
+    t = sub.add_parser("train", help="train a student on a soft-label dataset")
+    train_args(t)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="held-out CE, KL to the teacher and top-1 agreement")
+    eval_args(e)
+    e.set_defaults(func=_eval)
+
+    v = sub.add_parser("verify", help="check a dataset's shards against its manifest and format")
+    v.add_argument("dir", help="dataset folder")
+    v.set_defaults(func=_verify)
+
+    i = sub.add_parser("inspect", help="show one stored row")
+    i.add_argument("dir", help="dataset folder")
+    i.add_argument("--row", type=int, default=0, help="row number in dataset order (default 0)")
+    i.add_argument("--top", type=int, default=5, help="targets shown per position")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=_inspect)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the shipped corpus (`make demo`)")
+    demo_args(d)
+    d.set_defaults(func=_demo)
+    for sp in sub.choices.values():
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from data.errors import UserError
+
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"softlabels {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"softlabels {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

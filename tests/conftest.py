@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+import pytest
+
+from demo import make_model, make_tokenizer
+from tests.helpers import corpus_texts
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A tiny random Llama with a BPE tokenizer trained on the demo corpus (vocab 512)."""
+    path = tmp_path_factory.mktemp("teacher")
+    tok = make_tokenizer(corpus_texts(200), vocab_size=512, path=path)
+    make_model(path, vocab_size=len(tok), hidden=64, layers=2, heads=2, seed=0)
+    return path

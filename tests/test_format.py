@@ -1,0 +1,262 @@
+"""The soft-label format on its own: round trip, pinned values, atomicity, reader, verify, HF."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data.card import publish
+from data.format import (
+    DEFAULT_LOGPROB_STEP,
+    FORMAT_VERSION,
+    Encoding,
+    FormatError,
+    Row,
+    decode,
+    dequantise,
+    encode,
+    quantise,
+    row_id,
+)
+from data.manifest import Manifest
+from data.reader import SoftLabelReader
+from data.verify import verify
+from data.writer import write_shard
+from tests.helpers import REPO, corpus_texts, reference_topk
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def real_rows(tiny_teacher):
+    """Rows whose targets are the top-k of a real forward pass of the tiny teacher."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    token_lists = [tok(t).input_ids[: 40 + 17 * i] for i, t in enumerate(corpus_texts(6))]
+    token_lists.append(token_lists[0][:1])  # a one-token row
+    ref = reference_topk(tiny_teacher, token_lists, K)
+    rows = []
+    for i, (ids, (tid, lp)) in enumerate(zip(token_lists, ref)):
+        mask = np.ones(len(ids), bool)
+        if i == 2:
+            mask[:5] = False  # context-only prefix
+        rows.append(Row(row_id(i, 0), np.array(ids, np.int32), tid, lp, mask))
+    return rows, len(tok)
+
+
+def make_dataset(path, rows, vocab, shards=2, **kw):
+    infos = [
+        write_shard(path / f"shard-{s:05d}.parquet", rows[s::shards], K, **kw)
+        for s in range(shards)
+    ]
+    m = Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab, shards=infos)
+    publish(path, m)
+    return m
+
+
+def test_quantise_pinned_values():
+    # round(0 * 16) = 0, round(0.1 * 16) = 2, round(1.0 * 16) = 16 -> deltas 0, 2, 14
+    lp = np.array([[-0.0, -0.1, -1.0]], np.float32)
+    np.testing.assert_array_equal(quantise(lp, 1 / 16), [[0, 2, 14]])
+    np.testing.assert_allclose(dequantise(quantise(lp, 1 / 16), 1 / 16), [[0, -0.125, -1.0]])
+    # -inf and NaN clip to the floor instead of wrapping around
+    d = quantise(np.array([[-1.0, -np.inf]]), 1 / 16)
+    assert dequantise(d, 1 / 16)[0, 1] == pytest.approx(-1000.0)
+
+
+@pytest.mark.parametrize("row_group_tokens", [1, 50, 100000])
+def test_round_trip(tmp_path, real_rows, row_group_tokens):
+    rows, vocab = real_rows
+    make_dataset(tmp_path, rows, vocab, row_group_tokens=row_group_tokens)
+    got = sorted(SoftLabelReader(tmp_path), key=lambda r: r.record)
+    assert [r.row_id for r in got] == [r.row_id for r in rows]
+    for a, b in zip(rows, got):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.target_mask, b.target_mask)
+        m = a.target_mask
+        np.testing.assert_array_equal(a.topk_ids[m], b.topk_ids[m])
+        err = np.abs(a.topk_logprobs[m] - b.topk_logprobs[m]).max()
+        assert err <= DEFAULT_LOGPROB_STEP / 2 + 1e-6
+        assert (b.topk_logprobs[~m] == 0).all() and (b.topk_ids[~m] == 0).all()
+    assert verify(tmp_path) == []
+
+
+def test_encode_sorts_positions_by_probability(real_rows):
+    rows, _ = real_rows
+    r = rows[0]
+    perm = np.random.default_rng(0).permutation(K)
+    shuffled = Row(r.row_id, r.input_ids, r.topk_ids[:, perm], r.topk_logprobs[:, perm],
+                   r.target_mask)
+
+    a = decode(encode([r], K), Encoding(K, DEFAULT_LOGPROB_STEP))[0]
+    b = decode(encode([shuffled], K), Encoding(K, DEFAULT_LOGPROB_STEP))[0]
+    np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+    np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+
+
+def test_parquet_encodings_and_metadata(tmp_path, real_rows):
+    rows, vocab = real_rows
+    make_dataset(tmp_path, rows, vocab, shards=1)
+    md = pq.read_metadata(tmp_path / "shard-00000.parquet")
+    cols = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i)
+            for i in range(md.num_columns)}
+    for leaf in ["topk_ids.list.element.list.element",
+                 "topk_logprob_deltas.list.element.list.element"]:
+        assert "BYTE_STREAM_SPLIT" in cols[leaf].encodings
+        assert cols[leaf].compression == "ZSTD"
+    meta = pq.read_schema(tmp_path / "shard-00000.parquet").metadata
+    assert meta[b"softlabels.format_version"] == str(FORMAT_VERSION).encode()
+    assert b"cumsum" in meta[b"softlabels.decoding"]
+
+
+def test_reader_shuffle_parts_and_start(tmp_path, real_rows):
+    rows, vocab = real_rows
+    make_dataset(tmp_path, rows, vocab, shards=3, row_group_tokens=60)
+    ids = [r.row_id for r in SoftLabelReader(tmp_path)]
+    assert sorted(ids) == sorted(r.row_id for r in rows) and len(set(ids)) == len(rows)
+    assert ids == [r.row_id for r in SoftLabelReader(tmp_path)]  # deterministic
+    s1 = [r.row_id for r in SoftLabelReader(tmp_path, shuffle=True, seed=1)]
+    s2 = [r.row_id for r in SoftLabelReader(tmp_path, shuffle=True, seed=1)]
+    s3 = [r.row_id for r in SoftLabelReader(tmp_path, shuffle=True, seed=2)]
+    assert s1 == s2 and sorted(s1) == sorted(ids) and s1 != s3
+    for n in (2, 3):
+        readers = [SoftLabelReader(tmp_path, shuffle=True, seed=1, part=p, num_parts=n)
+                   for p in range(n)]
+        parts = [list(r.rows()) for r in readers]
+        assert [len(p) for p in parts] == [len(r) for r in readers]
+        merged = sorted((gi, r.row_id) for p in parts for gi, r in p)
+        assert [rid for _, rid in merged] == s1  # together: the global order, each row once
+    tail = [r.row_id for _, r in SoftLabelReader(tmp_path, shuffle=True, seed=1).rows(start=4)]
+    assert tail == s1[4:]
+
+
+def test_failed_write_leaves_nothing(tmp_path, real_rows):
+    rows, _ = real_rows
+    bad = Row("9:0", rows[0].input_ids, rows[0].topk_ids[:, :3], rows[0].topk_logprobs[:, :3],
+              rows[0].target_mask)
+    with pytest.raises(FormatError, match="row 9:0"):
+        write_shard(tmp_path / "shard-00000.parquet", [rows[1], bad], K, row_group_tokens=1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_killed_writer_leaves_no_partial_shard(tmp_path):
+    """SIGKILL a process while it writes a large shard: no shard, or a complete one."""
+    code = f"""
+import numpy as np, sys
+sys.path.insert(0, {str(REPO)!r})
+from data.format import Row
+from data.writer import write_shard
+rng = np.random.default_rng(0)
+rows = [Row(f"{{i}}:0", rng.integers(0, 30000, 2048, dtype=np.int32),
+            rng.integers(0, 30000, (2048, 64), dtype=np.int32),
+            -np.sort(rng.exponential(3, (2048, 64)), -1).astype(np.float32) - 0.1,
+            np.ones(2048, bool)) for i in range(60)]
+print("ready", flush=True)
+write_shard({str(tmp_path / "shard-00000.parquet")!r}, rows, 64, row_group_tokens=2048)
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    visible = [f for f in os.listdir(tmp_path) if not f.startswith(".")]
+    assert visible == [] or pq.read_metadata(tmp_path / "shard-00000.parquet").num_rows == 60
+
+
+def _flip_bytes(path, at):
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(16)
+        f.seek(at)
+        f.write(bytes(x ^ 0xFF for x in b))
+
+
+def test_verify_catches_each_kind_of_damage(tmp_path, real_rows):
+    rows, vocab = real_rows
+    m = make_dataset(tmp_path, rows, vocab, shards=4)
+    assert verify(tmp_path) == []
+    # truncated shard, flipped bytes, missing shard
+    s0, s1, s2 = (tmp_path / m.shards[i].file for i in range(3))
+    s0.write_bytes(s0.read_bytes()[: s0.stat().st_size // 2])
+    _flip_bytes(s1, s1.stat().st_size // 3)
+    s2.unlink()
+    problems = verify(tmp_path)
+    for s in (s0, s1, s2):
+        assert any(p.startswith(s.name) for p in problems), (s.name, problems)
+    assert not any(p.startswith(m.shards[3].file) for p in problems)
+
+
+def test_verify_catches_bad_values_and_counts(tmp_path, real_rows):
+    rows, vocab = real_rows
+    r = rows[0]
+    too_much = Row("0:0", r.input_ids, r.topk_ids, np.zeros_like(r.topk_logprobs), r.target_mask)
+    out_of_vocab = Row("1:0", r.input_ids, r.topk_ids + vocab, r.topk_logprobs, r.target_mask)
+    info = write_shard(tmp_path / "shard-00000.parquet", [too_much, out_of_vocab, rows[1]], K)
+    info.rows += 1  # the manifest lies about the count
+    publish(tmp_path, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab,
+                               shards=[info]))
+    problems = "\n".join(verify(tmp_path))
+    assert "row 0:0: probabilities sum to more than 1" in problems
+    assert "row 1:0: target id outside" in problems
+    assert "manifest says 4/" in problems
+
+
+def test_other_format_version_is_refused(tmp_path, real_rows):
+    rows, vocab = real_rows
+    make_dataset(tmp_path, rows, vocab)
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    d["format_version"] = FORMAT_VERSION + 1
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(FormatError, match="format version"):
+        SoftLabelReader(tmp_path)
+    assert "format version" in verify(tmp_path)[0]
+    p = subprocess.run([sys.executable, "-m", "softlabels", "verify", str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode != 0 and "format version" in p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_datasets_load_dataset_reads_the_folder(tmp_path, real_rows):
+    import datasets
+
+    rows, vocab = real_rows
+    m = make_dataset(tmp_path, rows, vocab)
+    (tmp_path / ".shard-99999.parquet.x.tmp").write_bytes(b"junk from a crashed writer")
+    ds = datasets.load_dataset(str(tmp_path), split="train")
+    assert ds.num_rows == m.rows
+    by_id = {r.row_id: r for r in rows}
+    for ex in ds:
+        r = by_id[ex["row_id"]]
+        assert ex["input_ids"] == r.input_ids.tolist()
+        lp = -DEFAULT_LOGPROB_STEP * np.cumsum(np.array(ex["topk_logprob_deltas"]), -1)
+        mk = r.target_mask
+        np.testing.assert_allclose(lp[mk], r.topk_logprobs[mk], atol=DEFAULT_LOGPROB_STEP / 2)
+
+
+def test_inspect_json(tmp_path, real_rows):
+    rows, vocab = real_rows
+    make_dataset(tmp_path, rows, vocab, shards=1)
+    p = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(tmp_path),
+                        "--row", "2", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    r = rows[2]
+    assert got["row_id"] == r.row_id and got["input_ids"] == r.input_ids.tolist()
+    assert got["mask"] == r.target_mask.tolist()
+    assert got["targets"][0] is None  # masked prefix
+    t = 7
+    assert [i for i, _ in got["targets"][t]] == r.topk_ids[t].tolist()
+    np.testing.assert_allclose([lp for _, lp in got["targets"][t]], r.topk_logprobs[t],
+                               atol=DEFAULT_LOGPROB_STEP / 2)
+    p = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(tmp_path),
+                        "--row", "99"], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 2 and "out of range" in p.stderr and "Traceback" not in p.stderr
