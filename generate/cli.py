@@ -1,6 +1,258 @@
-def add_arguments(p):
-    pass
+"""`softlabels generate`: plan the corpus, score it with the teacher on Dask, publish a dataset.
+
+Resumable and exactly-once: the plan is fixed before work starts, each unit commits one shard
+atomically, a rerun skips units whose shard is intact, and the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from data.errors import UserError
+from data.format import DEFAULT_LOGPROB_STEP
+from data.manifest import Manifest, fingerprint_files
+
+DEFAULT_UNIT_TOKENS = 131072
 
 
-def main(args):
-    raise NotImplementedError
+def add_arguments(p) -> None:
+    p.add_argument("--teacher", required=True, help="Hugging Face causal-LM folder")
+    p.add_argument("--input", required=True, help="Parquet file/folder, .jsonl, .txt files, "
+                   "or a datasets.save_to_disk folder")
+    p.add_argument("--output", required=True, help="dataset folder to write (resumable)")
+    p.add_argument("--text-column", default="text", help="text column/field (default text)")
+    p.add_argument("--top-k", type=int, default=64, help="targets per token (default 64)")
+    p.add_argument("--max-length", type=int, default=2048,
+                   help="window length in tokens; longer records are split (default 2048)")
+    p.add_argument("--unit-tokens", type=int, default=DEFAULT_UNIT_TOKENS,
+                   help=f"tokens per work unit and shard (default {DEFAULT_UNIT_TOKENS})")
+    p.add_argument("--logprob-step", type=float, default=DEFAULT_LOGPROB_STEP,
+                   help="log-prob quantisation step in nats (default 1/16)")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--workers", type=int, default=None,
+                   help="embedded cluster workers, one engine each (default: GPUs, or 1 on CPU)")
+    c.add_argument("--scheduler", default=None,
+                   help="tcp://host:port of a running `dask scheduler` to use instead")
+    c.add_argument("--resource", default="teacher",
+                   help="worker resource a unit needs (workers: --resources teacher=1)")
+    c.add_argument("--retries", type=int, default=2, help="retries of a failing unit (default 2)")
+    e = p.add_argument_group("vLLM engine")
+    e.add_argument("--dtype", default="auto", help="auto = float32 on CPU, model dtype on GPU")
+    e.add_argument("--tensor-parallel-size", type=int, default=1)
+    e.add_argument("--max-num-batched-tokens", type=int, default=None)
+    e.add_argument("--kv-cache-gib", type=int, default=2,
+                   help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE), default 2")
+    e.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other vllm.LLM argument, VALUE as JSON (repeatable)")
+
+
+def _engine_extra(pairs: list[str]) -> tuple:
+    extra = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"--engine-arg {pair!r} is not KEY=VALUE")
+        try:
+            extra.append((key, json.loads(value)))
+        except json.JSONDecodeError:
+            extra.append((key, value))
+    return tuple(extra)
+
+
+def check_teacher(path: Path, k: int):
+    """Return (config, tokenizer) of a usable teacher, or a one-line UserError."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not path.is_dir():
+        raise UserError(f"teacher {path} does not exist; pass a folder written by save_pretrained")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"teacher {path} has no readable config.json ({e})") from e
+    if not any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
+        raise UserError(f"teacher {path} is not a causal LM (architectures: "
+                        f"{config.architectures}); pass a *ForCausalLM model folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"teacher {path} has no loadable tokenizer ({e})") from e
+    vocab = config.get_text_config().vocab_size
+    if not 1 <= k <= vocab:
+        raise UserError(f"--top-k {k} must be between 1 and the vocabulary size {vocab}")
+    return config, tok
+
+
+class OutputLock:
+    """One `generate` per output folder: a second one is refused, not interleaved."""
+
+    def __init__(self, out: Path):
+        (out / ".softlabels").mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(out / ".softlabels" / "lock", os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(self.fd)
+            raise UserError(f"another softlabels generate is writing {out}; wait for it to "
+                            "finish (or stop it) before running this one") from e
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def _copy_tokenizer(tok, out: Path) -> None:
+    """The dataset carries its tokenizer, so inspect and train can decode and check it."""
+    from data.show import TOKENIZER_DIR
+
+    tmp = out / f".{TOKENIZER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+    os.replace(tmp, out / TOKENIZER_DIR)
+
+
+def main(args) -> int:
+    from data.card import publish
+    from generate.engine import EngineConfig
+    from generate.inputs import open_corpus
+    from generate.plan import Job, Plan, make_plan
+    from generate.work import is_done, shard_info
+
+    t_start = time.time()
+    teacher, out = Path(args.teacher), Path(args.output)
+    corpus = open_corpus(args.input, args.text_column)
+    config, tok = check_teacher(teacher, args.top_k)
+    if args.max_length < 1 or args.unit_tokens < 1:
+        raise UserError("--max-length and --unit-tokens must be positive")
+    lock = OutputLock(out)
+    try:
+        print(f"hashing teacher {teacher} and input {args.input} ...", file=sys.stderr)
+        teacher_files = [f for f in teacher.rglob("*") if f.is_file() and
+                         not any(part.startswith(".") for part in f.relative_to(teacher).parts)]
+        job = Job(
+            teacher_hash=fingerprint_files(teacher_files, teacher),
+            input_fingerprint=corpus.fingerprint(),
+            k=args.top_k,
+            max_length=args.max_length,
+            unit_tokens=args.unit_tokens,
+            logprob_step=args.logprob_step,
+        )
+        plan = Plan.load(out)
+        if plan is not None and plan.job_id != job.id():
+            raise UserError(f"{out} holds a different job (teacher, input or settings differ); "
+                            "use a new --output folder, or delete this one to start over")
+        if plan is None:
+            plan = make_plan(corpus, tok, job, out)
+        todo = [u for u in plan.units if not is_done(out, u)]
+        print(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
+              f"{plan.tokens} tokens, {len(plan.units)} units; {len(todo)} to run",
+              file=sys.stderr)
+        failures = _run(args, out, plan, todo, EngineConfig(
+            teacher=str(teacher.resolve()),
+            k=args.top_k,
+            max_length=args.max_length,
+            dtype=args.dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_gib=args.kv_cache_gib,
+            extra=_engine_extra(args.engine_arg),
+        )) if todo else []
+        if failures:
+            for name, err in failures:
+                print(f"unit {name} failed: {err}", file=sys.stderr)
+            raise UserError(f"{len(failures)} of {len(plan.units)} units failed (named above); "
+                            "fix the cause and rerun the same command to finish the rest")
+        import vllm
+
+        _copy_tokenizer(tok, out)
+        shards = [shard_info(out, u) for u in plan.units]
+        m = Manifest(
+            k=args.top_k,
+            logprob_step=args.logprob_step,
+            vocab_size=config.get_text_config().vocab_size,
+            shards=shards,
+            provenance={
+                "teacher": str(teacher.resolve()),
+                "teacher_sha256": job.teacher_hash,
+                "tokenizer_vocab_size": len(tok),
+                "k": args.top_k,
+                "max_length": args.max_length,
+                "vllm_version": vllm.__version__,
+                "input": str(Path(args.input).resolve()),
+                "input_fingerprint": job.input_fingerprint,
+                "text_column": args.text_column,
+                "records": plan.records,
+                "empty_records_skipped": plan.empty_records,
+                "job_id": job.id(),
+                "command": shlex.join(["softlabels", *sys.argv[1:]]),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        publish(out, m)
+    finally:
+        lock.release()
+    wall = time.time() - t_start
+    size = sum(s.bytes for s in m.shards)
+    print(f"done: {plan.records} records, {m.tokens} tokens, {len(m.shards)} shards in "
+          f"{wall:.0f} s ({m.tokens / wall:.0f} tokens/s), {size / m.tokens:.1f} bytes/token "
+          f"-> {out}", file=sys.stderr)
+    return 0
+
+
+def _run(args, out, plan, todo, engine) -> list[tuple[str, str]]:
+    """Submit the units, show progress, return [(unit name, error)] of units that failed."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    from generate.cluster import connect, cpu_groups
+    from generate.engine import on_cpu
+    from generate.work import UnitTask, run_unit
+
+    n_workers = args.workers or _default_workers(on_cpu())
+    binds = cpu_groups(n_workers) if (on_cpu() and not args.scheduler) else ()
+    failures = []
+    with connect(args.scheduler, n_workers, args.resource) as client:
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        futures = {
+            client.submit(
+                run_unit,
+                UnitTask(str(out.resolve()), u, engine, args.logprob_step, binds),
+                key=f"unit-{u.name}",
+                resources={args.resource: 1},
+                retries=args.retries,
+                pure=False,
+            ): u
+            for u in todo
+        }
+        done_tokens = plan.tokens - sum(u.tokens for u in todo)
+        bar = tqdm(total=plan.tokens, initial=done_tokens, unit=" tok", unit_scale=True,
+                   desc="teacher", smoothing=0.1)
+        left = len(todo)
+        for f in as_completed(futures):
+            u = futures[f]
+            try:
+                f.result()
+            except Exception as e:  # reported by name; the rest of the job goes on
+                failures.append((u.name, f"{type(e).__name__}: {e}"))
+                left -= 1
+                continue
+            left -= 1
+            bar.update(u.tokens)
+            bar.set_postfix(units_left=left, failed=len(failures))
+        bar.close()
+    return failures
+
+
+def _default_workers(cpu: bool) -> int:
+    if cpu:
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())

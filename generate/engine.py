@@ -1,0 +1,98 @@
+"""The teacher: one vLLM engine, asked for the top-k next-token log-probs at every position.
+
+vLLM's prompt logprobs give, for prompt position i >= 1, the distribution that predicted token i;
+one generated step (max_tokens=1, logprobs=k) gives the distribution after the last token. So a
+window of T tokens gets T target positions, aligned as the format says: targets[t] predicts the
+token after input_ids[0..t].
+
+With flat_logprobs each position holds k+1 entries: entry 0 is the actual token (prompt) or the
+sampled one (generated step), entries 1..k the top-k in rank order, so one reshape does it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What builds a teacher engine. `extra` passes any other vllm.LLM keyword (JSON values)."""
+
+    teacher: str
+    k: int
+    max_length: int
+    dtype: str = "auto"  # "auto": float32 on CPU (bf16 is ~6x slower without AVX512), else model's
+    tensor_parallel_size: int = 1
+    max_num_batched_tokens: int | None = None
+    kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE (whole GiB); ignored on GPUs
+    seed: int = 0
+    extra: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class Teacher:
+    """A vLLM engine built once per process and reused for every work unit."""
+
+    def __init__(self, cfg: EngineConfig):
+        if on_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+        from vllm import LLM, SamplingParams
+
+        dtype = cfg.dtype
+        if dtype == "auto" and on_cpu():
+            dtype = "float32"
+        batched = cfg.max_num_batched_tokens or max(8192, cfg.max_length + 1)
+        self.cfg = cfg
+        self.llm = LLM(
+            model=cfg.teacher,
+            dtype=dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_length + 1,
+            max_num_batched_tokens=batched,
+            max_logprobs=cfg.k,
+            skip_tokenizer_init=True,
+            enable_prefix_caching=False,
+            enforce_eager=on_cpu(),
+            seed=cfg.seed,
+            **dict(cfg.extra),
+        )
+        self.params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=cfg.k,
+            logprobs=cfg.k,
+            detokenize=False,
+            flat_logprobs=True,
+        )
+
+    def topk(self, windows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per window of T tokens: (T, k) int32 ids and (T, k) float32 logprobs, rank order."""
+        from vllm.inputs import TokensPrompt
+
+        k = self.cfg.k
+        prompts = [TokensPrompt(prompt_token_ids=w) for w in windows]
+        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        result = []
+        for w, o in zip(windows, outs):
+            T = len(w)
+            ids = np.empty((T, k), np.int32)
+            lps = np.empty((T, k), np.float32)
+            if T > 1:
+                # Position 0 of prompt_logprobs is empty; position i predicted token i.
+                pl = o.prompt_logprobs
+                ids[:-1] = np.asarray(pl.token_ids, np.int32).reshape(T - 1, k + 1)[:, 1:]
+                lps[:-1] = np.asarray(pl.logprobs, np.float32).reshape(T - 1, k + 1)[:, 1:]
+            last = o.outputs[0].logprobs
+            n = len(last.token_ids)  # k+1, or k when the sampled token is itself counted once
+            ids[-1] = np.asarray(last.token_ids, np.int32)[n - k :]
+            lps[-1] = np.asarray(last.logprobs, np.float32)[n - k :]
+            result.append((ids, lps))
+        return result

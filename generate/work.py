@@ -1,0 +1,91 @@
+"""What a Dask worker runs: one unit in, one committed shard out, a small summary back.
+
+The engine is built in the first task a worker process runs and cached for the process's life
+(WorkerPlugin.setup would block the worker's event loop for the minute an engine takes to start).
+It runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so standard, daemonic `dask worker`
+processes can host it with no extra configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.atomic import write_text
+from data.format import Row
+from data.writer import ShardInfo, sha256_file, write_shard
+from generate.engine import EngineConfig, Teacher
+from generate.plan import STATE_DIR, Unit, read_unit
+
+_TEACHERS: dict[EngineConfig, Teacher] = {}  # per worker process
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    out: str
+    unit: Unit
+    engine: EngineConfig
+    logprob_step: float
+    # cores for each local worker (by worker name) so two engines never share a core
+    cpu_binds: tuple[str, ...] = ()
+
+
+def done_path(out: Path, unit: Unit) -> Path:
+    return out / STATE_DIR / "done" / f"{unit.name}.json"
+
+
+def is_done(out: Path, unit: Unit) -> bool:
+    """Committed and intact: the shard's bytes still hash to what the worker recorded."""
+    rec, shard = done_path(out, unit), out / unit.name
+    if not (rec.is_file() and shard.is_file()):
+        return False
+    try:
+        return json.loads(rec.read_text())["sha256"] == sha256_file(shard)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def shard_info(out: Path, unit: Unit) -> ShardInfo:
+    return ShardInfo(**json.loads(done_path(out, unit).read_text()))
+
+
+def _teacher(task: UnitTask) -> Teacher:
+    if task.engine not in _TEACHERS:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if task.cpu_binds:
+            import torch
+            from distributed import get_worker
+
+            cores = task.cpu_binds[int(get_worker().name) % len(task.cpu_binds)]
+            cpus = {int(c) for c in cores.split(",")}
+            os.sched_setaffinity(0, cpus)  # two local engines never share a core
+            # the nanny starts workers with one OMP thread; vLLM freezes the count at start
+            torch.set_num_threads(len(cpus))
+        _TEACHERS[task.engine] = Teacher(task.engine)
+    return _TEACHERS[task.engine]
+
+
+def run_unit(task: UnitTask) -> dict:
+    """Score one unit's windows with the teacher and commit its shard; return a summary."""
+    out = Path(task.out)
+    t0 = time.perf_counter()
+    teacher = _teacher(task)
+    t1 = time.perf_counter()
+    row_ids, windows = read_unit(out, task.unit)
+    rows = [
+        Row(rid, np.asarray(w, np.int32), ids, lps, np.ones(len(w), bool))
+        for rid, w, (ids, lps) in zip(row_ids, windows, teacher.topk(windows))
+    ]
+    info = write_shard(out / task.unit.name, rows, task.engine.k, task.logprob_step)
+    write_text(done_path(out, task.unit), json.dumps(asdict(info)))
+    return {
+        **asdict(info),
+        "engine_start_s": t1 - t0,
+        "seconds": time.perf_counter() - t1,
+        "pid": os.getpid(),
+    }
