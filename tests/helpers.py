@@ -29,3 +29,77 @@ def reference_topk(model_dir, token_lists, k):
             v, i = lp.topk(k, -1)
             out.append((i.numpy().astype(np.int32), v.numpy()))
     return out
+
+
+def dask_env() -> dict:
+    import os
+
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="2", VLLM_LOGGING_LEVEL="ERROR", PYTHONPATH=str(REPO))
+    return env
+
+
+def start_dask(d: Path, n_workers: int, worker_names=None) -> dict:
+    """Start `dask scheduler` and n `dask worker` processes on loopback (the standard commands)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    bindir = Path(sys.executable).parent
+    sched_file = d / "scheduler.json"
+    log = open(d / "dask.log", "ab")
+    sched = subprocess.Popen(
+        [bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--dashboard-address", ":0", "--scheduler-file", sched_file],
+        stdout=log, stderr=log, env=dask_env(),
+    )
+    for _ in range(300):
+        if sched_file.exists():
+            break
+        time.sleep(0.1)
+    address = json.loads(sched_file.read_text())["address"]
+    workers = [start_worker(d, address, name) for name in (worker_names or range(n_workers))]
+    from distributed import Client
+
+    with Client(address, timeout="30s") as c:
+        c.wait_for_workers(n_workers, timeout=60)
+    return {"address": address, "scheduler": sched, "workers": workers}
+
+
+def start_worker(d: Path, address: str, name):
+    import subprocess
+    import sys
+
+    log = open(d / f"worker-{name}.log", "ab")
+    return subprocess.Popen(
+        [Path(sys.executable).parent / "dask", "worker", address, "--nworkers", "1",
+         "--nthreads", "1", "--resources", "teacher=1", "--name", str(name),
+         "--no-dashboard"],
+        stdout=log, stderr=log, env=dask_env(),
+    )
+
+
+def stop_dask(procs: dict) -> None:
+    for p in [*procs["workers"], procs["scheduler"]]:
+        p.kill()
+        p.wait()
+
+
+def softlabels(*args, check=True, **kw):
+    """Run the real `softlabels` command in a subprocess; return the CompletedProcess."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "softlabels", *map(str, args)],
+                       capture_output=True, text=True, cwd=REPO, env=dask_env(), **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"softlabels {args} exited {p.returncode}:\n{p.stderr[-3000:]}")
+    return p
+
+
+def read_dataset(path) -> dict:
+    """{row_id: Row} of a dataset, through the package's reader."""
+    from data.reader import SoftLabelReader
+
+    return {r.row_id: r for r in SoftLabelReader(path)}

@@ -1,0 +1,109 @@
+"""Bad input: a one-line message naming the problem and the fix, exit != 0, nothing committed."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from generate.cli import OutputLock
+from tests.helpers import softlabels
+
+
+def generate(tiny_teacher, inp, out, *extra):
+    return softlabels("generate", "--teacher", tiny_teacher, "--input", inp, "--output", out,
+                      "--top-k", 4, *extra, check=False)
+
+
+def assert_one_line_error(p, *needles):
+    assert p.returncode == 2, p.stderr
+    # progress lines may come first; the error is one line, last, with no traceback
+    err = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert "Traceback" not in p.stderr and len(err) == 1, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == err[0]
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+def test_missing_input(tmp_path, tiny_teacher):
+    p = generate(tiny_teacher, tmp_path / "nope.parquet", tmp_path / "out")
+    assert_one_line_error(p, "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_input(tmp_path, tiny_teacher):
+    pq.write_table(pa.table({"text": ["", "   "]}), tmp_path / "in.parquet")
+    p = generate(tiny_teacher, tmp_path / "in.parquet", tmp_path / "out")
+    assert_one_line_error(p, "no text")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_invalid_utf8(tmp_path, tiny_teacher):
+    (tmp_path / "in.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "bad \xff\xfe"}\n')
+    p = generate(tiny_teacher, tmp_path / "in.jsonl", tmp_path / "out")
+    assert_one_line_error(p, "line 2", "UTF-8")
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_bytes(b"bad \xc3\x28")
+    p = generate(tiny_teacher, tmp_path / "txt", tmp_path / "out2")
+    assert_one_line_error(p, "a.txt", "UTF-8")
+
+
+def test_missing_text_column_lists_columns(tmp_path, tiny_teacher):
+    pq.write_table(pa.table({"body": ["x"], "title": ["y"]}), tmp_path / "in.parquet")
+    p = generate(tiny_teacher, tmp_path / "in.parquet", tmp_path / "out")
+    assert_one_line_error(p, "'text'", "body, title", "--text-column")
+
+
+def test_teacher_missing_or_not_causal_lm(tmp_path, tiny_teacher):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    p = generate(tmp_path / "no-teacher", tmp_path / "in.jsonl", tmp_path / "out")
+    assert_one_line_error(p, "does not exist")
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64, architectures=["BertModel"]).save_pretrained(tmp_path / "b")
+    p = generate(tmp_path / "b", tmp_path / "in.jsonl", tmp_path / "out")
+    assert_one_line_error(p, "not a causal LM")
+
+
+def test_top_k_larger_than_vocab(tmp_path, tiny_teacher):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    p = generate(tiny_teacher, tmp_path / "in.jsonl", tmp_path / "out", "--top-k", 100000)
+    assert_one_line_error(p, "--top-k 100000", "vocabulary size 512")
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl", "txt", "datasets"])
+def test_each_input_kind_is_read_in_order(tmp_path, kind):
+    import datasets
+
+    from generate.inputs import open_corpus
+
+    texts = ["first record", "second, with ünïcode", "third"]
+    if kind == "parquet":
+        pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet")
+        path = tmp_path / "a.parquet"
+    elif kind == "jsonl":
+        path = tmp_path / "a.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    elif kind == "txt":
+        path = tmp_path / "docs"
+        path.mkdir()
+        for i, t in enumerate(texts):
+            (path / f"{i:02d}.txt").write_text(t)
+    else:
+        path = tmp_path / "saved"
+        datasets.Dataset.from_dict({"text": texts}).save_to_disk(path)
+    assert list(open_corpus(path).texts()) == texts
+
+
+def test_second_writer_on_same_output_is_refused(tmp_path, tiny_teacher):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+    lock = OutputLock(tmp_path / "out")  # as a running generate holds it
+    try:
+        p = generate(tiny_teacher, tmp_path / "in.jsonl", tmp_path / "out")
+        assert_one_line_error(p, "another softlabels generate is writing")
+    finally:
+        lock.release()
+    assert not (tmp_path / "out" / ".softlabels" / "plan.json").exists()

@@ -1,0 +1,136 @@
+"""Teacher side end to end: real vLLM inside real Dask worker processes, real Parquet."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data.format import DEFAULT_LOGPROB_STEP
+from data.manifest import Manifest
+from data.verify import verify
+from tests.helpers import REPO, corpus_texts, dask_env, read_dataset, reference_topk, softlabels
+
+K = 8
+MAXLEN = 96
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    texts = corpus_texts(10, offset=300)
+    texts.insert(3, "")  # an empty record: skipped and counted, never a row
+    pq.write_table(pa.table({"text": texts, "n": list(range(len(texts)))}), d / "in.parquet")
+    return d / "in.parquet", texts
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, tiny_teacher, corpus, dask_cluster):
+    out = tmp_path_factory.mktemp("gen") / "ds"
+    softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", out,
+               "--top-k", K, "--max-length", MAXLEN, "--unit-tokens", 700,
+               "--scheduler", dask_cluster)
+    return out
+
+
+def test_every_token_once_and_verified(generated, corpus, tiny_teacher):
+    from transformers import AutoTokenizer
+
+    assert verify(generated) == []
+    m = Manifest.load(generated)
+    assert len(m.shards) > 2 and m.provenance["empty_records_skipped"] == 1
+    rows = read_dataset(generated)
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    _, texts = corpus
+    for rec, text in enumerate(texts):
+        wins = sorted((r for r in rows.values() if r.record == rec), key=lambda r: r.window)
+        assert [r.window for r in wins] == list(range(len(wins)))
+        joined = np.concatenate([r.input_ids for r in wins]).tolist() if wins else []
+        assert joined == (tok(text).input_ids if text else [])
+        assert all(len(r.input_ids) <= MAXLEN and r.target_mask.all() for r in wins)
+    assert m.tokens == sum(len(r.input_ids) for r in rows.values())
+
+
+def test_targets_match_transformers_reference(generated, tiny_teacher):
+    rows = sorted(read_dataset(generated).values(), key=lambda r: (r.record, r.window))[:8]
+    ref = reference_topk(tiny_teacher, [r.input_ids.tolist() for r in rows], K + 1)
+    tol = DEFAULT_LOGPROB_STEP / 2 + 1e-4
+    checked = 0
+    for r, (ref_ids, ref_lp) in zip(rows, ref):
+        assert np.abs(r.topk_logprobs - ref_lp[:, :K]).max() <= tol
+        # ids must agree wherever the reference's neighbouring ranks are not near-ties
+        gap_before = np.diff(ref_lp, axis=1, prepend=np.inf)[:, :K]
+        gap_after = -np.diff(ref_lp, axis=1)[:, :K]
+        clear = (np.abs(gap_before) > 1e-4) & (gap_after > 1e-4)
+        assert (r.topk_ids[clear] == ref_ids[:, :K][clear]).all()
+        checked += clear.sum()
+    assert checked > 0.9 * sum(len(r.input_ids) for r in rows) * K
+
+
+def test_embedded_cluster_gives_the_same_dataset(tmp_path, tiny_teacher, corpus, generated):
+    """The default path: an embedded LocalCluster with its own engine, no --scheduler."""
+    out = tmp_path / "ds"
+    p = softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", out,
+                   "--top-k", K, "--max-length", MAXLEN, "--unit-tokens", 700)
+    assert "Dask dashboard: http://127.0.0.1:" in p.stderr
+    a, b = Manifest.load(out), Manifest.load(generated)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def test_client_killed_then_rerun_equals_uninterrupted(tmp_path, tiny_teacher, corpus,
+                                                         dask_cluster):
+    def cmd(out):
+        return ["generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", out,
+                "--top-k", K, "--max-length", MAXLEN, "--unit-tokens", 100,
+                "--scheduler", dask_cluster]
+
+    softlabels(*cmd(tmp_path / "whole"))
+    out = tmp_path / "ds"
+    p = subprocess.Popen([sys.executable, "-m", "softlabels", *map(str, cmd(out))], cwd=REPO,
+                         env=dask_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = out / ".softlabels" / "done"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (done.is_dir() and len(list(done.iterdir())) >= 3):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "manifest.json").exists()  # killed before it could finish
+    committed = len(list(done.iterdir()))
+    rerun = softlabels(*cmd(out))
+    ran = int(rerun.stderr.split(" to run")[0].rsplit(";", 1)[1])
+    n_units = len(Manifest.load(out).shards)
+    assert committed >= 3 and ran <= n_units - committed  # committed units were not redone
+    a, b = Manifest.load(out), Manifest.load(tmp_path / "whole")
+    assert [(s.file, s.sha256) for s in a.shards] == [(s.file, s.sha256) for s in b.shards]
+    assert read_dataset(out).keys() == read_dataset(tmp_path / "whole").keys()
+
+
+def test_damaged_shards_are_regenerated_and_nothing_else(tmp_path, generated, tiny_teacher,
+                                                         corpus, dask_cluster):
+    import shutil
+
+    out = tmp_path / "ds"
+    shutil.copytree(generated, out)
+    m = Manifest.load(out)
+    s0, s1 = out / m.shards[0].file, out / m.shards[1].file
+    s0.write_bytes(s0.read_bytes()[:-100])
+    raw = bytearray(s1.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    s1.write_bytes(bytes(raw))
+    untouched = {s.file: (out / s.file).stat().st_mtime_ns for s in m.shards[2:]}
+    p = softlabels("verify", out, check=False)
+    assert p.returncode == 1 and s0.name in p.stdout and s1.name in p.stdout
+    softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", out,
+               "--top-k", K, "--max-length", MAXLEN, "--unit-tokens", 700,
+               "--scheduler", dask_cluster)
+    assert verify(out) == []
+    assert {f: (out / f).stat().st_mtime_ns for f in untouched} == untouched
+    assert json.loads((out / "manifest.json").read_text())["shards"] == \
+        json.loads((generated / "manifest.json").read_text())["shards"]
