@@ -1,6 +1,81 @@
-def add_arguments(p):
-    pass
+"""`softlabels eval`: how close a model is to the teacher, on a held-out soft-label dataset.
+
+ce/ppl: cross-entropy on the real next tokens; kl: KL(teacher || model) on the stored top-k with
+the tail bucket, at T=1; top1_agreement: the model's argmax equals the teacher's top-1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from data.reader import SoftLabelReader
+from train_student.batches import chunks, collate
+from train_student.losses import divergence, student_buckets, teacher_buckets
 
 
-def main(args):
-    raise NotImplementedError
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="HF causal-LM folder (student or teacher)")
+    p.add_argument("--data", required=True, help="held-out soft-label dataset")
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, num_parts=1,
+             reduce=None) -> dict:
+    was_training = model.training
+    model.eval()
+    reader = SoftLabelReader(data, part=part, num_parts=num_parts)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    lm_head = model.get_output_embeddings()
+    sums = torch.zeros(5, dtype=torch.float64)  # ce, ce tokens, kl, top1 hits, kd tokens
+    for _, rows in chunks(reader.rows(), batch_tokens):
+        b = collate(rows, vocab).to(device)
+        h = model.get_decoder()(input_ids=b.input_ids,
+                                attention_mask=b.attention_mask).last_hidden_state
+        h = h.reshape(-1, h.shape[-1])[b.pos]
+        for s in range(0, h.shape[0], chunk):
+            logits = lm_head(h[s : s + chunk]).float()
+            ids, lp, labels = b.ids[s : s + chunk], b.lp[s : s + chunk], b.labels[s : s + chunk]
+            has = labels >= 0
+            ce = torch.nn.functional.cross_entropy(logits[has], labels[has], reduction="sum")
+            kl = divergence(teacher_buckets(lp, 1.0, vocab, True),
+                            student_buckets(logits, ids, True), "forward_kl", 0.5).sum()
+            top1 = (logits.argmax(-1) == ids[:, 0]).sum()
+            sums += torch.tensor([float(ce), float(has.sum()), float(kl), float(top1), len(ids)],
+                                 dtype=torch.float64)
+    if reduce is not None:
+        sums = reduce(sums.to(device), reduction="sum").cpu()
+    model.train(was_training)
+    ce = float(sums[0] / max(sums[1], 1))
+    return {"ce": ce, "ppl": math.exp(min(ce, 50)), "kl": float(sums[2] / max(sums[4], 1)),
+            "top1_agreement": float(sums[3] / max(sums[4], 1)), "tokens": int(sums[4])}
+
+
+def main(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.errors import UserError
+    from data.show import load_tokenizer
+    from train_student.student import check_tokenizers
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {args.model} ({e})") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        tok = None
+    check_tokenizers(tok, load_tokenizer(args.data), args.model, args.data)
+    m = evaluate(model, args.data, args.batch_tokens)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"{args.model} on {args.data}: CE {m['ce']:.4f} (ppl {m['ppl']:.2f}), "
+              f"KL(teacher||model) {m['kl']:.4f}, top-1 agreement {m['top1_agreement']:.3f}, "
+              f"{m['tokens']} tokens")
+    return 0

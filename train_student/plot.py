@@ -1,0 +1,32 @@
+"""PNG curves: a curve says more than the last number."""
+
+from __future__ import annotations
+
+
+def plot_curves(history: list[dict], evals: list[dict], path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [h["step"] for h in history]
+    a.plot(steps, [h["loss"] for h in history], label="train loss", lw=1)
+    a.plot(steps, [h["ce"] for h in history], label="train CE (next token)", lw=1, alpha=0.7)
+    a.set_xlabel("step")
+    a.set_ylabel("nats / token")
+    a.legend()
+    a.grid(alpha=0.3)
+    if evals:
+        es = [e["step"] for e in evals]
+        b.plot(es, [e["ce"] for e in evals], "o-", label="held-out CE")
+        b.plot(es, [e["kl"] for e in evals], "s-", label="held-out KL(teacher||student)")
+        b.set_xlabel("step")
+        b.legend()
+        b.grid(alpha=0.3)
+    else:
+        b.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

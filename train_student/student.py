@@ -1,0 +1,63 @@
+"""Load (or create) the student and make sure it speaks the teacher's tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.errors import UserError
+from data.show import load_tokenizer
+
+
+def _config_from_file(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def check_tokenizers(student_tok, data_tok, student: str, data: str) -> None:
+    if data_tok is None:
+        raise UserError(f"{data} has no tokenizer/ folder; regenerate it with softlabels generate")
+    if student_tok is not None and student_tok.get_vocab() != data_tok.get_vocab():
+        raise UserError(
+            f"student {student} uses a different tokenizer than the teacher that wrote {data}: "
+            "a student must share the teacher's tokenizer (start it from a config to use the "
+            "dataset's)"
+        )
+
+
+def load_student(student: str, data: str):
+    """-> (model, tokenizer). `student`: an HF causal-LM folder, or a JSON/YAML model config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(student)
+    data_tok = load_tokenizer(data)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"student {path} has no config.json; pass a save_pretrained folder "
+                            "or a model config file")
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            tok = None
+        check_tokenizers(tok, data_tok, student, data)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    elif path.is_file():
+        check_tokenizers(None, data_tok, student, data)
+        d = _config_from_file(path)
+        model_type = d.pop("model_type", None)
+        if model_type is None:
+            raise UserError(f"student config {path} has no model_type (e.g. \"llama\")")
+        d.setdefault("vocab_size", len(data_tok))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **d))
+    else:
+        raise UserError(f"student {path} does not exist; pass a model folder or a config file")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab < len(data_tok):
+        raise UserError(f"student vocabulary {vocab} is smaller than the teacher tokenizer's "
+                        f"{len(data_tok)}; set vocab_size >= {len(data_tok)}")
+    return model, data_tok

@@ -1,0 +1,257 @@
+"""The training loop: read it top to bottom.
+
+One process or many (`accelerate launch`), CPU or GPU: Accelerate appears only in `prepare`,
+`backward`, `no_sync`, `save_state`/`load_state` and logging. The teacher never runs; targets
+stream from the soft-label dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from data.atomic import fsync_dir, write_text
+from data.errors import UserError
+from data.reader import SoftLabelReader
+from train_student.batches import Batch, collate, counts, global_batches
+from train_student.config import TrainConfig
+from train_student.losses import kd_ce_sums
+from train_student.student import load_student
+
+
+class Distiller(torch.nn.Module):
+    """Student forward + sparse KD/CE sums, as one module so DDP sees every parameter use."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, L, H) hidden states; the (tokens, vocab) logits are never built at once
+        h = self.model.get_decoder()(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        h = h.reshape(-1, h.shape[-1])[batch.pos]  # (N, H) at target positions
+        c = self.cfg
+        kd, ce, _ = kd_ce_sums(
+            h, self.model.get_output_embeddings(), batch.ids, batch.lp, batch.labels,
+            loss=c.loss, beta=c.beta, temperature=c.temperature, tail=c.tail,
+            chunk=c.chunk, softcap=self.softcap,
+        )
+        return kd, ce
+
+
+@dataclass
+class Progress:
+    """Where training is: checkpointed with the model so a resume continues exactly here."""
+
+    step: int = 0
+    epoch: int = 0
+    row: int = 0  # global row index within the epoch where the next step starts
+    tokens: int = 0
+    history: list = field(default_factory=list)  # [{step, loss, kd, ce, ...}]
+    evals: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, total - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def steps_per_epoch(reader: SoftLabelReader, cfg: TrainConfig, n_proc: int) -> int:
+    n = sum(1 for _ in global_batches(reader, 0, 0, cfg.batch_tokens, n_proc))
+    return math.ceil(n / cfg.grad_accum)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator, out: Path, progress: Progress) -> None:
+    """save_state into a temp folder, then rename: a kill mid-save leaves the last good one."""
+    ckpts = out / "checkpoints"
+    tmp, final = ckpts / f".tmp-step-{progress.step}", ckpts / f"step-{progress.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(ckpts)
+        for old in sorted(ckpts.glob("step-*"), key=lambda p: int(p.name[5:]))[:-2]:
+            shutil.rmtree(old)  # keep the last two
+    accelerator.wait_for_everyone()
+
+
+def train(cfg: TrainConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm import tqdm
+
+    out = Path(cfg.output)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=cfg.cpu,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    set_seed(cfg.seed)
+    n_proc = accelerator.num_processes
+    reader = SoftLabelReader(cfg.data, shuffle=True, seed=cfg.seed)
+    model, tokenizer = load_student(cfg.student, cfg.data)
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    per_epoch = steps_per_epoch(reader, cfg, n_proc)
+    total = cfg.max_steps or per_epoch * cfg.epochs
+    if per_epoch == 0 or total == 0:
+        raise UserError(f"{cfg.data} gives no training steps; check --batch-tokens and the data")
+
+    distiller = Distiller(model, cfg)
+    decay = [p for n, p in distiller.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in distiller.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay,
+                                                               "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+    distiller, optimizer = accelerator.prepare(distiller, optimizer)
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+
+    resumed = latest_checkpoint(out) if cfg.resume else None
+    if resumed:
+        accelerator.load_state(str(resumed))
+        accelerator.print(f"resumed from {resumed} (step {progress.step})")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    accelerator.init_trackers("softlabels")
+
+    bar = tqdm(total=total, initial=progress.step, desc="train", unit="step",
+               disable=not accelerator.is_local_main_process)
+    t_last, tok_last = time.perf_counter(), 0
+    distiller.train()
+    while progress.step < total:
+        stream = global_batches(reader, progress.epoch, progress.row, cfg.batch_tokens, n_proc)
+        while progress.step < total:
+            group = list(itertools.islice(stream, cfg.grad_accum))  # [(end row, chunks)]
+            if not group:
+                break
+            _step(accelerator, distiller, optimizer, cfg, total, vocab, group, progress)
+            now = time.perf_counter()
+            if now - t_last > 1.0 or progress.step == total:
+                bar.set_postfix(loss=f"{progress.history[-1]['loss']:.4f}",
+                                tok_s=f"{(progress.tokens - tok_last) / (now - t_last):.0f}")
+                t_last, tok_last = now, progress.tokens
+            bar.update(1)
+            if cfg.eval_data and cfg.eval_every and progress.step % cfg.eval_every == 0:
+                _eval(accelerator, distiller, cfg, progress)
+            if cfg.save_every and progress.step % cfg.save_every == 0:
+                save_checkpoint(accelerator, out, progress)
+        else:
+            break
+        progress.epoch, progress.row = progress.epoch + 1, 0
+    bar.close()
+
+    if cfg.eval_data and (not progress.evals or progress.evals[-1]["step"] != progress.step):
+        _eval(accelerator, distiller, cfg, progress)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(distiller).model
+        final.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        result = {"steps": progress.step, "tokens": progress.tokens,
+                  "final_loss": progress.history[-1]["loss"], "history": progress.history,
+                  "evals": progress.evals}
+        write_text(out / "train_log.json", json.dumps(result) + "\n")
+        from train_student.plot import plot_curves
+
+        plot_curves(progress.history, progress.evals, out / "curves.png", title=str(out))
+    accelerator.end_training()
+    return {"steps": progress.step, "tokens": progress.tokens,
+            "final_loss": progress.history[-1]["loss"] if progress.history else None}
+
+
+def _step(accelerator, distiller, optimizer, cfg, total, vocab, group, progress) -> None:
+    """One optimiser step over `grad_accum` global micro-batches."""
+    p, n_proc = accelerator.process_index, accelerator.num_processes
+    # Global token counts of the whole step, known to every process without communication.
+    kd_n = sum(counts(c)[0] for _, chunks in group for c in chunks if c)
+    ce_n = sum(counts(c)[1] for _, chunks in group for c in chunks if c)
+    lr = lr_at(progress.step, cfg, total)
+    for pg in optimizer.param_groups:
+        pg["lr"] = lr
+    kd_sum = ce_sum = 0.0
+    for i, (_, chunks) in enumerate(group):
+        # past the end of the data a process gets a zero-weight copy, so DDP still syncs
+        mine, weight = (chunks[p], 1.0) if chunks[p] else (chunks[0], 0.0)
+        batch = collate(mine, vocab).to(accelerator.device)
+        last = i == len(group) - 1
+        with (contextlib.nullcontext() if last else accelerator.no_sync(distiller)), \
+                accelerator.autocast():
+            kd, ce = distiller(batch)
+            # Normalised by the step's global counts; times n_proc as DDP averages gradients.
+            loss = ((1 - cfg.ce_weight) * kd / max(kd_n, 1)
+                    + cfg.ce_weight * ce / max(ce_n, 1)) * n_proc * weight
+            accelerator.backward(loss)
+        kd_sum += float(kd.detach()) * weight
+        ce_sum += float(ce.detach()) * weight
+    if cfg.max_grad_norm:
+        accelerator.clip_grad_norm_(distiller.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    sums = accelerator.reduce(torch.tensor([kd_sum, ce_sum], device=accelerator.device),
+                              reduction="sum").tolist()
+    kd_mean, ce_mean = sums[0] / max(kd_n, 1), sums[1] / max(ce_n, 1)
+    loss_mean = (1 - cfg.ce_weight) * kd_mean + cfg.ce_weight * ce_mean
+    progress.step += 1
+    progress.row = group[-1][0]
+    progress.tokens += kd_n
+    progress.history.append({"step": progress.step, "loss": loss_mean, "kd": kd_mean,
+                             "ce": ce_mean, "lr": lr, "tokens": progress.tokens})
+    accelerator.log({"train/loss": loss_mean, "train/kd": kd_mean, "train/ce": ce_mean,
+                     "train/lr": lr}, step=progress.step)
+
+
+def _eval(accelerator, distiller, cfg: TrainConfig, progress: Progress) -> None:
+    from train_student.evaluate import evaluate
+
+    model = accelerator.unwrap_model(distiller).model
+    distiller.eval()
+    metrics = evaluate(model, cfg.eval_data, cfg.batch_tokens, chunk=cfg.chunk,
+                       device=accelerator.device, part=accelerator.process_index,
+                       num_parts=accelerator.num_processes, reduce=accelerator.reduce)
+    distiller.train()
+    progress.evals.append({"step": progress.step, **metrics})
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
+    accelerator.print(f"eval step {progress.step}: " +
+                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
