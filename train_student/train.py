@@ -119,7 +119,7 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
-        cpu=cfg.cpu,
+        cpu=cfg.cpu or not torch.cuda.is_available(),  # MULTI_CPU (gloo) under launch
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )

@@ -1,0 +1,232 @@
+"""Student side: loss correctness, training invariants on a tiny CPU model, resume, launch."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from data.card import publish
+from data.format import DEFAULT_LOGPROB_STEP, Row, row_id
+from data.manifest import Manifest
+from data.reader import SoftLabelReader
+from data.show import TOKENIZER_DIR
+from data.writer import write_shard
+from tests.helpers import REPO, corpus_texts, dask_env, reference_topk, softlabels
+from train_student.batches import global_batches
+from train_student.losses import LOSSES, kd_ce_sums
+
+K = 8
+STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+           "head_dim": 32, "max_position_embeddings": 256, "tie_word_embeddings": False}
+
+
+# ---------------------------------------------------------------- the loss against a dense one
+
+def dense_reference(logits, ids, lp, labels, loss, beta, T, tail):
+    """Plain float64 formulas over the full vocabulary: what the chunked code must equal."""
+    logits, lp = logits.double(), lp.double()
+    V = logits.shape[-1]
+    q_all = torch.softmax(logits / T, -1)
+    q = q_all.gather(-1, ids)
+    if tail:
+        p_tail1 = 1 - lp.exp().sum(-1, keepdim=True)
+        p_un = torch.cat([(lp / T).exp(), (V - K) * (p_tail1 / (V - K)) ** (1 / T)], -1)
+        p = p_un / p_un.sum(-1, keepdim=True)
+        q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
+    else:
+        p = torch.softmax(lp / T, -1)
+        q = q / q.sum(-1, keepdim=True)
+    if loss == "forward_kl":
+        d = (p * (p.log() - q.log())).sum(-1)
+    elif loss == "reverse_kl":
+        d = (q * (q.log() - p.log())).sum(-1)
+    elif loss == "tvd":
+        d = 0.5 * (p - q).abs().sum(-1)
+    else:
+        m = beta * p + (1 - beta) * q
+        kl_pm = (p * (p.log() - m.log())).sum(-1)
+        d = kl_pm if loss == "skew_kl" else beta * kl_pm + (1 - beta) * (
+            q * (q.log() - m.log())).sum(-1)
+    has = labels >= 0
+    ce = torch.nn.functional.cross_entropy(logits[has], labels[has], reduction="sum")
+    return d.sum() * T**2, ce
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_chunked_sparse_loss_matches_dense_reference(loss, tail, T):
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 13, 16, 50
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False)
+    teacher = torch.log_softmax(torch.randn(N, V, generator=g) * 3, -1)
+    lp, ids = teacher.topk(K, -1)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[-1] = -1
+    kd, ce, n_ce = kd_ce_sums(h, head, ids, lp, labels, loss=loss, beta=0.3, temperature=T,
+                              tail=tail, chunk=4)
+    ref_kd, ref_ce = dense_reference(head(h), ids, lp, labels, loss, 0.3, T, tail)
+    assert n_ce == N - 1
+    torch.testing.assert_close(kd.double(), ref_kd, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(kd + ce, [h, head.weight])
+    g2 = torch.autograd.grad(ref_kd + ref_ce, [h, head.weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-5)
+
+
+def test_forward_kl_with_tail_is_zero_only_at_the_teacher():
+    V = 40
+    teacher = torch.log_softmax(torch.randn(5, V) * 2, -1)
+    lp, ids = teacher.topk(K, -1)
+    head = torch.nn.Linear(V, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(V))
+    labels = torch.full((5,), -1)
+    same, _, _ = kd_ce_sums(teacher.clone(), head, ids, lp, labels)
+    other, _, _ = kd_ce_sums(teacher.roll(1, -1), head, ids, lp, labels)
+    assert abs(float(same.detach())) < 1e-5 and float(other.detach()) > 0.1
+
+
+# ---------------------------------------------------------------- training invariants
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tiny_teacher):
+    """24 rows of exactly 32 tokens with real teacher targets (equal lengths make batches
+    of different shapes hold the same rows)."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("ds")
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    ids = [t for text in corpus_texts(20, offset=500) for t in tok(text).input_ids]
+    wins = [ids[i * 32:(i + 1) * 32] for i in range(24)]
+    ref = reference_topk(tiny_teacher, wins, K)
+    rows = [Row(row_id(i, 0), np.array(w, np.int32), a, b, np.arange(32) >= (i % 3))
+            for i, (w, (a, b)) in enumerate(zip(wins, ref))]
+    shards = [write_shard(d / f"shard-{s}.parquet", rows[s::2], K, row_group_tokens=200)
+              for s in range(2)]
+    publish(d, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=len(tok),
+                        shards=shards))
+    tok.save_pretrained(d / TOKENIZER_DIR)
+    (d.parent / "student.json").write_text(json.dumps(STUDENT))
+    return d
+
+
+def train(dataset, out, *extra, check=True):
+    return softlabels("train", "--student", dataset.parent / "student.json", "--data", dataset,
+                      "--output", out, "--lr", "3e-3", "--warmup", "2", *extra, check=check)
+
+
+def log(out):
+    return json.loads((out / "train_log.json").read_text())
+
+
+def test_global_batches_cover_each_row_once_per_epoch(dataset):
+    reader = SoftLabelReader(dataset, shuffle=True, seed=3)
+    for n_proc in (1, 2, 3):
+        seen = [r.row_id for _, chunks in global_batches(reader, 0, 0, 70, n_proc)
+                for c in chunks if c for r in c]
+        assert sorted(seen) == sorted(r.row_id for r in reader)
+        assert len(seen) == len(set(seen))
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, dataset):
+    train(dataset, tmp_path / "a", "--max-steps", 4, "--batch-tokens", 64, "--grad-accum", 2)
+    train(dataset, tmp_path / "b", "--max-steps", 4, "--batch-tokens", 128)
+    la, lb = log(tmp_path / "a"), log(tmp_path / "b")
+    np.testing.assert_allclose([h["loss"] for h in la["history"]],
+                               [h["loss"] for h in lb["history"]], rtol=1e-5)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(
+        tmp_path / "b" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_loss_goes_down_and_outputs_are_written(tmp_path, dataset):
+    out = tmp_path / "s"
+    train(dataset, out, "--epochs", 6, "--batch-tokens", 96, "--eval-data", dataset,
+          "--eval-every", 10)
+    hist = log(out)["history"]
+    assert np.mean([h["kd"] for h in hist[-3:]]) < 0.8 * np.mean([h["kd"] for h in hist[:3]])
+    assert (out / "curves.png").stat().st_size > 10000
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    p = softlabels("eval", "--model", out, "--data", dataset, "--json")
+    m = json.loads(p.stdout)
+    assert set(m) == {"ce", "ppl", "kl", "top1_agreement", "tokens"}
+    assert m["tokens"] == sum(32 - (i % 3) for i in range(24))
+    assert math.isclose(m["ppl"], math.exp(m["ce"]), rel_tol=1e-6)
+    assert m["kl"] == pytest.approx(log(out)["evals"][-1]["kl"], rel=1e-5)
+
+
+def test_two_processes_with_accelerate_launch_equal_one(tmp_path, dataset):
+    """`accelerate launch --multi_gpu --num_processes 2` (torchrun; gloo on CPUs): each global
+    micro-batch is split, so two processes with batch B take the same steps as one process
+    accumulating two B's."""
+    env = dask_env()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no",
+           "-m", "softlabels", "train", "--student", str(dataset.parent / "student.json"),
+           "--data", str(dataset), "--output", str(tmp_path / "two"), "--lr", "3e-3",
+           "--warmup", "2", "--epochs", "2", "--batch-tokens", "64"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    train(dataset, tmp_path / "one", "--epochs", "2", "--batch-tokens", 64, "--grad-accum", 2)
+    two, one = log(tmp_path / "two"), log(tmp_path / "one")
+    assert two["steps"] == one["steps"] == 2 * math.ceil(12 / 2)
+    assert two["tokens"] == one["tokens"]
+    np.testing.assert_allclose([h["loss"] for h in two["history"]],
+                               [h["loss"] for h in one["history"]], rtol=1e-4)
+
+
+@pytest.mark.parametrize("kill_during_save", [False, True])
+def test_killed_then_resumed_ends_like_uninterrupted(tmp_path, dataset, kill_during_save):
+    args = ["--epochs", 4, "--batch-tokens", 64, "--save-every", 1 if kill_during_save else 3,
+            "--eval-data", dataset]
+    train(dataset, tmp_path / "whole", *args)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "softlabels", "train", "--student",
+           dataset.parent / "student.json", "--data", dataset, "--output", out, "--lr", "3e-3",
+           "--warmup", "2", *args]
+    p = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=dask_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = out / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = list(ck.glob("step-*")) if ck.is_dir() else []
+        saving = list(ck.glob(".tmp-step-*")) if ck.is_dir() else []
+        if done and (saving if kill_during_save else len(done) >= 2):
+            break
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "model.safetensors").exists()
+    train(dataset, out, *args, "--resume")
+    a, b = log(out), log(tmp_path / "whole")
+    assert a["steps"] == b["steps"]
+    np.testing.assert_allclose(a["final_loss"], b["final_loss"], rtol=1e-5)
+    np.testing.assert_allclose(a["evals"][-1]["kl"], b["evals"][-1]["kl"], rtol=1e-5)
+
+
+def test_student_with_another_tokenizer_is_refused(tmp_path, dataset):
+    from demo import make_model, make_tokenizer
+
+    other = tmp_path / "other"
+    tok = make_tokenizer(corpus_texts(50, offset=900), vocab_size=400, path=other)
+    make_model(other, vocab_size=len(tok), hidden=32, layers=1, heads=1)
+    p = softlabels("train", "--student", other, "--data", dataset, "--output", tmp_path / "o",
+                   "--max-steps", 1, check=False)
+    assert p.returncode == 2 and "different tokenizer" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "o" / "model.safetensors").exists()
