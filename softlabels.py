@@ -6,6 +6,7 @@ Imports are lazy so `softlabels --help` answers at once (importing vLLM takes ~2
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 
@@ -111,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"softlabels {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions, ...: the OS's words name the path
+        if args.debug:
+            raise
+        hint = {errno.ENOSPC: "free space there and rerun the same command",
+                errno.EDQUOT: "free space there and rerun the same command",
+                errno.EACCES: "fix the permissions and rerun"}.get(e.errno, "fix it and rerun")
+        print(f"softlabels {args.command}: error: {e}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"softlabels {args.command}: interrupted", file=sys.stderr)

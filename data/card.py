@@ -37,12 +37,14 @@ trained without running the teacher again. {m.rows} rows, {m.tokens} tokens, {le
 | row_id | string | `<record>:<window>`: input record index, window index within it |
 | input_ids | list<int32> | token ids of the window |
 | target_mask | list<bool> | false where a position carries no target |
-| topk_ids | list<int32[{m.k}]> | teacher's top-{m.k} ids per position, most probable first |
-| topk_logprob_deltas | list<uint16[{m.k}]> | quantised log-probs, see decoding |
+| topk_id_gaps | list<int32[{m.k}]> | teacher's top-{m.k} ids per position, ascending, gap-coded |
+| topk_logprobs_q | list<uint16[{m.k}]> | their quantised log-probs, same order |
 
-**Decoding**: `logprob[t, j] = -{m.logprob_step!r} * cumsum(topk_logprob_deltas[t])[j]`, natural-log
-probabilities at temperature 1 over the full vocabulary ({m.vocab_size} tokens); the tail mass is
-`1 - sum(exp(logprob[t]))`. `targets[t]` predicts the token after `input_ids[0..t]`.
+**Decoding**: per position, `ids = cumsum(topk_id_gaps[t])`,
+`logprobs = -{m.logprob_step!r} * topk_logprobs_q[t]`: natural-log probabilities at temperature 1
+over the full vocabulary ({m.vocab_size} tokens), in id order (sort by descending logprob for
+rank order); the tail mass is `1 - sum(exp(logprobs))`. `targets[t]` predicts the token after
+`input_ids[0..t]`.
 The same rule is in every shard's Arrow schema metadata and in `manifest.json`.
 
 Check the files against the manifest with `softlabels verify <this folder>`.

@@ -1,17 +1,21 @@
 """The on-disk encoding of soft targets: one symmetric pair, `encode` and `decode`.
 
 A row is one window of one input record. Per position t the teacher's top-k next-token
-distribution is stored as ids in rank order plus quantised, delta-coded log-probabilities:
+distribution is stored *in ascending id order*, ids gap-coded and log-probabilities quantised:
 
-    Q[t, j] = round(-logprob[t, j] / step)      (non-decreasing in j, since ranks are sorted)
-    q[t, 0] = Q[t, 0];  q[t, j] = Q[t, j] - Q[t, j-1]        (stored, uint16, mostly tiny)
-    logprob[t, j] = -step * cumsum(q[t, :])[j]               (decoded)
+    stored order:  ids ascending                 id[t, 0] < id[t, 1] < ... < id[t, k-1]
+    topk_id_gaps:  gap[t, 0] = id[t, 0];  gap[t, j] = id[t, j] - id[t, j-1]      (int32)
+    topk_logprobs_q:  q[t, j] = round(-logprob[t, j] / step)                       (uint16)
 
-Why this and not float16: the deltas of a sorted list are small non-negative integers, which
-Parquet's BYTE_STREAM_SPLIT + zstd packs into a few bits each, and round-to-nearest in log space
-keeps the KL error second order (about step**2 / 24 nats per token). The rule is repeated in
-every file's Arrow schema metadata so any Parquet reader can decode without this package.
-See data/FORMAT.md.
+    decode:  id = cumsum(gap);  logprob = -step * q;  then sort each position by descending
+             logprob (ties by ascending id) to get rank order.
+
+Why: measured on real teacher outputs, the top-k *sets* of neighbouring positions overlap a lot,
+so ascending gaps repeat and zstd (after BYTE_STREAM_SPLIT) packs them ~6x smaller than ids in
+rank order; that saving is far larger than what delta-coding the sorted values would give.
+Round-to-nearest in log space bounds the error by step/2 and keeps the KL error second order
+(about step**2 / 24 nats per token). The rule is repeated in every file's Arrow schema metadata so
+any Parquet reader can decode without this package. See data/FORMAT.md.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ DEFAULT_LOGPROB_STEP = 1 / 16
 MIN_LOGPROB = -1000.0
 
 DECODING_RULE = (
-    "topk_ids[t] are token ids in descending probability. "
-    "logprob[t, j] = -logprob_step * cumsum(topk_logprob_deltas[t, :j+1]) : natural-log "
-    "probabilities at temperature 1, normalised over the full vocabulary. Positions where "
-    "target_mask[t] is false carry no target (zeros). targets[t] predicts the token after "
-    "input_ids[0..t]."
+    "per position t: ids = cumsum(topk_id_gaps[t]) (ascending token ids); "
+    "logprobs = -logprob_step * topk_logprobs_q[t] (natural-log probabilities at temperature 1, "
+    "normalised over the full vocabulary, same order as ids); sort by descending logprob for "
+    "rank order. Positions where target_mask[t] is false carry no target (zeros). targets[t] "
+    "predicts the token after input_ids[0..t]."
 )
 
 
@@ -82,8 +86,8 @@ def schema(k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) -> pa.Schema:
             pa.field("row_id", pa.string(), nullable=False),
             pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("target_mask", pa.list_(pa.bool_()), nullable=False),
-            pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
-            pa.field("topk_logprob_deltas", pa.list_(pa.list_(pa.uint16(), k)), nullable=False),
+            pa.field("topk_id_gaps", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
+            pa.field("topk_logprobs_q", pa.list_(pa.list_(pa.uint16(), k)), nullable=False),
         ],
         metadata=meta,
     )
@@ -92,8 +96,8 @@ def schema(k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) -> pa.Schema:
 # Parquet leaf paths of the nested columns: encodings must name the leaf, or they are ignored.
 LEAF_COLUMNS = {
     "input_ids": "input_ids.list.element",
-    "topk_ids": "topk_ids.list.element.list.element",
-    "topk_logprob_deltas": "topk_logprob_deltas.list.element.list.element",
+    "topk_id_gaps": "topk_id_gaps.list.element.list.element",
+    "topk_logprobs_q": "topk_logprobs_q.list.element.list.element",
 }
 
 
@@ -119,19 +123,24 @@ class Encoding:
 
 
 def quantise(logprobs: np.ndarray, step: float) -> np.ndarray:
-    """(T, k) descending float logprobs -> (T, k) uint16 deltas of round(-lp / step)."""
+    """float logprobs -> uint16 round(-lp / step), clipped at MIN_LOGPROB."""
     lp = np.clip(np.nan_to_num(logprobs, nan=MIN_LOGPROB, neginf=MIN_LOGPROB), MIN_LOGPROB, 0.0)
-    q = np.rint(-lp.astype(np.float64) / step).astype(np.int64)
-    q = np.maximum.accumulate(q, axis=-1)  # ties/rounding can never make a delta negative
-    d = np.diff(q, axis=-1, prepend=0)
-    if d.size and d.max() > np.iinfo(np.uint16).max:
-        raise FormatError("a log-probability gap exceeds the uint16 range; raise logprob_step")
-    return d.astype(np.uint16)
+    q = np.rint(-lp.astype(np.float64) / step)
+    if q.size and q.max() > np.iinfo(np.uint16).max:
+        raise FormatError(f"logprob_step {step} cannot reach {MIN_LOGPROB} in uint16; raise it")
+    return q.astype(np.uint16)
 
 
-def dequantise(deltas: np.ndarray, step: float) -> np.ndarray:
-    """(T, k) uint16 deltas -> (T, k) float32 logprobs."""
-    return (-step * np.cumsum(deltas, axis=-1, dtype=np.int64)).astype(np.float32)
+def dequantise(q: np.ndarray, step: float) -> np.ndarray:
+    return (-step * q.astype(np.float64)).astype(np.float32)
+
+
+def to_rank_order(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T, k) in any order -> (T, k) by descending logprob, ties by ascending id."""
+    by_id = np.argsort(ids, axis=-1, kind="stable")
+    ids, lps = np.take_along_axis(ids, by_id, -1), np.take_along_axis(lps, by_id, -1)
+    order = np.argsort(-lps, axis=-1, kind="stable")
+    return np.take_along_axis(ids, order, -1), np.take_along_axis(lps, order, -1)
 
 
 def check_row(row: Row, k: int, vocab_size: int | None = None) -> None:
@@ -150,26 +159,29 @@ def check_row(row: Row, k: int, vocab_size: int | None = None) -> None:
         hi = max(int(row.input_ids.max()), int(row.topk_ids.max()))
         if hi >= vocab_size or min(int(row.input_ids.min()), int(row.topk_ids.min())) < 0:
             problems.append(f"token id out of range [0, {vocab_size})")
+    if not problems and k > 1:
+        sorted_ids = np.sort(row.topk_ids[row.target_mask.astype(bool)], axis=-1)
+        if (sorted_ids[:, 1:] == sorted_ids[:, :-1]).any():
+            problems.append("a position lists the same token id twice")
     if problems:
         raise FormatError(f"row {row.row_id}: " + "; ".join(problems))
 
 
 def encode(rows: list[Row], k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) -> pa.RecordBatch:
-    """Rows -> one Arrow record batch in the shard schema (sorting each position by rank)."""
+    """Rows -> one Arrow record batch in the shard schema (each position re-sorted by id)."""
     for r in rows:
         check_row(r, k)
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     offsets[1:] = np.cumsum([len(r.input_ids) for r in rows])
-    ids, lps, toks, mask = [], [], [], []
+    gaps, qs, toks, mask = [], [], [], []
     for r in rows:
-        order = np.argsort(-r.topk_logprobs, axis=-1, kind="stable")
-        lp = np.take_along_axis(r.topk_logprobs, order, axis=-1)
-        tid = np.take_along_axis(r.topk_ids, order, axis=-1)
         m = r.target_mask.astype(bool)
-        lp = np.where(m[:, None], lp, 0.0)
-        tid = np.where(m[:, None], tid, 0)
-        ids.append(tid.astype(np.int32))
-        lps.append(quantise(lp, logprob_step))
+        ids = np.where(m[:, None], r.topk_ids, 0).astype(np.int64)
+        by_id = np.argsort(ids, axis=-1, kind="stable")
+        ids = np.take_along_axis(ids, by_id, -1)
+        lp = np.where(m[:, None], np.take_along_axis(r.topk_logprobs, by_id, -1), 0.0)
+        gaps.append(np.diff(ids, axis=-1, prepend=0).astype(np.int32))
+        qs.append(quantise(lp, logprob_step))
         toks.append(r.input_ids.astype(np.int32))
         mask.append(m)
     pa_offsets = pa.array(offsets)
@@ -184,8 +196,8 @@ def encode(rows: list[Row], k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) 
             pa.array([r.row_id for r in rows], pa.string()),
             pa.ListArray.from_arrays(pa_offsets, pa.array(np.concatenate(toks), pa.int32())),
             pa.ListArray.from_arrays(pa_offsets, pa.array(np.concatenate(mask), pa.bool_())),
-            nested(ids, pa.int32()),
-            nested(lps, pa.uint16()),
+            nested(gaps, pa.int32()),
+            nested(qs, pa.uint16()),
         ],
         schema=s,
     )
@@ -204,9 +216,10 @@ def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding) -> list[Row]:
     # flatten() honours slicing, unlike .values
     toks = cols["input_ids"].flatten().to_numpy(zero_copy_only=False)
     mask = cols["target_mask"].flatten().to_numpy(zero_copy_only=False)
-    ids = cols["topk_ids"].flatten().flatten().to_numpy().reshape(-1, k)
-    deltas = cols["topk_logprob_deltas"].flatten().flatten().to_numpy().reshape(-1, k)
-    lps = dequantise(deltas, enc.logprob_step)
+    gaps = cols["topk_id_gaps"].flatten().flatten().to_numpy().reshape(-1, k)
+    q = cols["topk_logprobs_q"].flatten().flatten().to_numpy().reshape(-1, k)
+    ids, lps = to_rank_order(np.cumsum(gaps, axis=-1, dtype=np.int64).astype(np.int32),
+                             dequantise(q, enc.logprob_step))
     rows = []
     for i, rid in enumerate(cols["row_id"].to_pylist()):
         a, b = offsets[i], offsets[i + 1]

@@ -56,8 +56,8 @@ def write_shard(
 ) -> ShardInfo:
     """Encode `rows` into `path` atomically; return its manifest entry.
 
-    Ids and log-prob deltas get BYTE_STREAM_SPLIT (so zstd sees the near-constant high bytes
-    as one run) and no dictionary (a dictionary of 32k+ ids is larger than the data).
+    Id gaps and quantised log-probs get BYTE_STREAM_SPLIT (so zstd sees the near-constant high
+    bytes as one run) and no dictionary (a dictionary of 32k+ ids is larger than the data).
     """
     path = Path(path)
     encodings = {leaf: "BYTE_STREAM_SPLIT" for leaf in LEAF_COLUMNS.values()}

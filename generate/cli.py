@@ -154,7 +154,7 @@ def main(args) -> int:
         print(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
               f"{plan.tokens} tokens, {len(plan.units)} units; {len(todo)} to run",
               file=sys.stderr)
-        failures = _run(args, out, plan, todo, EngineConfig(
+        failures, engine_start = _run(args, out, plan, todo, EngineConfig(
             teacher=str(teacher.resolve()),
             k=args.top_k,
             max_length=args.max_length,
@@ -163,12 +163,14 @@ def main(args) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_gib=args.kv_cache_gib,
             extra=_engine_extra(args.engine_arg),
-        )) if todo else []
+        )) if todo else ([], 0.0)
         if failures:
             for name, err in failures:
                 print(f"unit {name} failed: {err}", file=sys.stderr)
-            raise UserError(f"{len(failures)} of {len(plan.units)} units failed (named above); "
-                            "fix the cause and rerun the same command to finish the rest")
+            first = failures[0][1].splitlines()[0]
+            raise UserError(f"{len(failures)} of {len(plan.units)} units failed (named above; "
+                            f"first: {first}); fix the cause and rerun the same command to "
+                            "finish the rest")
         import vllm
 
         _copy_tokenizer(tok, out)
@@ -201,13 +203,14 @@ def main(args) -> int:
     wall = time.time() - t_start
     size = sum(s.bytes for s in m.shards)
     print(f"done: {plan.records} records, {m.tokens} tokens, {len(m.shards)} shards in "
-          f"{wall:.0f} s ({m.tokens / wall:.0f} tokens/s), {size / m.tokens:.1f} bytes/token "
-          f"-> {out}", file=sys.stderr)
+          f"{wall:.0f} s ({m.tokens / wall:.0f} tokens/s; engine start {engine_start:.0f} s), "
+          f"{size / m.tokens:.1f} bytes/token -> {out}", file=sys.stderr)
     return 0
 
 
-def _run(args, out, plan, todo, engine) -> list[tuple[str, str]]:
-    """Submit the units, show progress, return [(unit name, error)] of units that failed."""
+def _run(args, out, plan, todo, engine) -> tuple[list[tuple[str, str]], float]:
+    """Submit the units and show progress; return ([(unit name, error)] of failed units,
+    the longest engine start seen)."""
     from distributed import as_completed
     from tqdm import tqdm
 
@@ -217,7 +220,7 @@ def _run(args, out, plan, todo, engine) -> list[tuple[str, str]]:
 
     n_workers = args.workers or _default_workers(on_cpu())
     binds = cpu_groups(n_workers) if (on_cpu() and not args.scheduler) else ()
-    failures = []
+    failures, engine_start = [], 0.0
     with connect(args.scheduler, n_workers, args.resource) as client:
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         futures = {
@@ -238,7 +241,7 @@ def _run(args, out, plan, todo, engine) -> list[tuple[str, str]]:
         for f in as_completed(futures):
             u = futures[f]
             try:
-                f.result()
+                engine_start = max(engine_start, f.result()["engine_start_s"])
             except Exception as e:  # reported by name; the rest of the job goes on
                 failures.append((u.name, f"{type(e).__name__}: {e}"))
                 left -= 1
@@ -247,7 +250,7 @@ def _run(args, out, plan, todo, engine) -> list[tuple[str, str]]:
             bar.update(u.tokens)
             bar.set_postfix(units_left=left, failed=len(failures))
         bar.close()
-    return failures
+    return failures, engine_start
 
 
 def _default_workers(cpu: bool) -> int:

@@ -103,3 +103,16 @@ def read_dataset(path) -> dict:
     from data.reader import SoftLabelReader
 
     return {r.row_id: r for r in SoftLabelReader(path)}
+
+
+def assert_same_targets(want_ids, want_lp, got_ids, got_lp, tol):
+    """Per position: the same set of ids, each log-prob within tol, got sorted descending.
+
+    Sets, not rank order: quantisation may swap ids whose log-probs differ by less than a step.
+    """
+    assert (np.diff(got_lp, axis=-1) <= 0).all(), "decoded targets are not in rank order"
+    for t in range(len(want_ids)):
+        want = dict(zip(want_ids[t].tolist(), want_lp[t].tolist()))
+        got = dict(zip(got_ids[t].tolist(), got_lp[t].tolist()))
+        assert want.keys() == got.keys(), f"position {t}: ids differ"
+        assert max(abs(want[i] - got[i]) for i in want) <= tol, f"position {t}: values differ"

@@ -30,7 +30,7 @@ from data.manifest import Manifest
 from data.reader import SoftLabelReader
 from data.verify import verify
 from data.writer import write_shard
-from tests.helpers import REPO, corpus_texts, reference_topk
+from tests.helpers import REPO, assert_same_targets, corpus_texts, reference_topk
 
 K = 8
 
@@ -63,14 +63,27 @@ def make_dataset(path, rows, vocab, shards=2, **kw):
     return m
 
 
-def test_quantise_pinned_values():
-    # round(0 * 16) = 0, round(0.1 * 16) = 2, round(1.0 * 16) = 16 -> deltas 0, 2, 14
-    lp = np.array([[-0.0, -0.1, -1.0]], np.float32)
-    np.testing.assert_array_equal(quantise(lp, 1 / 16), [[0, 2, 14]])
-    np.testing.assert_allclose(dequantise(quantise(lp, 1 / 16), 1 / 16), [[0, -0.125, -1.0]])
+def test_pinned_encoding_of_one_position():
+    # ids 7, 3, 12 with logprobs -0.1, -1.0, -0.0 (not in rank order, to show re-sorting):
+    # stored by ascending id 3, 7, 12 -> gaps 3, 4, 5; q = round(-lp * 16) -> 16, 2, 0
+    row = Row("0:0", np.array([5], np.int32), np.array([[7, 3, 12]], np.int32),
+              np.array([[-0.1, -1.0, -0.0]], np.float32), np.array([True]))
+    b = encode([row], 3, 1 / 16)
+    assert b.column("topk_id_gaps").to_pylist() == [[[3, 4, 5]]]
+    assert b.column("topk_logprobs_q").to_pylist() == [[[16, 2, 0]]]
+    (got,) = decode(b, Encoding(3, 1 / 16))
+    np.testing.assert_array_equal(got.topk_ids, [[12, 7, 3]])  # rank order again
+    np.testing.assert_allclose(got.topk_logprobs, [[0.0, -0.125, -1.0]])
     # -inf and NaN clip to the floor instead of wrapping around
-    d = quantise(np.array([[-1.0, -np.inf]]), 1 / 16)
-    assert dequantise(d, 1 / 16)[0, 1] == pytest.approx(-1000.0)
+    q = quantise(np.array([[-1.0, -np.inf, np.nan]]), 1 / 16)
+    np.testing.assert_allclose(dequantise(q, 1 / 16), [[-1.0, -1000.0, -1000.0]])
+
+
+def test_duplicate_ids_are_refused():
+    row = Row("4:1", np.array([5], np.int32), np.array([[7, 7]], np.int32),
+              np.array([[-0.1, -1.0]], np.float32), np.array([True]))
+    with pytest.raises(FormatError, match="row 4:1: .*same token id twice"):
+        encode([row], 2)
 
 
 @pytest.mark.parametrize("row_group_tokens", [1, 50, 100000])
@@ -83,9 +96,8 @@ def test_round_trip(tmp_path, real_rows, row_group_tokens):
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         np.testing.assert_array_equal(a.target_mask, b.target_mask)
         m = a.target_mask
-        np.testing.assert_array_equal(a.topk_ids[m], b.topk_ids[m])
-        err = np.abs(a.topk_logprobs[m] - b.topk_logprobs[m]).max()
-        assert err <= DEFAULT_LOGPROB_STEP / 2 + 1e-6
+        assert_same_targets(a.topk_ids[m], a.topk_logprobs[m], b.topk_ids[m],
+                            b.topk_logprobs[m], DEFAULT_LOGPROB_STEP / 2 + 1e-6)
         assert (b.topk_logprobs[~m] == 0).all() and (b.topk_ids[~m] == 0).all()
     assert verify(tmp_path) == []
 
@@ -109,8 +121,8 @@ def test_parquet_encodings_and_metadata(tmp_path, real_rows):
     md = pq.read_metadata(tmp_path / "shard-00000.parquet")
     cols = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i)
             for i in range(md.num_columns)}
-    for leaf in ["topk_ids.list.element.list.element",
-                 "topk_logprob_deltas.list.element.list.element"]:
+    for leaf in ["topk_id_gaps.list.element.list.element",
+                 "topk_logprobs_q.list.element.list.element"]:
         assert "BYTE_STREAM_SPLIT" in cols[leaf].encodings
         assert cols[leaf].compression == "ZSTD"
     meta = pq.read_schema(tmp_path / "shard-00000.parquet").metadata
@@ -157,7 +169,7 @@ from data.format import Row
 from data.writer import write_shard
 rng = np.random.default_rng(0)
 rows = [Row(f"{{i}}:0", rng.integers(0, 30000, 2048, dtype=np.int32),
-            rng.integers(0, 30000, (2048, 64), dtype=np.int32),
+            (np.arange(64) * 400 + rng.integers(0, 400, (2048, 1))).astype(np.int32),
             -np.sort(rng.exponential(3, (2048, 64)), -1).astype(np.float32) - 0.1,
             np.ones(2048, bool)) for i in range(60)]
 print("ready", flush=True)
@@ -231,15 +243,21 @@ def test_datasets_load_dataset_reads_the_folder(tmp_path, real_rows):
     rows, vocab = real_rows
     m = make_dataset(tmp_path, rows, vocab)
     (tmp_path / ".shard-99999.parquet.x.tmp").write_bytes(b"junk from a crashed writer")
-    ds = datasets.load_dataset(str(tmp_path), split="train")
+    ds = datasets.load_dataset(str(tmp_path), split="train", cache_dir=str(tmp_path / ".hf"))
     assert ds.num_rows == m.rows
     by_id = {r.row_id: r for r in rows}
     for ex in ds:
         r = by_id[ex["row_id"]]
         assert ex["input_ids"] == r.input_ids.tolist()
-        lp = -DEFAULT_LOGPROB_STEP * np.cumsum(np.array(ex["topk_logprob_deltas"]), -1)
+        # decoded by hand from the documented rule, without this package
+        ids = np.cumsum(np.array(ex["topk_id_gaps"]), -1)
+        lp = -DEFAULT_LOGPROB_STEP * np.array(ex["topk_logprobs_q"], np.float64)
         mk = r.target_mask
-        np.testing.assert_allclose(lp[mk], r.topk_logprobs[mk], atol=DEFAULT_LOGPROB_STEP / 2)
+        for t in np.flatnonzero(mk):
+            want = dict(zip(r.topk_ids[t].tolist(), r.topk_logprobs[t].tolist()))
+            got = dict(zip(ids[t].tolist(), lp[t].tolist()))
+            assert want.keys() == got.keys()
+            assert max(abs(want[i] - got[i]) for i in want) <= DEFAULT_LOGPROB_STEP / 2 + 1e-6
 
 
 def test_inspect_json(tmp_path, real_rows):
@@ -254,9 +272,9 @@ def test_inspect_json(tmp_path, real_rows):
     assert got["mask"] == r.target_mask.tolist()
     assert got["targets"][0] is None  # masked prefix
     t = 7
-    assert [i for i, _ in got["targets"][t]] == r.topk_ids[t].tolist()
-    np.testing.assert_allclose([lp for _, lp in got["targets"][t]], r.topk_logprobs[t],
-                               atol=DEFAULT_LOGPROB_STEP / 2)
+    pairs = np.array(got["targets"][t])
+    assert_same_targets(r.topk_ids[t:t + 1], r.topk_logprobs[t:t + 1], pairs[None, :, 0],
+                        pairs[None, :, 1], DEFAULT_LOGPROB_STEP / 2 + 1e-6)
     p = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(tmp_path),
                         "--row", "99"], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2 and "out of range" in p.stderr and "Traceback" not in p.stderr

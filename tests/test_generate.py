@@ -16,7 +16,15 @@ import pytest
 from data.format import DEFAULT_LOGPROB_STEP
 from data.manifest import Manifest
 from data.verify import verify
-from tests.helpers import REPO, corpus_texts, dask_env, read_dataset, reference_topk, softlabels
+from tests.helpers import (
+    REPO,
+    assert_same_targets,
+    corpus_texts,
+    dask_env,
+    read_dataset,
+    reference_topk,
+    softlabels,
+)
 
 K = 8
 MAXLEN = 96
@@ -59,19 +67,19 @@ def test_every_token_once_and_verified(generated, corpus, tiny_teacher):
 
 
 def test_targets_match_transformers_reference(generated, tiny_teacher):
+    """vLLM's stored targets vs an independent transformers fp32 forward: the same top-k ids
+    wherever the reference's k-th and (k+1)-th log-probs are not a near-tie, values within the
+    encoding error."""
     rows = sorted(read_dataset(generated).values(), key=lambda r: (r.record, r.window))[:8]
     ref = reference_topk(tiny_teacher, [r.input_ids.tolist() for r in rows], K + 1)
     tol = DEFAULT_LOGPROB_STEP / 2 + 1e-4
     checked = 0
     for r, (ref_ids, ref_lp) in zip(rows, ref):
-        assert np.abs(r.topk_logprobs - ref_lp[:, :K]).max() <= tol
-        # ids must agree wherever the reference's neighbouring ranks are not near-ties
-        gap_before = np.diff(ref_lp, axis=1, prepend=np.inf)[:, :K]
-        gap_after = -np.diff(ref_lp, axis=1)[:, :K]
-        clear = (np.abs(gap_before) > 1e-4) & (gap_after > 1e-4)
-        assert (r.topk_ids[clear] == ref_ids[:, :K][clear]).all()
+        clear = ref_lp[:, K - 1] - ref_lp[:, K] > 1e-4  # top-k set well defined
+        assert_same_targets(ref_ids[clear, :K], ref_lp[clear, :K], r.topk_ids[clear],
+                            r.topk_logprobs[clear], tol)
         checked += clear.sum()
-    assert checked > 0.9 * sum(len(r.input_ids) for r in rows) * K
+    assert checked > 0.9 * sum(len(r.input_ids) for r in rows)
 
 
 def test_embedded_cluster_gives_the_same_dataset(tmp_path, tiny_teacher, corpus, generated):
