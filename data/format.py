@@ -58,6 +58,7 @@ class Row:
     topk_ids: np.ndarray  # (T, k) int32, rank order
     topk_logprobs: np.ndarray  # (T, k) float32, descending
     target_mask: np.ndarray  # (T,) bool
+    response: str | None = None  # teacher-written response text (--generate-responses)
 
     @property
     def record(self) -> int:
@@ -72,8 +73,12 @@ def row_id(record: int, window: int) -> str:
     return f"{record}:{window}"
 
 
-def schema(k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) -> pa.Schema:
-    """Arrow schema of a shard; its metadata carries the decoding rule and parameters."""
+def schema(k: int, logprob_step: float = DEFAULT_LOGPROB_STEP,
+           with_response: bool = False) -> pa.Schema:
+    """Arrow schema of a shard; its metadata carries the decoding rule and parameters.
+
+    `with_response` adds the optional `response` column: the text of a teacher-written response,
+    so the dataset doubles as an ordinary SFT dataset."""
     meta = {
         "softlabels.format": FORMAT_NAME,
         "softlabels.format_version": str(FORMAT_VERSION),
@@ -88,7 +93,8 @@ def schema(k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) -> pa.Schema:
             pa.field("target_mask", pa.list_(pa.bool_()), nullable=False),
             pa.field("topk_id_gaps", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
             pa.field("topk_logprobs_q", pa.list_(pa.list_(pa.uint16(), k)), nullable=False),
-        ],
+        ]
+        + ([pa.field("response", pa.string())] if with_response else []),
         metadata=meta,
     )
 
@@ -190,7 +196,8 @@ def encode(rows: list[Row], k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) 
         flat = pa.array(np.concatenate(chunks).reshape(-1), type=typ)
         return pa.ListArray.from_arrays(pa_offsets, pa.FixedSizeListArray.from_arrays(flat, k))
 
-    s = schema(k, logprob_step)
+    with_response = any(r.response is not None for r in rows)
+    s = schema(k, logprob_step, with_response)
     return pa.RecordBatch.from_arrays(
         [
             pa.array([r.row_id for r in rows], pa.string()),
@@ -198,7 +205,8 @@ def encode(rows: list[Row], k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) 
             pa.ListArray.from_arrays(pa_offsets, pa.array(np.concatenate(mask), pa.bool_())),
             nested(gaps, pa.int32()),
             nested(qs, pa.uint16()),
-        ],
+        ]
+        + ([pa.array([r.response for r in rows], pa.string())] if with_response else []),
         schema=s,
     )
 
@@ -220,6 +228,7 @@ def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding) -> list[Row]:
     q = cols["topk_logprobs_q"].flatten().flatten().to_numpy().reshape(-1, k)
     ids, lps = to_rank_order(np.cumsum(gaps, axis=-1, dtype=np.int64).astype(np.int32),
                              dequantise(q, enc.logprob_step))
+    responses = cols["response"].to_pylist() if "response" in cols else None
     rows = []
     for i, rid in enumerate(cols["row_id"].to_pylist()):
         a, b = offsets[i], offsets[i + 1]
@@ -230,6 +239,7 @@ def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding) -> list[Row]:
                 topk_ids=ids[a:b],
                 topk_logprobs=lps[a:b],
                 target_mask=mask[a:b].astype(bool),
+                response=responses[i] if responses else None,
             )
         )
     return rows

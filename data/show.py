@@ -52,7 +52,15 @@ def render(row: Row, tok, top: int = 5) -> str:
 
     lines = [f"row {row.row_id}: {len(row.input_ids)} tokens, {int(row.target_mask.sum())} targets"]
     if tok is not None:
-        lines.append(repr(tok.decode(row.input_ids.tolist())))
+        # a token is part of a response when the position before it carries a target
+        is_resp = np.concatenate([[False], row.target_mask[:-1]])
+        if is_resp[1:].all():
+            lines.append(repr(tok.decode(row.input_ids.tolist())))
+        else:
+            cuts = np.flatnonzero(np.diff(is_resp.astype(int))) + 1
+            for seg in np.split(np.arange(len(row.input_ids)), cuts):
+                label = "response:" if is_resp[seg[0]] else "prompt:  "
+                lines.append(f"{label} {tok.decode(row.input_ids[seg].tolist())!r}")
     lines.append(f"{'t':>5} {'token':<16} top-{top} next tokens (probability)")
     for t, (tid, ids, lps, m) in enumerate(
         zip(row.input_ids, row.topk_ids, row.topk_logprobs, row.target_mask)

@@ -64,7 +64,7 @@ def write_shard(
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(
             tmp,
-            schema(k, logprob_step),
+            schema(k, logprob_step, any(r.response is not None for r in rows)),
             compression="zstd",
             compression_level=ZSTD_LEVEL,
             use_dictionary=["row_id"],

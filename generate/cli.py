@@ -29,6 +29,11 @@ def add_arguments(p) -> None:
                    "or a datasets.save_to_disk folder")
     p.add_argument("--output", required=True, help="dataset folder to write (resumable)")
     p.add_argument("--text-column", default="text", help="text column/field (default text)")
+    p.add_argument("--prompt-column", default=None,
+                   help="instruction data: prompt column (targets only on the response)")
+    p.add_argument("--response-column", default=None, help="instruction data: response column")
+    p.add_argument("--messages-column", default=None,
+                   help="chat data: a [{role, content}, ...] column (targets on assistant turns)")
     p.add_argument("--top-k", type=int, default=64, help="targets per token (default 64)")
     p.add_argument("--max-length", type=int, default=2048,
                    help="window length in tokens; longer records are split (default 2048)")
@@ -36,6 +41,15 @@ def add_arguments(p) -> None:
                    help=f"tokens per work unit and shard (default {DEFAULT_UNIT_TOKENS})")
     p.add_argument("--logprob-step", type=float, default=DEFAULT_LOGPROB_STEP,
                    help="log-prob quantisation step in nats (default 1/16)")
+    r = p.add_argument_group("teacher-written responses (sequence-level distillation)")
+    r.add_argument("--generate-responses", action="store_true",
+                   help="the teacher answers each prompt (--prompt-column or --messages-column); "
+                   "targets are stored on its response")
+    r.add_argument("--max-new-tokens", type=int, default=256)
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--n", type=int, default=1, help="responses per prompt")
+    r.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("cluster")
     c.add_argument("--workers", type=int, default=None,
                    help="embedded cluster workers, one engine each (default: GPUs, or 1 on CPU)")
@@ -120,14 +134,27 @@ def _copy_tokenizer(tok, out: Path) -> None:
 
 def main(args) -> int:
     from data.card import publish
-    from generate.engine import EngineConfig
+    from generate.engine import EngineConfig, Sampling
     from generate.inputs import open_corpus
     from generate.plan import Job, Plan, make_plan
+    from generate.records import Fields
     from generate.work import is_done, shard_info
 
     t_start = time.time()
     teacher, out = Path(args.teacher), Path(args.output)
-    corpus = open_corpus(args.input, args.text_column)
+    fields = Fields(text=args.text_column, prompt=args.prompt_column,
+                    response=args.response_column, messages=args.messages_column)
+    sampling = None
+    if args.generate_responses:
+        if not (args.prompt_column or args.messages_column) or args.response_column:
+            raise UserError("--generate-responses needs --prompt-column or --messages-column "
+                            "(and no --response-column: the teacher writes the responses)")
+        if args.n < 1 or args.max_new_tokens < 1:
+            raise UserError("--n and --max-new-tokens must be >= 1")
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.n, args.seed)
+    elif args.prompt_column and not args.response_column:
+        raise UserError("--prompt-column needs --response-column (or --generate-responses)")
+    corpus = open_corpus(args.input, fields.columns)
     config, tok = check_teacher(teacher, args.top_k)
     if args.max_length < 1 or args.unit_tokens < 1:
         raise UserError("--max-length and --unit-tokens must be positive")
@@ -143,18 +170,25 @@ def main(args) -> int:
             max_length=args.max_length,
             unit_tokens=args.unit_tokens,
             logprob_step=args.logprob_step,
+            fields=repr(fields),
+            sampling=repr(sampling) if sampling else "",
         )
         plan = Plan.load(out)
         if plan is not None and plan.job_id != job.id():
             raise UserError(f"{out} holds a different job (teacher, input or settings differ); "
                             "use a new --output folder, or delete this one to start over")
         if plan is None:
-            plan = make_plan(corpus, tok, job, out)
+            budget = sampling.max_new_tokens * sampling.n if sampling else 0
+            plan = make_plan(corpus, tok, job, out, fields, budget)
         todo = [u for u in plan.units if not is_done(out, u)]
         print(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
               f"{plan.tokens} tokens, {len(plan.units)} units; {len(todo)} to run",
               file=sys.stderr)
-        failures, engine_start = _run(args, out, plan, todo, EngineConfig(
+        if plan.too_long:
+            print(f"{len(plan.too_long)} prompts leave no room for a response within "
+                  f"--max-length and are skipped: records {plan.too_long[:20]}"
+                  + (" ..." if len(plan.too_long) > 20 else ""), file=sys.stderr)
+        failures, engine_start = _run(args, out, plan, todo, sampling, EngineConfig(
             teacher=str(teacher.resolve()),
             k=args.top_k,
             max_length=args.max_length,
@@ -189,7 +223,9 @@ def main(args) -> int:
                 "vllm_version": vllm.__version__,
                 "input": str(Path(args.input).resolve()),
                 "input_fingerprint": job.input_fingerprint,
-                "text_column": args.text_column,
+                "columns": repr(fields),
+                "sampling": repr(sampling) if sampling else None,
+                "skipped_prompts_too_long": plan.too_long,
                 "records": plan.records,
                 "empty_records_skipped": plan.empty_records,
                 "job_id": job.id(),
@@ -208,7 +244,7 @@ def main(args) -> int:
     return 0
 
 
-def _run(args, out, plan, todo, engine) -> tuple[list[tuple[str, str]], float]:
+def _run(args, out, plan, todo, sampling, engine) -> tuple[list[tuple[str, str]], float]:
     """Submit the units and show progress; return ([(unit name, error)] of failed units,
     the longest engine start seen)."""
     from distributed import as_completed
@@ -226,7 +262,7 @@ def _run(args, out, plan, todo, engine) -> tuple[list[tuple[str, str]], float]:
         futures = {
             client.submit(
                 run_unit,
-                UnitTask(str(out.resolve()), u, engine, args.logprob_step, binds),
+                UnitTask(str(out.resolve()), u, engine, args.logprob_step, binds, sampling),
                 key=f"unit-{u.name}",
                 resources={args.resource: 1},
                 retries=args.retries,

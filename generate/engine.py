@@ -32,6 +32,17 @@ class EngineConfig:
     extra: tuple[tuple[str, object], ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the teacher writes responses (--generate-responses)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0  # request i uses seed + its record index: reproducible in any batching
+
+
 def on_cpu() -> bool:
     import torch
 
@@ -95,4 +106,38 @@ class Teacher:
             ids[-1] = np.asarray(last.token_ids, np.int32)[n - k :]
             lps[-1] = np.asarray(last.logprobs, np.float32)[n - k :]
             result.append((ids, lps))
+        return result
+
+    def respond(self, prompts: list[list[int]], records: list[int], s: Sampling):
+        """Sample responses; per prompt, n of (response ids, (R, k) ids, (R, k) logprobs).
+
+        The logprobs of each sampled step are the teacher's raw distribution (temperature 1,
+        before top-p) that predicted that response token: one pass gives text and targets.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        k, room = self.cfg.k, self.cfg.max_length
+        params = [
+            SamplingParams(max_tokens=min(s.max_new_tokens, room - len(p)), n=s.n,
+                           temperature=s.temperature, top_p=s.top_p, seed=s.seed + r,
+                           logprobs=k, detokenize=False, flat_logprobs=True)
+            for p, r in zip(prompts, records)
+        ]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                 use_tqdm=False)
+        result = []
+        for o in outs:
+            samples = []
+            for c in sorted(o.outputs, key=lambda c: c.index):
+                R = len(c.token_ids)
+                lp = c.logprobs
+                starts = np.asarray(lp.start_indices)
+                ids = np.asarray(lp.token_ids, np.int32)
+                vals = np.asarray(lp.logprobs, np.float32)
+                # each step lists the sampled token, then the top-k: keep the last k entries
+                take = (np.asarray(lp.end_indices)[:, None] - k + np.arange(k)[None, :])
+                assert len(starts) == R
+                samples.append((list(c.token_ids), ids[take], vals[take]))
+            result.append(samples)
         return result

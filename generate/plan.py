@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +26,8 @@ from data.errors import UserError
 from data.format import row_id
 
 STATE_DIR = ".softlabels"
-PLAN_SCHEMA = pa.schema([("row_id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
+PLAN_SCHEMA = pa.schema([("row_id", pa.string()), ("input_ids", pa.list_(pa.int32())),
+                         ("target_mask", pa.list_(pa.bool_()))])
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Job:
     max_length: int
     unit_tokens: int
     logprob_step: float
+    fields: str = "text"  # which columns mean what (records.Fields)
+    sampling: str = ""  # teacher-written responses: the sampling settings, else ""
 
     def id(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
@@ -59,6 +62,7 @@ class Plan:
     records: int
     empty_records: int
     tokens: int
+    too_long: list = field(default_factory=list)  # prompts that leave no room to respond
 
     @classmethod
     def load(cls, out: Path) -> Plan | None:
@@ -74,72 +78,101 @@ def plan_path(out: Path) -> Path:
     return out / STATE_DIR / "plan.parquet"
 
 
-def windows(tokens: list[int], max_length: int) -> list[list[int]]:
-    return [tokens[i : i + max_length] for i in range(0, len(tokens), max_length)]
+def make_plan(corpus, tokenizer, job: Job, out: Path, fields, response_budget: int = 0,
+              batch: int = 256) -> Plan:
+    """Tokenize `corpus`, write the plan files under `out`, return the plan.
 
+    With a `response_budget` (max new tokens x samples), rows hold prompts (one window each,
+    mask empty) for the teacher to answer, and each costs its prompt plus that budget.
+    """
+    from generate.records import prompt_ids, tokenize
 
-def make_plan(corpus, tokenizer, job: Job, out: Path, batch: int = 256) -> Plan:
-    """Tokenize `corpus`, write the plan files under `out`, return the plan."""
     jid = job.id()
     units: list[Unit] = []
     records = empty = total = 0
-    pending: list[tuple[str, list[int]]] = []
+    too_long: list[int] = []
+    pending: list[tuple[str, list[int], list[bool]]] = []
     pending_tokens = 0
 
     def close_unit(w: pq.ParquetWriter) -> None:
         nonlocal pending, pending_tokens
         i = len(units)
         name = f"shard-{i:05d}-{jid[:8]}.parquet"
+        cols = list(zip(*pending))
         w.write_table(
-            pa.table(
-                {"row_id": [r for r, _ in pending], "input_ids": [t for _, t in pending]},
-                schema=PLAN_SCHEMA,
-            ),
+            pa.table({"row_id": cols[0], "input_ids": cols[1], "target_mask": cols[2]},
+                     schema=PLAN_SCHEMA),
             row_group_size=len(pending),
         )
         units.append(Unit(i, name, len(pending), pending_tokens))
         pending, pending_tokens = [], 0
 
+    def add(w, rid: str, ids: list[int], mask: list[bool], cost: int) -> None:
+        nonlocal pending_tokens, total
+        if pending and pending_tokens + cost > job.unit_tokens:
+            close_unit(w)
+        pending.append((rid, ids, mask))
+        pending_tokens += cost
+        total += len(ids)
+
+    def encode_batch(values: list[tuple]) -> list[tuple[list[int], list[bool]]]:
+        if not fields.chat:  # plain text: the tokenizer's fast batch path
+            texts = [v[0] if isinstance(v[0], str) else None for v in values]
+            if None in texts:
+                raise UserError(f"record {records + texts.index(None)}: column "
+                                f"{fields.text!r} is not text")
+            enc = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+            return [(ids, [True] * len(ids)) if t.strip() else ([], [])
+                    for t, ids in zip(texts, enc)]
+        return [tokenize(v, fields, tokenizer, records + i) for i, v in enumerate(values)]
+
     bar = tqdm(desc="planning", unit=" records", leave=False)
     with atomic_path(plan_path(out)) as tmp, pq.ParquetWriter(tmp, PLAN_SCHEMA) as w:
-        texts: list[str] = []
+        values: list[tuple] = []
 
-        def flush_texts() -> None:
-            nonlocal records, empty, total, pending_tokens
-            encoded = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
-            for text, ids in zip(texts, encoded):
-                if not text.strip() or not ids:
-                    empty += 1
-                else:
-                    for wi, win in enumerate(windows(ids, job.max_length)):
-                        if pending and pending_tokens + len(win) > job.unit_tokens:
-                            close_unit(w)
-                        pending.append((row_id(records, wi), win))
-                        pending_tokens += len(win)
-                        total += len(win)
-                records += 1
-            bar.update(len(texts))
-            texts.clear()
+        def flush() -> None:
+            nonlocal records, empty
+            if response_budget:
+                for v in values:
+                    ids = prompt_ids(v, fields, tokenizer, records)
+                    if not ids:
+                        empty += 1
+                    elif len(ids) >= job.max_length:
+                        too_long.append(records)
+                    else:
+                        add(w, row_id(records, 0), ids, [], len(ids) + response_budget)
+                    records += 1
+            else:
+                for ids, mask in encode_batch(values):
+                    if not ids:
+                        empty += 1
+                    for wi, a in enumerate(range(0, len(ids), job.max_length)):
+                        b = a + job.max_length
+                        add(w, row_id(records, wi), ids[a:b], mask[a:b], len(ids[a:b]))
+                    records += 1
+            bar.update(len(values))
+            values.clear()
 
-        for text in corpus.texts():
-            texts.append(text)
-            if len(texts) == batch:
-                flush_texts()
-        flush_texts()
+        for v in corpus.records():
+            values.append(v)
+            if len(values) == batch:
+                flush()
+        flush()
         if pending:
             close_unit(w)
     bar.close()
     if total == 0:
         plan_path(out).unlink(missing_ok=True)
         raise UserError(
-            f"input has no text ({records} records, all empty): check the input path and "
-            "--text-column"
+            f"input has no usable records ({records} records, {empty} empty, {len(too_long)} "
+            "prompts too long): check the input path, the column options and --max-length"
         )
-    plan = Plan(jid, units, records, empty, total)
+    plan = Plan(jid, units, records, empty, total, too_long)
     write_text(out / STATE_DIR / "plan.json", json.dumps(asdict(plan)) + "\n")
     return plan
 
 
-def read_unit(out: Path, unit: Unit) -> tuple[list[str], list[list[int]]]:
+def read_unit(out: Path, unit: Unit) -> tuple[list[str], list[list[int]], list[list[bool]]]:
     t = pq.ParquetFile(plan_path(out)).read_row_group(unit.index)
-    return t.column("row_id").to_pylist(), t.column("input_ids").to_pylist()
+    return (t.column("row_id").to_pylist(), t.column("input_ids").to_pylist(),
+            t.column("target_mask").to_pylist())

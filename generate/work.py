@@ -19,7 +19,7 @@ import numpy as np
 from data.atomic import write_text
 from data.format import Row
 from data.writer import ShardInfo, sha256_file, write_shard
-from generate.engine import EngineConfig, Teacher
+from generate.engine import EngineConfig, Sampling, Teacher
 from generate.plan import STATE_DIR, Unit, read_unit
 
 _TEACHERS: dict[EngineConfig, Teacher] = {}  # per worker process
@@ -33,6 +33,7 @@ class UnitTask:
     logprob_step: float
     # cores for each local worker (by worker name) so two engines never share a core
     cpu_binds: tuple[str, ...] = ()
+    sampling: Sampling | None = None  # set: the teacher writes the responses
 
 
 def done_path(out: Path, unit: Unit) -> Path:
@@ -70,17 +71,46 @@ def _teacher(task: UnitTask) -> Teacher:
     return _TEACHERS[task.engine]
 
 
+def _responses(task: UnitTask, teacher: Teacher, row_ids, prompts) -> list[Row]:
+    """Rows of prompt + teacher-written response; targets on the response positions only.
+
+    Sample i of record r is row "r:i". Position t's target predicts token t+1, so the last
+    prompt position predicts the first response token; the last response token has none.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(task.engine.teacher)
+    records = [int(r.split(":")[0]) for r in row_ids]
+    k = task.engine.k
+    rows = []
+    for rec, prompt, samples in zip(records, prompts,
+                                    teacher.respond(prompts, records, task.sampling)):
+        for i, (resp, ids, lps) in enumerate(samples):
+            P, R = len(prompt), len(resp)
+            topk_ids = np.zeros((P + R, k), np.int32)
+            topk_lps = np.zeros((P + R, k), np.float32)
+            mask = np.zeros(P + R, bool)
+            topk_ids[P - 1 : P + R - 1], topk_lps[P - 1 : P + R - 1] = ids, lps
+            mask[P - 1 : P + R - 1] = True
+            rows.append(Row(f"{rec}:{i}", np.asarray(prompt + resp, np.int32), topk_ids,
+                            topk_lps, mask, tok.decode(resp, skip_special_tokens=True)))
+    return rows
+
+
 def run_unit(task: UnitTask) -> dict:
     """Score one unit's windows with the teacher and commit its shard; return a summary."""
     out = Path(task.out)
     t0 = time.perf_counter()
     teacher = _teacher(task)
     t1 = time.perf_counter()
-    row_ids, windows = read_unit(out, task.unit)
-    rows = [
-        Row(rid, np.asarray(w, np.int32), ids, lps, np.ones(len(w), bool))
-        for rid, w, (ids, lps) in zip(row_ids, windows, teacher.topk(windows))
-    ]
+    row_ids, windows, masks = read_unit(out, task.unit)
+    if task.sampling:
+        rows = _responses(task, teacher, row_ids, windows)
+    else:
+        rows = [
+            Row(rid, np.asarray(w, np.int32), ids, lps, np.asarray(m, bool))
+            for rid, w, m, (ids, lps) in zip(row_ids, windows, masks, teacher.topk(windows))
+        ]
     info = write_shard(out / task.unit.name, rows, task.engine.k, task.logprob_step)
     write_text(done_path(out, task.unit), json.dumps(asdict(info)))
     return {

@@ -95,7 +95,7 @@ def test_each_input_kind_is_read_in_order(tmp_path, kind):
     else:
         path = tmp_path / "saved"
         datasets.Dataset.from_dict({"text": texts}).save_to_disk(path)
-    assert list(open_corpus(path).texts()) == texts
+    assert [r[0] for r in open_corpus(path).records()] == texts
 
 
 def test_second_writer_on_same_output_is_refused(tmp_path, tiny_teacher):

@@ -1,0 +1,154 @@
+"""Instruction data: chat templates, response-only targets, teacher-written responses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from data.format import DEFAULT_LOGPROB_STEP
+from data.verify import verify
+from tests.helpers import assert_same_targets, read_dataset, reference_topk, softlabels
+
+K = 8
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+PAIRS = [("Who made the light?", "God said, Let there be light: and there was light."),
+         ("Count to three.", "One, two, three."),
+         ("Name a river.", "And a river went out of Eden to water the garden.")]
+
+
+@pytest.fixture(scope="module")
+def chat_teacher(tmp_path_factory, tiny_teacher):
+    """The tiny teacher with a chat template the tests define."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("chat") / "teacher"
+    shutil.copytree(tiny_teacher, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("instr")
+    with open(d / "pairs.jsonl", "w") as f:
+        for p, r in PAIRS:
+            f.write(json.dumps({"prompt": p, "response": r}) + "\n")
+    with open(d / "chats.jsonl", "w") as f:
+        f.write(json.dumps({"messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": PAIRS[0][0]},
+            {"role": "assistant", "content": PAIRS[0][1]},
+            {"role": "user", "content": PAIRS[1][0]},
+            {"role": "assistant", "content": PAIRS[1][1]}]}) + "\n")
+    return d
+
+
+def gen(teacher, inp, out, dask, *extra):
+    return softlabels("generate", "--teacher", teacher, "--input", inp, "--output", out,
+                      "--top-k", K, "--max-length", 128, "--scheduler", dask, *extra)
+
+
+def test_prompt_response_with_chat_template(tmp_path, chat_teacher, inputs, dask_cluster):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_teacher)
+    out = tmp_path / "ds"
+    gen(chat_teacher, inputs / "pairs.jsonl", out, dask_cluster,
+        "--prompt-column", "prompt", "--response-column", "response")
+    assert verify(out) == []
+    rows = read_dataset(out)
+    for rec, (p, r) in enumerate(PAIRS):
+        row = rows[f"{rec}:0"]
+        ids = row.input_ids.tolist()
+        assert tok.decode(ids) == f"<|user|>\n{p}<|end|>\n<|assistant|>\n{r}<|end|>\n"
+        # targets exactly where the next token is a response token
+        resp = [ids[t + 1] for t in np.flatnonzero(row.target_mask)]
+        assert tok.decode(resp) == f"{r}<|end|>\n"
+        first = int(np.flatnonzero(row.target_mask)[0])
+        assert tok.decode(ids[: first + 1]).endswith("<|assistant|>\n")
+        assert row.target_mask[first:].sum() == len(ids) - first - 1
+
+
+def test_messages_mask_every_assistant_turn(tmp_path, chat_teacher, inputs, dask_cluster):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_teacher)
+    out = tmp_path / "ds"
+    gen(chat_teacher, inputs / "chats.jsonl", out, dask_cluster, "--messages-column",
+        "messages")
+    (row,) = read_dataset(out).values()
+    ids = row.input_ids.tolist()
+    resp = tok.decode([ids[t + 1] for t in np.flatnonzero(row.target_mask)])
+    assert resp == f"{PAIRS[0][1]}<|end|>\n{PAIRS[1][1]}<|end|>\n"
+
+
+def test_no_template_joins_plain_text(tmp_path, tiny_teacher, inputs, dask_cluster):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    assert not tok.chat_template
+    out = tmp_path / "ds"
+    gen(tiny_teacher, inputs / "pairs.jsonl", out, dask_cluster,
+        "--prompt-column", "prompt", "--response-column", "response")
+    row = read_dataset(out)["1:0"]
+    ids = row.input_ids.tolist()
+    assert tok.decode(ids) == f"{PAIRS[1][0]}\n{PAIRS[1][1]}<|endoftext|>"
+    resp = [ids[t + 1] for t in np.flatnonzero(row.target_mask)]
+    assert tok.decode(resp) == f"{PAIRS[1][1]}<|endoftext|>"
+
+
+def test_teacher_written_responses(tmp_path, chat_teacher, inputs, dask_cluster):
+    args = ["--prompt-column", "prompt", "--generate-responses", "--max-new-tokens", 12,
+            "--n", 2, "--seed", 7]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    gen(chat_teacher, inputs / "pairs.jsonl", a, dask_cluster, *args)
+    gen(chat_teacher, inputs / "pairs.jsonl", b, dask_cluster, *args[:-1], 8)
+    gen(chat_teacher, inputs / "pairs.jsonl", c, dask_cluster, *args, "--unit-tokens", 10)
+    assert verify(a) == []
+    ra, rb, rc = read_dataset(a), read_dataset(b), read_dataset(c)
+    assert sorted(ra) == [f"{i}:{s}" for i in range(3) for s in range(2)]
+    # same seed: the same responses, even when batched into different units
+    for rid in ra:
+        assert ra[rid].input_ids.tolist() == rc[rid].input_ids.tolist()
+        assert ra[rid].response == rc[rid].response
+    assert any(ra[r].input_ids.tolist() != rb[r].input_ids.tolist() for r in ra)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_teacher)
+    rows = list(ra.values())
+    ref = reference_topk(chat_teacher, [r.input_ids.tolist() for r in rows], K + 1)
+    for r, (ref_ids, ref_lp) in zip(rows, ref):
+        m = np.flatnonzero(r.target_mask)
+        n_prompt = m[0] + 1
+        assert tok.decode(r.input_ids[:n_prompt]).endswith("<|assistant|>\n")
+        assert len(m) == len(r.input_ids) - n_prompt  # every response token has its target
+        assert r.response == tok.decode(r.input_ids[n_prompt:], skip_special_tokens=True)
+        clear = m[ref_lp[m, K - 1] - ref_lp[m, K] > 1e-4]
+        assert_same_targets(ref_ids[clear, :K], ref_lp[clear, :K], r.topk_ids[clear],
+                            r.topk_logprobs[clear], DEFAULT_LOGPROB_STEP / 2 + 1e-4)
+
+
+def test_train_eval_and_inspect_use_the_mask(tmp_path, chat_teacher, inputs, dask_cluster):
+    out = tmp_path / "ds"
+    gen(chat_teacher, inputs / "pairs.jsonl", out, dask_cluster,
+        "--prompt-column", "prompt", "--response-column", "response")
+    rows = read_dataset(out)
+    cfg = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+           "head_dim": 32, "max_position_embeddings": 256}
+    (tmp_path / "s.json").write_text(json.dumps(cfg))
+    softlabels("train", "--student", tmp_path / "s.json", "--data", out, "--output",
+               tmp_path / "st", "--max-steps", 2)
+    log = json.loads((tmp_path / "st" / "train_log.json").read_text())
+    assert log["tokens"] == 2 * sum(int(r.target_mask.sum()) for r in rows.values())
+    m = json.loads(softlabels("eval", "--model", tmp_path / "st", "--data", out,
+                              "--json").stdout)
+    assert m["tokens"] == sum(int(r.target_mask.sum()) for r in rows.values())
+    shown = softlabels("inspect", out, "--row", 0).stdout
+    assert "prompt:" in shown and "response:" in shown and PAIRS[0][1] in shown
