@@ -175,13 +175,16 @@ def main(args) -> int:
     print("\n# 3. verify")
     run(["softlabels", "verify", out / "targets-train"], stages, "verify")
 
-    print("\n# 4. students: distilled from the stored targets, and CE-only (same steps, tokens)")
+    print("\n# 4. students: distilled from the stored targets (KD + CE on the real next tokens,\n"
+          "#    which teaches the order within the teacher's tail), and CE-only: same steps,\n"
+          "#    same tokens")
     write_text(out / "student.json", json.dumps(STUDENT_CONFIG, indent=2) + "\n")
     common = ["--student", out / "student.json", "--data", out / "targets-train",
               "--max-steps", str(args.student_steps), "--batch-tokens", "4096",
               "--lr", "3e-3", "--warmup", "10", "--eval-data", out / "targets-heldout",
               "--eval-every", str(max(1, args.student_steps // 6))]
-    for name, extra in [("student_kd", []), ("student_ce", ["--ce-weight", "1.0"])]:
+    for name, extra in [("student_kd", ["--ce-weight", "0.5"]),
+                        ("student_ce", ["--ce-weight", "1.0"])]:
         if (out / name / "model.safetensors").is_file():
             print(f"{name}: cached ({out / name})")
             stages[f"train_{name}"] = 0.0
@@ -196,6 +199,13 @@ def main(args) -> int:
         stdout = run(["softlabels", "eval", "--model", model, "--data",
                       out / "targets-heldout", "--json"], stages, f"eval_{name}", capture=True)
         results[name] = json.loads(stdout)
+    print("\n# 6. instruction data: prompt/response pairs, targets on the responses only")
+    run(["softlabels", "generate", "--teacher", teacher, "--input",
+         CORPUS / "kjv-instruct.jsonl", "--prompt-column", "prompt", "--response-column",
+         "response", "--output", out / "targets-instruct", "--top-k", k, "--max-length", "256"],
+        stages, "generate_instruct")
+    run(["softlabels", "inspect", out / "targets-instruct", "--row", "0", "--top", "3"],
+        stages, "inspect_instruct")
     results["stages"] = stages
     write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     plot = out / "students.png"

@@ -36,7 +36,7 @@ def test_missing_input(tmp_path, tiny_teacher):
 def test_empty_input(tmp_path, tiny_teacher):
     pq.write_table(pa.table({"text": ["", "   "]}), tmp_path / "in.parquet")
     p = generate(tiny_teacher, tmp_path / "in.parquet", tmp_path / "out")
-    assert_one_line_error(p, "no text")
+    assert_one_line_error(p, "no usable records")
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 

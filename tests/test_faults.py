@@ -97,9 +97,11 @@ def test_disk_full_then_rerun_after_freeing_space(tmp_path, tiny_teacher, corpus
         visible = [f for f in os.listdir(out) if f.startswith("shard-")]
         assert visible, "the disk should have held some shards"
         by_name = {u.name: u for u in plan.units}
-        assert all(is_done(out, by_name[f]) for f in visible)  # only complete shards visible
+        for f in visible:  # only complete shards are visible (some may lack their done record)
+            assert pq.read_table(out / f).num_rows == by_name[f].rows
         assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-        committed = {f: (out / f).stat().st_mtime_ns for f in visible}
+        committed = {f: (out / f).stat().st_mtime_ns for f in visible
+                     if is_done(out, by_name[f])}
         subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
         softlabels(*args)
         assert verify(out) == []

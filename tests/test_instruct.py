@@ -82,9 +82,11 @@ def test_messages_mask_every_assistant_turn(tmp_path, chat_teacher, inputs, dask
     out = tmp_path / "ds"
     gen(chat_teacher, inputs / "chats.jsonl", out, dask_cluster, "--messages-column",
         "messages")
-    (row,) = read_dataset(out).values()
-    ids = row.input_ids.tolist()
-    resp = tok.decode([ids[t + 1] for t in np.flatnonzero(row.target_mask)])
+    wins = sorted(read_dataset(out).values(), key=lambda r: r.window)  # one record
+    ids = np.concatenate([r.input_ids for r in wins]).tolist()
+    mask = np.concatenate([r.target_mask for r in wins])
+    assert {r.record for r in wins} == {0}
+    resp = tok.decode([ids[t + 1] for t in np.flatnonzero(mask)])
     assert resp == f"{PAIRS[0][1]}<|end|>\n{PAIRS[1][1]}<|end|>\n"
 
 
