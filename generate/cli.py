@@ -188,7 +188,7 @@ def main(args) -> int:
             print(f"{len(plan.too_long)} prompts leave no room for a response within "
                   f"--max-length and are skipped: records {plan.too_long[:20]}"
                   + (" ..." if len(plan.too_long) > 20 else ""), file=sys.stderr)
-        failures, engine_start = _run(args, out, plan, todo, sampling, EngineConfig(
+        failures, times = _run(args, out, plan, todo, sampling, EngineConfig(
             teacher=str(teacher.resolve()),
             k=args.top_k,
             max_length=args.max_length,
@@ -197,7 +197,7 @@ def main(args) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_gib=args.kv_cache_gib,
             extra=_engine_extra(args.engine_arg),
-        )) if todo else ([], 0.0)
+        )) if todo else ([], {})
         if failures:
             for name, err in failures:
                 print(f"unit {name} failed: {err}", file=sys.stderr)
@@ -239,30 +239,39 @@ def main(args) -> int:
     wall = time.time() - t_start
     size = sum(s.bytes for s in m.shards)
     print(f"done: {plan.records} records, {m.tokens} tokens, {len(m.shards)} shards in "
-          f"{wall:.0f} s ({m.tokens / wall:.0f} tokens/s; engine start {engine_start:.0f} s), "
-          f"{size / m.tokens:.1f} bytes/token -> {out}", file=sys.stderr)
+          f"{wall:.0f} s ({m.tokens / wall:.0f} tokens/s), {size / m.tokens:.1f} bytes/token "
+          f"-> {out}", file=sys.stderr)
+    if times:
+        print(f"time in workers: engine start {times['engine_start']:.1f} s, teacher "
+              f"{times['teacher']:.1f} s, encoding and writing {times['write']:.1f} s (summed "
+              "over units)", file=sys.stderr)
     return 0
 
 
-def _run(args, out, plan, todo, sampling, engine) -> tuple[list[tuple[str, str]], float]:
+def _run(args, out, plan, todo, sampling, engine) -> tuple[list[tuple[str, str]], dict]:
     """Submit the units and show progress; return ([(unit name, error)] of failed units,
-    the longest engine start seen)."""
+    timings: the longest engine start, and teacher/write seconds summed over units)."""
     from distributed import as_completed
     from tqdm import tqdm
 
-    from generate.cluster import connect, cpu_groups
+    from generate.cluster import connect, cpu_groups, gpu_groups
     from generate.engine import on_cpu
     from generate.work import UnitTask, run_unit
 
-    n_workers = args.workers or _default_workers(on_cpu())
-    binds = cpu_groups(n_workers) if (on_cpu() and not args.scheduler) else ()
-    failures, engine_start = [], 0.0
+    cpu = on_cpu()
+    n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
+    local = not args.scheduler
+    cpus = cpu_groups(n_workers) if (cpu and local) else ()
+    gpus = gpu_groups(n_workers, args.tensor_parallel_size) if (not cpu and local) else ()
+    failures = []
+    times = {"engine_start": 0.0, "teacher": 0.0, "write": 0.0}
     with connect(args.scheduler, n_workers, args.resource) as client:
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         futures = {
             client.submit(
                 run_unit,
-                UnitTask(str(out.resolve()), u, engine, args.logprob_step, binds, sampling),
+                UnitTask(str(out.resolve()), u, engine, args.logprob_step, cpus, gpus,
+                         sampling),
                 key=f"unit-{u.name}",
                 resources={args.resource: 1},
                 retries=args.retries,
@@ -277,7 +286,10 @@ def _run(args, out, plan, todo, sampling, engine) -> tuple[list[tuple[str, str]]
         for f in as_completed(futures):
             u = futures[f]
             try:
-                engine_start = max(engine_start, f.result()["engine_start_s"])
+                r = f.result()
+                times["engine_start"] = max(times["engine_start"], r["engine_start_s"])
+                times["teacher"] += r["teacher_s"]
+                times["write"] += r["write_s"]
             except Exception as e:  # reported by name; the rest of the job goes on
                 failures.append((u.name, f"{type(e).__name__}: {e}"))
                 left -= 1
@@ -286,12 +298,14 @@ def _run(args, out, plan, todo, sampling, engine) -> tuple[list[tuple[str, str]]
             bar.update(u.tokens)
             bar.set_postfix(units_left=left, failed=len(failures))
         bar.close()
-    return failures, engine_start
+    return failures, times
 
 
-def _default_workers(cpu: bool) -> int:
+def _default_workers(cpu: bool, tensor_parallel: int) -> int:
+    """One engine per GPU (or per tensor-parallel group); one on a CPU machine, which measured
+    as fast as two pinned single-core engines on 2 cores (BENCHMARKS.md)."""
     if cpu:
         return 1
     import torch
 
-    return max(1, torch.cuda.device_count())
+    return max(1, torch.cuda.device_count() // tensor_parallel)

@@ -31,8 +31,10 @@ class UnitTask:
     unit: Unit
     engine: EngineConfig
     logprob_step: float
-    # cores for each local worker (by worker name) so two engines never share a core
+    # per local worker (by worker name): its CPU cores, or its GPUs (CUDA_VISIBLE_DEVICES), so
+    # two engines never share a core or a GPU; empty for workers the user started
     cpu_binds: tuple[str, ...] = ()
+    gpu_binds: tuple[str, ...] = ()
     sampling: Sampling | None = None  # set: the teacher writes the responses
 
 
@@ -58,6 +60,11 @@ def shard_info(out: Path, unit: Unit) -> ShardInfo:
 def _teacher(task: UnitTask) -> Teacher:
     if task.engine not in _TEACHERS:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if task.gpu_binds:  # before anything initialises CUDA in this process
+            from distributed import get_worker
+
+            gpus = task.gpu_binds[int(get_worker().name) % len(task.gpu_binds)]
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         if task.cpu_binds:
             import torch
             from distributed import get_worker
@@ -111,11 +118,13 @@ def run_unit(task: UnitTask) -> dict:
             Row(rid, np.asarray(w, np.int32), ids, lps, np.asarray(m, bool))
             for rid, w, m, (ids, lps) in zip(row_ids, windows, masks, teacher.topk(windows))
         ]
+    t2 = time.perf_counter()
     info = write_shard(out / task.unit.name, rows, task.engine.k, task.logprob_step)
     write_text(done_path(out, task.unit), json.dumps(asdict(info)))
     return {
         **asdict(info),
         "engine_start_s": t1 - t0,
-        "seconds": time.perf_counter() - t1,
+        "teacher_s": t2 - t1,  # reading the unit + vLLM + arrays
+        "write_s": time.perf_counter() - t2,  # encoding, compression, hashing, commit
         "pid": os.getpid(),
     }

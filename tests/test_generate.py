@@ -142,3 +142,22 @@ def test_damaged_shards_are_regenerated_and_nothing_else(tmp_path, generated, ti
     assert {f: (out / f).stat().st_mtime_ns for f in untouched} == untouched
     assert json.loads((out / "manifest.json").read_text())["shards"] == \
         json.loads((generated / "manifest.json").read_text())["shards"]
+
+
+def test_trained_student_loads_in_vllm(tmp_path, generated, corpus, dask_cluster):
+    """What `softlabels train` saves is a model vLLM serves: use it as a teacher."""
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+           "head_dim": 32, "max_position_embeddings": 256}
+    (tmp_path / "student.json").write_text(json.dumps(cfg))
+    softlabels("train", "--student", tmp_path / "student.json", "--data", generated,
+               "--output", tmp_path / "st", "--max-steps", 3)
+    out = tmp_path / "ds"
+    softlabels("generate", "--teacher", tmp_path / "st", "--input", corpus[0], "--output", out,
+               "--top-k", K, "--max-length", MAXLEN, "--scheduler", dask_cluster)
+    assert verify(out) == []
+    row = read_dataset(out)["0:0"]
+    ((ref_ids, ref_lp),) = reference_topk(tmp_path / "st", [row.input_ids.tolist()], K + 1)
+    clear = ref_lp[:, K - 1] - ref_lp[:, K] > 1e-4
+    assert_same_targets(ref_ids[clear, :K], ref_lp[clear, :K], row.topk_ids[clear],
+                        row.topk_logprobs[clear], DEFAULT_LOGPROB_STEP / 2 + 1e-4)

@@ -159,7 +159,7 @@ def train(cfg: TrainConfig) -> dict:
                disable=not accelerator.is_local_main_process)
     t_last, tok_last = time.perf_counter(), 0
     distiller.train()
-    while progress.step < total:
+    while progress.step < total:  # one pass = (the rest of) one epoch
         stream = global_batches(reader, progress.epoch, progress.row, cfg.batch_tokens, n_proc)
         while progress.step < total:
             group = list(itertools.islice(stream, cfg.grad_accum))  # [(end row, chunks)]
@@ -177,8 +177,8 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.save_every and progress.step % cfg.save_every == 0:
                 save_checkpoint(accelerator, out, progress)
         else:
-            break
-        progress.epoch, progress.row = progress.epoch + 1, 0
+            break  # reached total steps inside this epoch
+        progress.epoch, progress.row = progress.epoch + 1, 0  # data ran out: next epoch
     bar.close()
 
     if cfg.eval_data and (not progress.evals or progress.evals[-1]["step"] != progress.step):
