@@ -302,8 +302,9 @@ def _run(args, out, plan, todo, sampling, engine) -> tuple[list[tuple[str, str]]
 
 
 def _default_workers(cpu: bool, tensor_parallel: int) -> int:
-    """One engine per GPU (or per tensor-parallel group); one on a CPU machine, which measured
-    as fast as two pinned single-core engines on 2 cores (BENCHMARKS.md)."""
+    """One engine per GPU (or per tensor-parallel group); one on a CPU machine: two engines
+    pinned to one core each were 7 % faster per unit on 2 cores but no faster end to end (two
+    engine starts) and hold two copies of the model (BENCHMARKS.md)."""
     if cpu:
         return 1
     import torch
