@@ -69,6 +69,7 @@ def connect(scheduler: str | None, n_workers: int, resource: str) -> Iterator:
             threads_per_worker=1,
             processes=True,
             resources={resource: 1},
+            memory_limit=0,  # an engine's memory is unmanaged; Dask would pause the worker
             dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
             env={"OMP_NUM_THREADS": str(threads), "VLLM_LOGGING_LEVEL": "ERROR"},

@@ -22,7 +22,7 @@ from data.writer import ShardInfo, sha256_file, write_shard
 from generate.engine import EngineConfig, Sampling, Teacher
 from generate.plan import STATE_DIR, Unit, read_unit
 
-_TEACHERS: dict[EngineConfig, Teacher] = {}  # per worker process
+_TEACHER: list[Teacher] = []  # this worker process's engine (one at a time)
 
 
 @dataclass(frozen=True)
@@ -58,24 +58,32 @@ def shard_info(out: Path, unit: Unit) -> ShardInfo:
 
 
 def _teacher(task: UnitTask) -> Teacher:
-    if task.engine not in _TEACHERS:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if task.gpu_binds:  # before anything initialises CUDA in this process
-            from distributed import get_worker
+    """The process's engine for this task's config; a different config replaces the old engine
+    (two engines would hold two KV caches, and a long-lived worker serves one job at a time)."""
+    if _TEACHER and _TEACHER[0].cfg == task.engine:
+        return _TEACHER[0]
+    if _TEACHER:
+        import gc
 
-            gpus = task.gpu_binds[int(get_worker().name) % len(task.gpu_binds)]
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
-        if task.cpu_binds:
-            import torch
-            from distributed import get_worker
+        _TEACHER.clear()
+        gc.collect()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if task.gpu_binds:  # before anything initialises CUDA in this process
+        from distributed import get_worker
 
-            cores = task.cpu_binds[int(get_worker().name) % len(task.cpu_binds)]
-            cpus = {int(c) for c in cores.split(",")}
-            os.sched_setaffinity(0, cpus)  # two local engines never share a core
-            # the nanny starts workers with one OMP thread; vLLM freezes the count at start
-            torch.set_num_threads(len(cpus))
-        _TEACHERS[task.engine] = Teacher(task.engine)
-    return _TEACHERS[task.engine]
+        gpus = task.gpu_binds[int(get_worker().name) % len(task.gpu_binds)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+    if task.cpu_binds:
+        import torch
+        from distributed import get_worker
+
+        cores = task.cpu_binds[int(get_worker().name) % len(task.cpu_binds)]
+        cpus = {int(c) for c in cores.split(",")}
+        os.sched_setaffinity(0, cpus)  # two local engines never share a core
+        # the nanny starts workers with one OMP thread; vLLM freezes the count at start
+        torch.set_num_threads(len(cpus))
+    _TEACHER.append(Teacher(task.engine))
+    return _TEACHER[0]
 
 
 def _responses(task: UnitTask, teacher: Teacher, row_ids, prompts) -> list[Row]:

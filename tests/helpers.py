@@ -75,7 +75,7 @@ def start_worker(d: Path, address: str, name):
     return subprocess.Popen(
         [Path(sys.executable).parent / "dask", "worker", address, "--nworkers", "1",
          "--nthreads", "1", "--resources", "teacher=1", "--name", str(name),
-         "--no-dashboard"],
+         "--memory-limit", "0", "--no-dashboard"],
         stdout=log, stderr=log, env=dask_env(), start_new_session=True,  # killpg = machine dies
     )
 
