@@ -142,9 +142,8 @@ def dequantise(q: np.ndarray, step: float) -> np.ndarray:
 
 
 def to_rank_order(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(T, k) in any order -> (T, k) by descending logprob, ties by ascending id."""
-    by_id = np.argsort(ids, axis=-1, kind="stable")
-    ids, lps = np.take_along_axis(ids, by_id, -1), np.take_along_axis(lps, by_id, -1)
+    """(T, k) with ids ascending (as decoded) -> (T, k) by descending logprob; the stable sort
+    keeps ties in ascending id order."""
     order = np.argsort(-lps, axis=-1, kind="stable")
     return np.take_along_axis(ids, order, -1), np.take_along_axis(lps, order, -1)
 

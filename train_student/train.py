@@ -204,8 +204,7 @@ def _step(accelerator, distiller, optimizer, cfg, total, vocab, group, progress)
     """One optimiser step over `grad_accum` global micro-batches."""
     p, n_proc = accelerator.process_index, accelerator.num_processes
     # Global token counts of the whole step, known to every process without communication.
-    kd_n = sum(counts(c)[0] for _, chunks in group for c in chunks if c)
-    ce_n = sum(counts(c)[1] for _, chunks in group for c in chunks if c)
+    kd_n, ce_n = map(sum, zip(*(counts(c) for _, chunks in group for c in chunks if c)))
     lr = lr_at(progress.step, cfg, total)
     for pg in optimizer.param_groups:
         pg["lr"] = lr
