@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from demo import make_model, make_tokenizer  # noqa: E402
+from softlabels.demo import make_model, make_tokenizer  # noqa: E402
 
 CORPUS = REPO / "data" / "corpus" / "kjv-train.parquet"
 

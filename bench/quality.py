@@ -31,11 +31,11 @@ def truncate(src: Path, dst: Path, k: int) -> None:
     """Rewrite a top-64 dataset as top-k (the first k of a sorted list are the top-k)."""
     import shutil
 
-    from data.card import publish
-    from data.format import Row
-    from data.manifest import Manifest
-    from data.reader import SoftLabelReader
-    from data.writer import write_shard
+    from softlabels.data.card import publish
+    from softlabels.data.format import Row
+    from softlabels.data.manifest import Manifest
+    from softlabels.data.reader import SoftLabelReader
+    from softlabels.data.writer import write_shard
 
     if (dst / "manifest.json").is_file():
         return
@@ -61,11 +61,11 @@ def train_online(demo: Path, data: Path, out: Path, steps: int) -> float:
     """Online KD: every step runs the teacher on the batch; full-vocabulary forward KL."""
     import torch
 
-    from data.reader import SoftLabelReader
-    from train_student.batches import collate, global_batches
-    from train_student.config import TrainConfig
-    from train_student.student import load_student
-    from train_student.train import lr_at
+    from softlabels.data.reader import SoftLabelReader
+    from softlabels.train_student.batches import collate, global_batches
+    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.student import load_student
+    from softlabels.train_student.train import lr_at
 
     t0 = time.perf_counter()
     cfg = TrainConfig(student=str(demo / "student.json"), data=str(data), output=str(out),

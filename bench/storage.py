@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.format import DEFAULT_LOGPROB_STEP, Row, dequantise, quantise, row_id  # noqa: E402
-from data.reader import SoftLabelReader  # noqa: E402
-from data.writer import write_shard  # noqa: E402
-from demo import make_model, make_tokenizer  # noqa: E402
+from softlabels.data.format import DEFAULT_LOGPROB_STEP, Row, dequantise, quantise, row_id  # noqa: E402
+from softlabels.data.reader import SoftLabelReader  # noqa: E402
+from softlabels.data.writer import write_shard  # noqa: E402
+from softlabels.demo import make_model, make_tokenizer  # noqa: E402
 
 KS = (8, 32, 64, 128)
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus" / "kjv-train.parquet"
@@ -122,8 +122,8 @@ def ours(windows, k, step) -> tuple[int, float]:
     rows = [Row(row_id(n, 0), w, i[:, :k], v[:, :k], np.ones(len(w), bool))
             for n, (w, i, v) in enumerate(windows)]
     with tempfile.TemporaryDirectory() as d:
-        from data.card import publish
-        from data.manifest import Manifest
+        from softlabels.data.card import publish
+        from softlabels.data.manifest import Manifest
 
         info = write_shard(Path(d) / "s.parquet", rows, k, step)
         publish(d, Manifest(k=k, logprob_step=step, vocab_size=1 << 20, shards=[info]))

@@ -25,11 +25,11 @@ sys.path.insert(0, str(REPO))
 def one_mode(mode: str, data: str, student: str, steps: int, batch_tokens: int, k_chunk: int):
     import torch
 
-    from data.reader import SoftLabelReader
-    from train_student.batches import chunks, collate
-    from train_student.config import TrainConfig
-    from train_student.student import load_student
-    from train_student.train import Distiller
+    from softlabels.data.reader import SoftLabelReader
+    from softlabels.train_student.batches import chunks, collate
+    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.student import load_student
+    from softlabels.train_student.train import Distiller
 
     torch.manual_seed(0)
     model, _ = load_student(student, data)
@@ -62,7 +62,7 @@ def one_mode(mode: str, data: str, student: str, steps: int, batch_tokens: int, 
 
 
 def reader_speed(data: str) -> float:
-    from data.reader import SoftLabelReader
+    from softlabels.data.reader import SoftLabelReader
 
     best = 0.0
     for _ in range(2):

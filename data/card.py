@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data.atomic import write_text
-from data.manifest import Manifest
+from softlabels.data.atomic import write_text
+from softlabels.data.manifest import Manifest
 
 
 def render(m: Manifest) -> str:

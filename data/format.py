@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from data.errors import UserError
+from softlabels.data.errors import UserError
 
 FORMAT_NAME = "softlabels"
 FORMAT_VERSION = 1

@@ -12,9 +12,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data.atomic import write_text
-from data.format import FORMAT_NAME, FORMAT_VERSION, FormatError
-from data.writer import ShardInfo
+from softlabels.data.atomic import write_text
+from softlabels.data.format import FORMAT_NAME, FORMAT_VERSION, FormatError
+from softlabels.data.writer import ShardInfo
 
 MANIFEST = "manifest.json"
 

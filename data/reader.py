@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from data.format import Encoding, FormatError, Row, decode
-from data.manifest import Manifest
+from softlabels.data.format import Encoding, FormatError, Row, decode
+from softlabels.data.manifest import Manifest
 
 
 class SoftLabelReader:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import UserError
-from data.format import Row
-from data.reader import SoftLabelReader
+from softlabels.data.errors import UserError
+from softlabels.data.format import Row
+from softlabels.data.reader import SoftLabelReader
 
 TOKENIZER_DIR = "tokenizer"  # generate copies the teacher's tokenizer here
 

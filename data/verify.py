@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from data.format import Encoding, FormatError, decode
-from data.manifest import Manifest
-from data.writer import sha256_file
+from softlabels.data.format import Encoding, FormatError, decode
+from softlabels.data.manifest import Manifest
+from softlabels.data.writer import sha256_file
 
 
 def check_values(rows, vocab_size: int, step: float) -> list[str]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from data.atomic import atomic_path
-from data.format import DEFAULT_LOGPROB_STEP, LEAF_COLUMNS, Row, encode, schema
+from softlabels.data.atomic import atomic_path
+from softlabels.data.format import DEFAULT_LOGPROB_STEP, LEAF_COLUMNS, Row, encode, schema
 
 ZSTD_LEVEL = 9
 ROW_GROUP_TOKENS = 32768  # reader memory is one row group: ~32k tokens x k entries

@@ -16,9 +16,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data.errors import UserError
-from data.format import DEFAULT_LOGPROB_STEP
-from data.manifest import Manifest, fingerprint_files
+from softlabels.data.errors import UserError
+from softlabels.data.format import DEFAULT_LOGPROB_STEP
+from softlabels.data.manifest import Manifest, fingerprint_files
 
 DEFAULT_UNIT_TOKENS = 131072
 
@@ -123,7 +123,7 @@ class OutputLock:
 
 def _copy_tokenizer(tok, out: Path) -> None:
     """The dataset carries its tokenizer, so inspect and train can decode and check it."""
-    from data.show import TOKENIZER_DIR
+    from softlabels.data.show import TOKENIZER_DIR
 
     tmp = out / f".{TOKENIZER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -133,12 +133,12 @@ def _copy_tokenizer(tok, out: Path) -> None:
 
 
 def main(args) -> int:
-    from data.card import publish
-    from generate.engine import EngineConfig, Sampling
-    from generate.inputs import open_corpus
-    from generate.plan import Job, Plan, make_plan
-    from generate.records import Fields
-    from generate.work import is_done, shard_info
+    from softlabels.data.card import publish
+    from softlabels.generate.engine import EngineConfig, Sampling
+    from softlabels.generate.inputs import open_corpus
+    from softlabels.generate.plan import Job, Plan, make_plan
+    from softlabels.generate.records import Fields
+    from softlabels.generate.work import is_done, shard_info
 
     t_start = time.time()
     teacher, out = Path(args.teacher), Path(args.output)
@@ -254,9 +254,9 @@ def _run(args, out, plan, todo, sampling, engine) -> tuple[list[tuple[str, str]]
     from distributed import as_completed
     from tqdm import tqdm
 
-    from generate.cluster import connect, cpu_groups, gpu_groups
-    from generate.engine import on_cpu
-    from generate.work import UnitTask, run_unit
+    from softlabels.generate.cluster import connect, cpu_groups, gpu_groups
+    from softlabels.generate.engine import on_cpu
+    from softlabels.generate.work import UnitTask, run_unit
 
     cpu = on_cpu()
     n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)

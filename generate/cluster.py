@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from data.errors import UserError
+from softlabels.data.errors import UserError
 
 
 def cpu_groups(n_workers: int) -> tuple[str, ...]:

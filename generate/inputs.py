@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.errors import UserError
-from data.manifest import fingerprint_files
+from softlabels.data.errors import UserError
+from softlabels.data.manifest import fingerprint_files
 
 FORMATS = "a Parquet file or folder, a .jsonl file, .txt files, or a datasets.save_to_disk folder"
 

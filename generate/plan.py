@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data.atomic import atomic_path, write_text
-from data.errors import UserError
-from data.format import row_id
+from softlabels.data.atomic import atomic_path, write_text
+from softlabels.data.errors import UserError
+from softlabels.data.format import row_id
 
 STATE_DIR = ".softlabels"
 PLAN_SCHEMA = pa.schema([("row_id", pa.string()), ("input_ids", pa.list_(pa.int32())),
@@ -85,7 +85,7 @@ def make_plan(corpus, tokenizer, job: Job, out: Path, fields, response_budget: i
     With a `response_budget` (max new tokens x samples), rows hold prompts (one window each,
     mask empty) for the teacher to answer, and each costs its prompt plus that budget.
     """
-    from generate.records import prompt_ids, tokenize
+    from softlabels.generate.records import prompt_ids, tokenize
 
     jid = job.id()
     units: list[Unit] = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data.errors import UserError
+from softlabels.data.errors import UserError
 
 
 @dataclass(frozen=True)

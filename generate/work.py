@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data.atomic import write_text
-from data.format import Row
-from data.writer import ShardInfo, sha256_file, write_shard
-from generate.engine import EngineConfig, Sampling, Teacher
-from generate.plan import STATE_DIR, Unit, read_unit
+from softlabels.data.atomic import write_text
+from softlabels.data.format import Row
+from softlabels.data.writer import ShardInfo, sha256_file, write_shard
+from softlabels.generate.engine import EngineConfig, Sampling, Teacher
+from softlabels.generate.plan import STATE_DIR, Unit, read_unit
 
 _TEACHER: list[Teacher] = []  # this worker process's engine (one at a time)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from demo import make_model, make_tokenizer
+from softlabels.demo import make_model, make_tokenizer
 from tests.helpers import corpus_texts, start_dask, stop_dask
 
 

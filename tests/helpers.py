@@ -100,7 +100,7 @@ def softlabels(*args, check=True, **kw):
 
 def read_dataset(path) -> dict:
     """{row_id: Row} of a dataset, through the package's reader."""
-    from data.reader import SoftLabelReader
+    from softlabels.data.reader import SoftLabelReader
 
     return {r.row_id: r for r in SoftLabelReader(path)}
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from generate.cli import OutputLock
+from softlabels.generate.cli import OutputLock
 from tests.helpers import softlabels
 
 
@@ -78,7 +78,7 @@ def test_top_k_larger_than_vocab(tmp_path, tiny_teacher):
 def test_each_input_kind_is_read_in_order(tmp_path, kind):
     import datasets
 
-    from generate.inputs import open_corpus
+    from softlabels.generate.inputs import open_corpus
 
     texts = ["first record", "second, with ünïcode", "third"]
     if kind == "parquet":

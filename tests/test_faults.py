@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.manifest import Manifest
-from data.verify import verify
-from generate.plan import Plan
-from generate.work import is_done
+from softlabels.data.manifest import Manifest
+from softlabels.data.verify import verify
+from softlabels.generate.plan import Plan
+from softlabels.generate.work import is_done
 from tests.helpers import (
     REPO,
     corpus_texts,

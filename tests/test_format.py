@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data.card import publish
-from data.format import (
+from softlabels.data.card import publish
+from softlabels.data.format import (
     DEFAULT_LOGPROB_STEP,
     FORMAT_VERSION,
     Encoding,
@@ -26,10 +26,10 @@ from data.format import (
     quantise,
     row_id,
 )
-from data.manifest import Manifest
-from data.reader import SoftLabelReader
-from data.verify import verify
-from data.writer import write_shard
+from softlabels.data.manifest import Manifest
+from softlabels.data.reader import SoftLabelReader
+from softlabels.data.verify import verify
+from softlabels.data.writer import write_shard
 from tests.helpers import REPO, assert_same_targets, corpus_texts, reference_topk
 
 K = 8
@@ -165,8 +165,8 @@ def test_killed_writer_leaves_no_partial_shard(tmp_path):
     code = f"""
 import numpy as np, sys
 sys.path.insert(0, {str(REPO)!r})
-from data.format import Row
-from data.writer import write_shard
+from softlabels.data.format import Row
+from softlabels.data.writer import write_shard
 rng = np.random.default_rng(0)
 rows = [Row(f"{{i}}:0", rng.integers(0, 30000, 2048, dtype=np.int32),
             (np.arange(64) * 400 + rng.integers(0, 400, (2048, 1))).astype(np.int32),

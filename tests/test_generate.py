@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.format import DEFAULT_LOGPROB_STEP
-from data.manifest import Manifest
-from data.verify import verify
+from softlabels.data.format import DEFAULT_LOGPROB_STEP
+from softlabels.data.manifest import Manifest
+from softlabels.data.verify import verify
 from tests.helpers import (
     REPO,
     assert_same_targets,

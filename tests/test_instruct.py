@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from data.format import DEFAULT_LOGPROB_STEP
-from data.verify import verify
+from softlabels.data.format import DEFAULT_LOGPROB_STEP
+from softlabels.data.verify import verify
 from tests.helpers import assert_same_targets, read_dataset, reference_topk, softlabels
 
 K = 8

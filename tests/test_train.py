@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from data.card import publish
-from data.format import DEFAULT_LOGPROB_STEP, Row, row_id
-from data.manifest import Manifest
-from data.reader import SoftLabelReader
-from data.show import TOKENIZER_DIR
-from data.writer import write_shard
+from softlabels.data.card import publish
+from softlabels.data.format import DEFAULT_LOGPROB_STEP, Row, row_id
+from softlabels.data.manifest import Manifest
+from softlabels.data.reader import SoftLabelReader
+from softlabels.data.show import TOKENIZER_DIR
+from softlabels.data.writer import write_shard
+from softlabels.train_student.batches import global_batches
+from softlabels.train_student.losses import LOSSES, kd_ce_sums
 from tests.helpers import REPO, corpus_texts, dask_env, reference_topk, softlabels
-from train_student.batches import global_batches
-from train_student.losses import LOSSES, kd_ce_sums
 
 K = 8
 STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
@@ -221,7 +221,7 @@ def test_killed_then_resumed_ends_like_uninterrupted(tmp_path, dataset, kill_dur
 
 
 def test_student_with_another_tokenizer_is_refused(tmp_path, dataset):
-    from demo import make_model, make_tokenizer
+    from softlabels.demo import make_model, make_tokenizer
 
     other = tmp_path / "other"
     tok = make_tokenizer(corpus_texts(50, offset=900), vocab_size=400, path=other)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.format import Row
-from data.reader import SoftLabelReader
-from train_student.losses import NEG
+from softlabels.data.format import Row
+from softlabels.data.reader import SoftLabelReader
+from softlabels.train_student.losses import NEG
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from train_student.config import TrainConfig
-from train_student.losses import LOSSES
+from softlabels.train_student.config import TrainConfig
+from softlabels.train_student.losses import LOSSES
 
 D = TrainConfig.__dataclass_fields__
 
@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from train_student.train import train
+    from softlabels.train_student.train import train
 
     result = train(TrainConfig.from_args(args))
     print(json.dumps({k: v for k, v in result.items()}))

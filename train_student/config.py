@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from data.errors import UserError
-from train_student.losses import LOSSES
+from softlabels.data.errors import UserError
+from softlabels.train_student.losses import LOSSES
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from data.reader import SoftLabelReader
-from train_student.batches import chunks, collate
-from train_student.losses import divergence, student_buckets, teacher_buckets
+from softlabels.data.reader import SoftLabelReader
+from softlabels.train_student.batches import chunks, collate
+from softlabels.train_student.losses import divergence, student_buckets, teacher_buckets
 
 
 def add_arguments(p) -> None:
@@ -58,9 +58,9 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
 def main(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data.errors import UserError
-    from data.show import load_tokenizer
-    from train_student.student import check_tokenizers
+    from softlabels.data.errors import UserError
+    from softlabels.data.show import load_tokenizer
+    from softlabels.train_student.student import check_tokenizers
 
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from data.atomic import fsync_dir, write_text
-from data.errors import UserError
-from data.reader import SoftLabelReader
-from train_student.batches import Batch, collate, counts, global_batches
-from train_student.config import TrainConfig
-from train_student.losses import kd_ce_sums
-from train_student.student import load_student
+from softlabels.data.atomic import fsync_dir, write_text
+from softlabels.data.errors import UserError
+from softlabels.data.reader import SoftLabelReader
+from softlabels.train_student.batches import Batch, collate, counts, global_batches
+from softlabels.train_student.config import TrainConfig
+from softlabels.train_student.losses import kd_ce_sums
+from softlabels.train_student.student import load_student
 
 
 class Distiller(torch.nn.Module):
@@ -192,7 +192,7 @@ def train(cfg: TrainConfig) -> dict:
                   "final_loss": progress.history[-1]["loss"], "history": progress.history,
                   "evals": progress.evals}
         write_text(out / "train_log.json", json.dumps(result) + "\n")
-        from train_student.plot import plot_curves
+        from softlabels.train_student.plot import plot_curves
 
         plot_curves(progress.history, progress.evals, out / "curves.png", title=str(out))
     accelerator.end_training()
@@ -242,7 +242,7 @@ def _step(accelerator, distiller, optimizer, cfg, total, vocab, group, progress)
 
 
 def _eval(accelerator, distiller, cfg: TrainConfig, progress: Progress) -> None:
-    from train_student.evaluate import evaluate
+    from softlabels.train_student.evaluate import evaluate
 
     model = accelerator.unwrap_model(distiller).model
     distiller.eval()

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
+# the corpus ships inside the softlabels.data package (package data), installed or not
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
 
 
 def make_tokenizer(texts: list[str], vocab_size: int, path: str | os.PathLike):
@@ -126,7 +127,7 @@ def add_arguments(p) -> None:
 
 def run(cmd: list, stages: dict, name: str, capture: bool = False) -> str:
     """Print the stage's command (so users can rerun or change it), run it, time it."""
-    from data.errors import UserError
+    from softlabels.data.errors import UserError
 
     print(f"\n$ {shlex.join(map(str, cmd))}", flush=True)
     t = time.time()
@@ -142,7 +143,7 @@ def run(cmd: list, stages: dict, name: str, capture: bool = False) -> str:
 def main(args) -> int:
     import pyarrow.parquet as pq
 
-    from data.atomic import write_text
+    from softlabels.data.atomic import write_text
 
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import sys
 
 
 def _verify(args) -> int:
-    from data.verify import verify
+    from softlabels.data.verify import verify
 
     problems = verify(args.dir)
     for p in problems:
@@ -20,7 +20,7 @@ def _verify(args) -> int:
         print(f"{args.dir}: {len(problems)} problem(s); regenerate the named shards "
               "(rerun the same `softlabels generate` command)", file=sys.stderr)
         return 1
-    from data.manifest import Manifest
+    from softlabels.data.manifest import Manifest
 
     m = Manifest.load(args.dir)
     print(f"{args.dir}: OK ({len(m.shards)} shards, {m.rows} rows, {m.tokens} tokens, k={m.k})")
@@ -28,31 +28,31 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    from data.show import main
+    from softlabels.data.show import main
 
     return main(args)
 
 
 def _generate(args) -> int:
-    from generate.cli import main
+    from softlabels.generate.cli import main
 
     return main(args)
 
 
 def _train(args) -> int:
-    from train_student.cli import main
+    from softlabels.train_student.cli import main
 
     return main(args)
 
 
 def _eval(args) -> int:
-    from train_student.evaluate import main
+    from softlabels.train_student.evaluate import main
 
     return main(args)
 
 
 def _demo(args) -> int:
-    from demo import main
+    from softlabels.demo import main
 
     return main(args)
 
@@ -66,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from demo import add_arguments as demo_args
-    from generate.cli import add_arguments as gen_args
-    from train_student.cli import add_arguments as train_args
-    from train_student.evaluate import add_arguments as eval_args
+    from softlabels.demo import add_arguments as demo_args
+    from softlabels.generate.cli import add_arguments as gen_args
+    from softlabels.train_student.cli import add_arguments as train_args
+    from softlabels.train_student.evaluate import add_arguments as eval_args
 
     g = sub.add_parser("generate", help="run the teacher over a corpus, write a soft-label dataset")
     gen_args(g)
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from data.errors import UserError
+    from softlabels.data.errors import UserError
 
     try:
         return args.func(args) or 0
