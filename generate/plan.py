@@ -117,10 +117,11 @@ def make_plan(corpus, tokenizer, job: Job, out: Path, fields, response_budget: i
 
     def encode_batch(values: list[tuple]) -> list[tuple[list[int], list[bool]]]:
         if not fields.chat:  # plain text: the tokenizer's fast batch path
-            texts = [v[0] if isinstance(v[0], str) else None for v in values]
-            if None in texts:
-                raise UserError(f"record {records + texts.index(None)}: column "
-                                f"{fields.text!r} is not text")
+            bad = [i for i, v in enumerate(values) if not isinstance(v[0], str | None)]
+            if bad:
+                raise UserError(f"record {records + bad[0]}: column {fields.text!r} is "
+                                f"{type(values[bad[0]][0]).__name__}, not text")
+            texts = [v[0] or "" for v in values]  # a null cell is an empty record (counted)
             enc = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
             return [(ids, [True] * len(ids)) if t.strip() else ([], [])
                     for t, ids in zip(texts, enc)]

@@ -107,3 +107,25 @@ def test_second_writer_on_same_output_is_refused(tmp_path, tiny_teacher):
     finally:
         lock.release()
     assert not (tmp_path / "out" / ".softlabels" / "plan.json").exists()
+
+
+def test_null_text_cell_is_an_empty_record(tmp_path, tiny_teacher):
+    """A null cell is an empty record, counted and skipped, like records.py treats None; a
+    non-text value is still refused in one line."""
+    from transformers import AutoTokenizer
+
+    from softlabels.generate.inputs import open_corpus
+    from softlabels.generate.plan import Job, make_plan
+    from softlabels.generate.records import Fields
+
+    pq.write_table(pa.table({"text": ["In the beginning", None, "God created"]}),
+                   tmp_path / "in.parquet")
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    job = Job("t", "i", k=4, max_length=64, unit_tokens=1000, logprob_step=1 / 16)
+    plan = make_plan(open_corpus(tmp_path / "in.parquet", Fields().columns), tok, job,
+                     tmp_path / "out", Fields())
+    assert (plan.records, plan.empty_records) == (3, 1)
+    assert plan.tokens == sum(len(tok(t).input_ids) for t in ["In the beginning", "God created"])
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "num.parquet")
+    p = generate(tiny_teacher, tmp_path / "num.parquet", tmp_path / "out2")
+    assert_one_line_error(p, "record 0", "not text")

@@ -20,6 +20,7 @@ from softlabels.data.format import (
     Encoding,
     FormatError,
     Row,
+    bad_rows,
     decode,
     dequantise,
     encode,
@@ -278,3 +279,61 @@ def test_inspect_json(tmp_path, real_rows):
     p = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(tmp_path),
                         "--row", "99"], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2 and "out of range" in p.stderr and "Traceback" not in p.stderr
+
+
+def _tamper_first_id(shard, vocab):
+    """Rewrite the shard with row 0's first target id pushed out of the vocabulary, re-hashed:
+    what a dataset's publisher can do, since they also write manifest.json."""
+    import pyarrow as pa
+
+    t = pq.read_table(shard)
+    gaps = t.column("topk_id_gaps").combine_chunks()
+    flat = gaps.values.values.to_numpy().copy()
+    flat[0] += vocab
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.int32()), K)
+    t = t.set_column(t.schema.get_field_index("topk_id_gaps"), t.schema.field("topk_id_gaps"),
+                     pa.ListArray.from_arrays(gaps.offsets, inner))
+    pq.write_table(t, shard)
+    from softlabels.data.writer import sha256_file
+
+    return sha256_file(shard), shard.stat().st_size
+
+
+def test_reader_refuses_what_verify_rejects(tmp_path, real_rows):
+    rows, vocab = real_rows
+    m = make_dataset(tmp_path, rows, vocab, shards=2)
+    m.shards[0].sha256, m.shards[0].bytes = _tamper_first_id(tmp_path / m.shards[0].file, vocab)
+    m.save(tmp_path)
+    assert any("target id outside" in p for p in verify(tmp_path))
+    with pytest.raises(FormatError, match=rf"{m.shards[0].file} row 0:0: target id outside"):
+        list(SoftLabelReader(tmp_path))
+    # a shard changed after publishing (manifest not rewritten) is refused by its hash
+    m2 = make_dataset(tmp_path / "b", rows, vocab, shards=2)
+    _flip_bytes(tmp_path / "b" / m2.shards[1].file, 200)
+    with pytest.raises(FormatError, match="sha256 differs"):
+        list(SoftLabelReader(tmp_path / "b"))
+
+
+def test_bad_rows_flags_each_rule(real_rows):
+    rows, vocab = real_rows
+    r = rows[1]
+    enc = Encoding(K, DEFAULT_LOGPROB_STEP)
+    dup = r.topk_ids.copy()
+    dup[3, 1] = dup[3, 0]
+    cases = {
+        "ok": Row("0:0", r.input_ids, r.topk_ids, r.topk_logprobs, r.target_mask),
+        "mass": Row("1:0", r.input_ids, r.topk_ids, np.full_like(r.topk_logprobs, -0.5),
+                    r.target_mask),
+        "input": Row("2:0", np.where(np.arange(len(r.input_ids)) == 4, vocab, r.input_ids),
+                     r.topk_ids, r.topk_logprobs, r.target_mask),
+    }
+    batch = encode(list(cases.values()), K)
+    got = dict(bad_rows(batch, enc, vocab))
+    assert set(got) == {"1:0", "2:0"}
+    assert "sum to more than 1" in got["1:0"] and "input id outside" in got["2:0"]
+    with pytest.raises(FormatError, match="same token id twice"):  # encode refuses duplicates
+        encode([Row("3:0", r.input_ids, dup, r.topk_logprobs, r.target_mask)], K)
+    # the same rows checked one by one agree with the batch
+    for rid, row in cases.items():
+        one = dict(bad_rows(encode([row], K), enc, vocab))
+        assert bool(one) == (row.row_id in got), rid

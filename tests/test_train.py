@@ -230,3 +230,99 @@ def test_student_with_another_tokenizer_is_refused(tmp_path, dataset):
                    "--max-steps", 1, check=False)
     assert p.returncode == 2 and "different tokenizer" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "o" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- review fixes (issue 12)
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_teacher_ids_beyond_the_student_vocab_join_the_tail(loss):
+    """A teacher with a padded vocabulary (V + 6) can rank ids the student cannot produce. Those
+    slots are no target (-1, as collate writes them): their teacher mass belongs in the tail, and
+    the loss equals the dense reference on the ids the student has."""
+    g = torch.Generator().manual_seed(1)
+    N, H, V = 11, 16, 30
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False)
+    teacher = torch.log_softmax(torch.randn(N, V + 6, generator=g) * 3, -1)
+    teacher[:, V:] += 4  # make the unreachable ids likely, so they sit in the top-k
+    teacher = torch.log_softmax(teacher, -1)
+    lp, ids = teacher.topk(K, -1)
+    assert (ids >= V).any()
+    labels = torch.full((N,), -1)
+    stored = ids.masked_fill(ids >= V, -1)
+    kd, _, _ = kd_ce_sums(h, head, stored, lp, labels, loss=loss, beta=0.3)
+    # reference: p over (reachable top-k ids, tail); q likewise from the full student softmax
+    p_all, q_all = teacher.double().exp(), torch.softmax(head(h).double(), -1)
+    ref = 0.0
+    for n in range(N):
+        keep = ids[n][ids[n] < V]
+        p = torch.cat([p_all[n, keep], 1 - p_all[n, keep].sum().unsqueeze(0)])
+        q = torch.cat([q_all[n, keep], 1 - q_all[n, keep].sum().unsqueeze(0)])
+        if loss == "forward_kl":
+            ref = ref + (p * (p / q).log()).sum()
+        elif loss == "reverse_kl":
+            ref = ref + (q * (q / p).log()).sum()
+        elif loss == "tvd":
+            ref = ref + 0.5 * (p - q).abs().sum()
+        else:
+            m = 0.3 * p + 0.7 * q
+            kl_pm = (p * (p / m).log()).sum()
+            kl_qm = (q * (q / m).log()).sum()
+            ref = ref + (kl_pm if loss == "skew_kl" else 0.3 * kl_pm + 0.7 * kl_qm)
+    torch.testing.assert_close(kd.double(), ref, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(kd, [h])
+    assert torch.isfinite(grads[0]).all()
+
+
+def test_eval_applies_the_final_logit_softcap(tmp_path, dataset):
+    """eval's CE equals transformers' own forward of a soft-capped model (Gemma 2), which the
+    loss also applies; without the cap the numbers differ."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from softlabels.train_student.evaluate import evaluate
+
+    vocab = json.loads((dataset / "manifest.json").read_text())["vocab_size"]
+    cfg = Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=16, final_logit_softcapping=2.0, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits far beyond the cap, so capping matters
+    got = evaluate(model, dataset, batch_tokens=256)
+    ce_sum = n = 0.0
+    for row in SoftLabelReader(dataset):
+        with torch.no_grad():
+            logits = model(torch.from_numpy(row.input_ids.astype(np.int64))[None]).logits[0].double()
+        t = np.flatnonzero(row.target_mask[:-1])
+        nxt = torch.from_numpy(row.input_ids[1:].astype(np.int64))[t]
+        ce_sum += float(torch.nn.functional.cross_entropy(logits[t], nxt, reduction="sum"))
+        n += len(t)
+    assert got["ce"] == pytest.approx(ce_sum / n, rel=1e-4)
+    assert abs(logits).max() <= 2.0 + 1e-6
+
+
+def test_train_and_eval_refuse_a_dataset_verify_rejects(tmp_path, dataset):
+    """A target id outside the vocabulary, with the manifest's sha256 rewritten to match (the
+    publisher controls both): verify exits 1, train and eval exit 2 naming shard and row, and no
+    model is written."""
+    import shutil
+
+    from tests.test_format import _tamper_first_id
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dataset, bad)
+    m = Manifest.load(bad)
+    first = m.shards[0].file
+    m.shards[0].sha256, m.shards[0].bytes = _tamper_first_id(bad / first, m.vocab_size)
+    m.save(bad)
+    assert softlabels("verify", bad, check=False).returncode == 1
+    (bad.parent / "student.json").write_text(json.dumps(STUDENT))
+    out = tmp_path / "s"
+    p = train(bad, out, "--max-steps", 2, check=False)
+    assert p.returncode == 2, p.stderr
+    err = p.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in p.stderr and first in err and "target id outside" in err, err
+    assert not (out / "model.safetensors").exists()
+    p = softlabels("eval", "--model", bad.parent / "nomodel", "--data", bad, check=False)
+    assert p.returncode == 2

@@ -17,7 +17,6 @@ import torch
 
 from softlabels.data.format import Row
 from softlabels.data.reader import SoftLabelReader
-from softlabels.train_student.losses import NEG
 
 
 @dataclass
@@ -25,7 +24,7 @@ class Batch:
     input_ids: torch.Tensor  # (B, L) long, right-padded
     attention_mask: torch.Tensor  # (B, L)
     pos: torch.Tensor  # (N,) flat indices into (B*L) of positions with a target
-    ids: torch.Tensor  # (N, k) teacher top-k ids
+    ids: torch.Tensor  # (N, k) teacher top-k ids, -1 where the student cannot produce the id
     lp: torch.Tensor  # (N, k) teacher log-probs (T=1)
     labels: torch.Tensor  # (N,) next token, -1 at a window's last position
     weight: float = 1.0  # 0 for the filler chunk a process gets when the data runs out
@@ -59,9 +58,9 @@ def collate(rows: list[Row], student_vocab: int) -> Batch:
         labels.append(nxt[t])
     ids = np.concatenate(ids).astype(np.int64)
     lp = np.concatenate(lps).astype(np.float32)
-    # A teacher id the student cannot produce (teacher's padded vocab) joins the tail bucket.
-    outside = ids >= student_vocab
-    ids[outside], lp[outside] = 0, NEG
+    # A teacher id the student cannot produce (teacher's padded vocab) is no target (-1): the
+    # loss leaves the slot out and counts its teacher mass in the tail.
+    ids[ids >= student_vocab] = -1
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attn),

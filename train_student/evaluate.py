@@ -13,7 +13,13 @@ import torch
 
 from softlabels.data.reader import SoftLabelReader
 from softlabels.train_student.batches import chunks, collate
-from softlabels.train_student.losses import divergence, student_buckets, teacher_buckets
+from softlabels.train_student.losses import (
+    NEG,
+    divergence,
+    head_logits,
+    student_buckets,
+    teacher_buckets,
+)
 
 
 def add_arguments(p) -> None:
@@ -31,6 +37,7 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
     reader = SoftLabelReader(data, part=part, num_parts=num_parts)
     vocab = model.get_output_embeddings().weight.shape[0]
     lm_head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     sums = torch.zeros(5, dtype=torch.float64)  # ce, ce tokens, kl, top1 hits, kd tokens
     for _, rows in chunks(reader.rows(), batch_tokens):
         b = collate(rows, vocab).to(device)
@@ -38,11 +45,11 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
                                 attention_mask=b.attention_mask).last_hidden_state
         h = h.reshape(-1, h.shape[-1])[b.pos]
         for s in range(0, h.shape[0], chunk):
-            logits = lm_head(h[s : s + chunk]).float()
+            logits = head_logits(h[s : s + chunk], lm_head.weight, lm_head.bias, softcap)
             ids, lp, labels = b.ids[s : s + chunk], b.lp[s : s + chunk], b.labels[s : s + chunk]
             has = labels >= 0
             ce = torch.nn.functional.cross_entropy(logits[has], labels[has], reduction="sum")
-            kl = divergence(teacher_buckets(lp, 1.0, vocab, True),
+            kl = divergence(teacher_buckets(lp.masked_fill(ids < 0, NEG), 1.0, vocab, True),
                             student_buckets(logits, ids, True), "forward_kl", 0.5).sum()
             top1 = (logits.argmax(-1) == ids[:, 0]).sum()
             sums += torch.tensor([float(ce), float(has.sum()), float(kl), float(top1), len(ids)],

@@ -4,6 +4,8 @@ Both distributions are put on k+1 buckets: the teacher's top-k ids plus one "tai
 all other tokens (teacher: 1 - sum p; student: 1 - sum q over the same ids). Without the tail the
 top-k are renormalised, which biases the student toward the head (Sparse Logit Sampling, 2025).
 Tails are computed in log space, log(-expm1(logsumexp(.))): `1 - sum` in fp32 loses them.
+A teacher id of -1 marks a slot with no target (an id the student's vocabulary cannot produce):
+its teacher mass joins the teacher's tail, and the slot adds nothing on either side.
 
 Temperature: stored values are teacher log-probs at T=1. On the top-k support softmax(lp / T) is
 exact; the teacher's tail at T != 1 is estimated as if its mass were spread evenly over the
@@ -41,12 +43,23 @@ def teacher_buckets(lp: torch.Tensor, temperature: float, vocab: int, tail: bool
 
 
 def student_buckets(logits: torch.Tensor, ids: torch.Tensor, tail: bool) -> torch.Tensor:
-    """(N, V) student logits (already / T) and (N, k) ids -> (N, k[+1]) bucket log-probs."""
-    at_ids = logits.gather(-1, ids)
+    """(N, V) student logits (already / T) and (N, k) ids (-1: no target) -> (N, k[+1]) bucket
+    log-probs."""
+    absent = ids < 0
+    at_ids = logits.gather(-1, ids.clamp(min=0))
     if not tail:
-        return torch.log_softmax(at_ids, -1)
-    lq = at_ids - torch.logsumexp(logits, -1, keepdim=True)
+        return torch.log_softmax(at_ids.masked_fill(absent, NEG), -1)
+    lq = (at_ids - torch.logsumexp(logits, -1, keepdim=True)).masked_fill(absent, NEG)
     return torch.cat([lq, log_tail(lq)], -1)
+
+
+def head_logits(h: torch.Tensor, weight: torch.Tensor, bias, softcap: float | None) -> torch.Tensor:
+    """The student's output head on a chunk of hidden states, fp32, with the architecture's final
+    logit soft-capping (Gemma 2): what the loss trains is what eval measures."""
+    logits = F.linear(h, weight, bias).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
 
 
 def divergence(lp: torch.Tensor, lq: torch.Tensor, loss: str, beta: float) -> torch.Tensor:
@@ -68,12 +81,10 @@ def divergence(lp: torch.Tensor, lq: torch.Tensor, loss: str, beta: float) -> to
 def _chunk_sums(h, weight, bias, ids, lp, labels, has_label, loss, beta, temperature, tail,
                 softcap):
     """KD and CE sums for one chunk of positions; only (chunk, V) logits ever exist."""
-    logits = F.linear(h, weight, bias).float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = head_logits(h, weight, bias, softcap)
     vocab = logits.shape[-1]
     kd = divergence(
-        teacher_buckets(lp, temperature, vocab, tail),
+        teacher_buckets(lp.masked_fill(ids < 0, NEG), temperature, vocab, tail),
         student_buckets(logits / temperature, ids, tail),
         loss,
         beta,
@@ -85,7 +96,7 @@ def _chunk_sums(h, weight, bias, ids, lp, labels, has_label, loss, beta, tempera
 def kd_ce_sums(
     hidden: torch.Tensor,  # (N, H) student hidden states at target positions
     lm_head: torch.nn.Linear,
-    ids: torch.Tensor,  # (N, k) teacher top-k ids
+    ids: torch.Tensor,  # (N, k) teacher top-k ids, -1 where the slot has no target
     lp: torch.Tensor,  # (N, k) teacher log-probs, T=1
     labels: torch.Tensor,  # (N,) next token, or -1 where unknown
     loss: str = "forward_kl",
