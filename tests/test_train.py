@@ -292,8 +292,9 @@ def test_eval_applies_the_final_logit_softcap(tmp_path, dataset):
     got = evaluate(model, dataset, batch_tokens=256)
     ce_sum = n = 0.0
     for row in SoftLabelReader(dataset):
+        x = torch.from_numpy(row.input_ids.astype(np.int64))[None]
         with torch.no_grad():
-            logits = model(torch.from_numpy(row.input_ids.astype(np.int64))[None]).logits[0].double()
+            logits = model(x).logits[0].double()
         t = np.flatnonzero(row.target_mask[:-1])
         nxt = torch.from_numpy(row.input_ids[1:].astype(np.int64))[t]
         ce_sum += float(torch.nn.functional.cross_entropy(logits[t], nxt, reduction="sum"))
