@@ -43,7 +43,7 @@ def load_tokenizer(directory: str | os.PathLike):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # a dataset runs no code
 
 
 def render(row: Row, tok, top: int = 5) -> str:

@@ -54,7 +54,11 @@ def add_arguments(p) -> None:
     c.add_argument("--workers", type=int, default=None,
                    help="embedded cluster workers, one engine each (default: GPUs, or 1 on CPU)")
     c.add_argument("--scheduler", default=None,
-                   help="tcp://host:port of a running `dask scheduler` to use instead")
+                   help="tls://host:port (or tcp:// on a network only you can reach) of a "
+                   "running `dask scheduler` to use instead")
+    c.add_argument("--tls-ca-file", default=None, help="CA certificate of the cluster (mutual TLS)")
+    c.add_argument("--tls-cert", default=None, help="this client's certificate, signed by the CA")
+    c.add_argument("--tls-key", default=None, help="this client's private key")
     c.add_argument("--resource", default="teacher",
                    help="worker resource a unit needs (workers: --resources teacher=1)")
     c.add_argument("--retries", type=int, default=2, help="retries of a failing unit (default 2)")
@@ -66,6 +70,8 @@ def add_arguments(p) -> None:
                    help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE), default 2")
     e.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other vllm.LLM argument, VALUE as JSON (repeatable)")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="let the teacher folder run its own Python (auto_map); off by default")
 
 
 def _engine_extra(pairs: list[str]) -> tuple:
@@ -81,21 +87,32 @@ def _engine_extra(pairs: list[str]) -> tuple:
     return tuple(extra)
 
 
-def check_teacher(path: Path, k: int):
-    """Return (config, tokenizer) of a usable teacher, or a one-line UserError."""
+def check_teacher(path: Path, k: int, trust_remote_code: bool = False,
+                  safetensors_only: bool = True):
+    """Return (config, tokenizer) of a usable teacher, or a one-line UserError.
+
+    Nothing in the folder runs: no remote code unless asked, and weights only as safetensors
+    (pickled .bin/.pt weights can execute code when loaded)."""
     from transformers import AutoConfig, AutoTokenizer
 
     if not path.is_dir():
         raise UserError(f"teacher {path} does not exist; pass a folder written by save_pretrained")
+    if safetensors_only and not any(path.glob("*.safetensors")):
+        raise UserError(f"teacher {path} has no *.safetensors weights; pickled weights can run "
+                        "code when loaded: convert them once with transformers' save_pretrained "
+                        "(safe_serialization=True) in an environment you trust")
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"teacher {path} needs to run its own code (auto_map in its config); "
+                            "pass --trust-remote-code only if you trust that folder") from e
         raise UserError(f"teacher {path} has no readable config.json ({e})") from e
     if not any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
         raise UserError(f"teacher {path} is not a causal LM (architectures: "
                         f"{config.architectures}); pass a *ForCausalLM model folder")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"teacher {path} has no loadable tokenizer ({e})") from e
     vocab = config.get_text_config().vocab_size
@@ -133,12 +150,10 @@ def _copy_tokenizer(tok, out: Path) -> None:
 
 
 def main(args) -> int:
-    from softlabels.data.card import publish
-    from softlabels.generate.engine import EngineConfig, Sampling
+    from softlabels.generate.cluster import connect, tls_security
+    from softlabels.generate.engine import Sampling, on_cpu
     from softlabels.generate.inputs import open_corpus
-    from softlabels.generate.plan import Job, Plan, make_plan
     from softlabels.generate.records import Fields
-    from softlabels.generate.work import is_done, shard_info
 
     t_start = time.time()
     teacher, out = Path(args.teacher), Path(args.output)
@@ -155,87 +170,23 @@ def main(args) -> int:
     elif args.prompt_column and not args.response_column:
         raise UserError("--prompt-column needs --response-column (or --generate-responses)")
     corpus = open_corpus(args.input, fields.columns)
-    config, tok = check_teacher(teacher, args.top_k)
+    extra = _engine_extra(args.engine_arg)
+    config, tok = check_teacher(teacher, args.top_k, args.trust_remote_code,
+                                safetensors_only="load_format" not in dict(extra))
     if args.max_length < 1 or args.unit_tokens < 1:
         raise UserError("--max-length and --unit-tokens must be positive")
-    lock = OutputLock(out)
-    try:
-        print(f"hashing teacher {teacher} and input {args.input} ...", file=sys.stderr)
-        teacher_files = [f for f in teacher.rglob("*") if f.is_file() and
-                         not any(part.startswith(".") for part in f.relative_to(teacher).parts)]
-        job = Job(
-            teacher_hash=fingerprint_files(teacher_files, teacher),
-            input_fingerprint=corpus.fingerprint(),
-            k=args.top_k,
-            max_length=args.max_length,
-            unit_tokens=args.unit_tokens,
-            logprob_step=args.logprob_step,
-            fields=repr(fields),
-            sampling=repr(sampling) if sampling else "",
-        )
-        plan = Plan.load(out)
-        if plan is not None and plan.job_id != job.id():
-            raise UserError(f"{out} holds a different job (teacher, input or settings differ); "
-                            "use a new --output folder, or delete this one to start over")
-        if plan is None:
-            budget = sampling.max_new_tokens * sampling.n if sampling else 0
-            plan = make_plan(corpus, tok, job, out, fields, budget)
-        todo = [u for u in plan.units if not is_done(out, u)]
-        print(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
-              f"{plan.tokens} tokens, {len(plan.units)} units; {len(todo)} to run",
-              file=sys.stderr)
-        if plan.too_long:
-            print(f"{len(plan.too_long)} prompts leave no room for a response within "
-                  f"--max-length and are skipped: records {plan.too_long[:20]}"
-                  + (" ..." if len(plan.too_long) > 20 else ""), file=sys.stderr)
-        failures, times = _run(args, out, plan, todo, sampling, EngineConfig(
-            teacher=str(teacher.resolve()),
-            k=args.top_k,
-            max_length=args.max_length,
-            dtype=args.dtype,
-            tensor_parallel_size=args.tensor_parallel_size,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            kv_cache_gib=args.kv_cache_gib,
-            extra=_engine_extra(args.engine_arg),
-        )) if todo else ([], {})
-        if failures:
-            for name, err in failures:
-                print(f"unit {name} failed: {err}", file=sys.stderr)
-            first = failures[0][1].splitlines()[0]
-            raise UserError(f"{len(failures)} of {len(plan.units)} units failed (named above; "
-                            f"first: {first}); fix the cause and rerun the same command to "
-                            "finish the rest")
-        import vllm
-
-        _copy_tokenizer(tok, out)
-        shards = [shard_info(out, u) for u in plan.units]
-        m = Manifest(
-            k=args.top_k,
-            logprob_step=args.logprob_step,
-            vocab_size=config.get_text_config().vocab_size,
-            shards=shards,
-            provenance={
-                "teacher": str(teacher.resolve()),
-                "teacher_sha256": job.teacher_hash,
-                "tokenizer_vocab_size": len(tok),
-                "k": args.top_k,
-                "max_length": args.max_length,
-                "vllm_version": vllm.__version__,
-                "input": str(Path(args.input).resolve()),
-                "input_fingerprint": job.input_fingerprint,
-                "columns": repr(fields),
-                "sampling": repr(sampling) if sampling else None,
-                "skipped_prompts_too_long": plan.too_long,
-                "records": plan.records,
-                "empty_records_skipped": plan.empty_records,
-                "job_id": job.id(),
-                "command": shlex.join(["softlabels", *sys.argv[1:]]),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            },
-        )
-        publish(out, m)
-    finally:
-        lock.release()
+    security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
+    cpu = on_cpu()
+    n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
+    # Connect first: a refused client (TLS, address) writes nothing.
+    with connect(args.scheduler, n_workers, args.resource, security) as client:
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        lock = OutputLock(out)
+        try:
+            m, plan, times = _job(args, client, teacher, out, corpus, fields, sampling, config,
+                                  tok, cpu, n_workers)
+        finally:
+            lock.release()
     wall = time.time() - t_start
     size = sum(s.bytes for s in m.shards)
     print(f"done: {plan.records} records, {m.tokens} tokens, {len(m.shards)} shards in "
@@ -248,56 +199,139 @@ def main(args) -> int:
     return 0
 
 
-def _run(args, out, plan, todo, sampling, engine) -> tuple[list[tuple[str, str]], dict]:
+def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu, n_workers):
+    """Plan (or reuse the plan), run the units still to do, publish: -> (manifest, plan, times)."""
+    from softlabels.data.card import publish
+    from softlabels.generate.engine import EngineConfig
+    from softlabels.generate.plan import Job, Plan, make_plan
+    from softlabels.generate.work import is_done, shard_info
+
+    print(f"hashing teacher {teacher} and input {args.input} ...", file=sys.stderr)
+    teacher_files = [f for f in teacher.rglob("*") if f.is_file() and
+                     not any(part.startswith(".") for part in f.relative_to(teacher).parts)]
+    job = Job(
+        teacher_hash=fingerprint_files(teacher_files, teacher),
+        input_fingerprint=corpus.fingerprint(),
+        k=args.top_k,
+        max_length=args.max_length,
+        unit_tokens=args.unit_tokens,
+        logprob_step=args.logprob_step,
+        fields=repr(fields),
+        sampling=repr(sampling) if sampling else "",
+    )
+    plan = Plan.load(out)
+    if plan is not None and plan.job_id != job.id():
+        raise UserError(f"{out} holds a different job (teacher, input or settings differ); "
+                        "use a new --output folder, or delete this one to start over")
+    if plan is None:
+        budget = sampling.max_new_tokens * sampling.n if sampling else 0
+        plan = make_plan(corpus, tok, job, out, fields, budget)
+    todo = [u for u in plan.units if not is_done(out, u)]
+    print(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
+          f"{plan.tokens} tokens, {len(plan.units)} units; {len(todo)} to run",
+          file=sys.stderr)
+    if plan.too_long:
+        print(f"{len(plan.too_long)} prompts leave no room for a response within "
+              f"--max-length and are skipped: records {plan.too_long[:20]}"
+              + (" ..." if len(plan.too_long) > 20 else ""), file=sys.stderr)
+    engine = EngineConfig(
+        teacher=str(teacher.resolve()),
+        k=args.top_k,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_gib=args.kv_cache_gib,
+        extra=_engine_extra(args.engine_arg),
+        trust_remote_code=args.trust_remote_code,
+    )
+    failures, times = (_run(args, client, out, plan, todo, sampling, cpu, n_workers, engine)
+                       if todo else ([], {}))
+    if failures:
+        for name, err in failures:
+            print(f"unit {name} failed: {err}", file=sys.stderr)
+        first = failures[0][1].splitlines()[0]
+        raise UserError(f"{len(failures)} of {len(plan.units)} units failed (named above; "
+                        f"first: {first}); fix the cause and rerun the same command to "
+                        "finish the rest")
+    import vllm
+
+    _copy_tokenizer(tok, out)
+    shards = [shard_info(out, u) for u in plan.units]
+    m = Manifest(
+        k=args.top_k,
+        logprob_step=args.logprob_step,
+        vocab_size=config.get_text_config().vocab_size,
+        shards=shards,
+        provenance={
+            "teacher": str(teacher.resolve()),
+            "teacher_sha256": job.teacher_hash,
+            "tokenizer_vocab_size": len(tok),
+            "k": args.top_k,
+            "max_length": args.max_length,
+            "vllm_version": vllm.__version__,
+            "input": str(Path(args.input).resolve()),
+            "input_fingerprint": job.input_fingerprint,
+            "columns": repr(fields),
+            "sampling": repr(sampling) if sampling else None,
+            "skipped_prompts_too_long": plan.too_long,
+            "records": plan.records,
+            "empty_records_skipped": plan.empty_records,
+            "job_id": job.id(),
+            "command": shlex.join(["softlabels", *sys.argv[1:]]),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    publish(out, m)
+    return m, plan, times
+
+
+def _run(args, client, out, plan, todo, sampling, cpu, n_workers, engine
+         ) -> tuple[list[tuple[str, str]], dict]:
     """Submit the units and show progress; return ([(unit name, error)] of failed units,
     timings: the longest engine start, and teacher/write seconds summed over units)."""
     from distributed import as_completed
     from tqdm import tqdm
 
-    from softlabels.generate.cluster import connect, cpu_groups, gpu_groups
-    from softlabels.generate.engine import on_cpu
+    from softlabels.generate.cluster import cpu_groups, gpu_groups
     from softlabels.generate.work import UnitTask, run_unit
 
-    cpu = on_cpu()
-    n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
     local = not args.scheduler
     cpus = cpu_groups(n_workers) if (cpu and local) else ()
     gpus = gpu_groups(n_workers, args.tensor_parallel_size) if (not cpu and local) else ()
     failures = []
     times = {"engine_start": 0.0, "teacher": 0.0, "write": 0.0}
-    with connect(args.scheduler, n_workers, args.resource) as client:
-        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
-        futures = {
-            client.submit(
-                run_unit,
-                UnitTask(str(out.resolve()), u, engine, args.logprob_step, cpus, gpus,
-                         sampling),
-                key=f"unit-{u.name}",
-                resources={args.resource: 1},
-                retries=args.retries,
-                pure=False,
-            ): u
-            for u in todo
-        }
-        done_tokens = plan.tokens - sum(u.tokens for u in todo)
-        bar = tqdm(total=plan.tokens, initial=done_tokens, unit=" tok", unit_scale=True,
-                   desc="teacher", smoothing=0.1)
-        left = len(todo)
-        for f in as_completed(futures):
-            u = futures[f]
-            try:
-                r = f.result()
-                times["engine_start"] = max(times["engine_start"], r["engine_start_s"])
-                times["teacher"] += r["teacher_s"]
-                times["write"] += r["write_s"]
-            except Exception as e:  # reported by name; the rest of the job goes on
-                failures.append((u.name, f"{type(e).__name__}: {e}"))
-                left -= 1
-                continue
+    futures = {
+        client.submit(
+            run_unit,
+            UnitTask(str(out.resolve()), u, engine, args.logprob_step, cpus, gpus,
+                     sampling),
+            key=f"unit-{u.name}",
+            resources={args.resource: 1},
+            retries=args.retries,
+            pure=False,
+        ): u
+        for u in todo
+    }
+    done_tokens = plan.tokens - sum(u.tokens for u in todo)
+    bar = tqdm(total=plan.tokens, initial=done_tokens, unit=" tok", unit_scale=True,
+               desc="teacher", smoothing=0.1)
+    left = len(todo)
+    for f in as_completed(futures):
+        u = futures[f]
+        try:
+            r = f.result()
+            times["engine_start"] = max(times["engine_start"], r["engine_start_s"])
+            times["teacher"] += r["teacher_s"]
+            times["write"] += r["write_s"]
+        except Exception as e:  # reported by name; the rest of the job goes on
+            failures.append((u.name, f"{type(e).__name__}: {e}"))
             left -= 1
-            bar.update(u.tokens)
-            bar.set_postfix(units_left=left, failed=len(failures))
-        bar.close()
+            continue
+        left -= 1
+        bar.update(u.tokens)
+        bar.set_postfix(units_left=left, failed=len(failures))
+    bar.close()
     return failures, times
 
 

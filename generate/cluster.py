@@ -1,4 +1,11 @@
-"""Where the work runs: an embedded LocalCluster, or an existing Dask cluster (`--scheduler`)."""
+"""Where the work runs: an embedded LocalCluster, or an existing Dask cluster (`--scheduler`).
+
+Security (README, "Security"): whoever can talk to a Dask scheduler can run any Python on its
+workers. The embedded cluster therefore listens on loopback only; an external cluster on a shared
+network runs with Dask's mutual TLS (`tls://`, each side presenting a certificate signed by the
+cluster's CA), and `generate` presents its certificate with --tls-ca-file/--tls-cert/--tls-key or
+Dask's own `distributed.comm.tls.*` configuration.
+"""
 
 from __future__ import annotations
 
@@ -42,22 +49,64 @@ def gpu_groups(n_workers: int, tensor_parallel: int) -> tuple[str, ...]:
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 
 
+def tls_security(ca_file: str | None, cert: str | None, key: str | None):
+    """A distributed.security.Security from the three TLS flags, or None when none is given (then
+    Dask's configuration, `distributed.comm.tls.*`, applies as it does for any Dask client)."""
+    given = {"--tls-ca-file": ca_file, "--tls-cert": cert, "--tls-key": key}
+    if not any(given.values()):
+        return None
+    missing = [flag for flag, v in given.items() if not v]
+    if missing:
+        raise UserError(f"{', '.join(missing)} missing: mutual TLS needs the CA certificate, "
+                        "this client's certificate and its key")
+    for flag, path in given.items():
+        if not os.path.isfile(path):
+            raise UserError(f"{flag} {path} does not exist")
+    from distributed.security import Security
+
+    return Security(tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key,
+                    require_encryption=True)
+
+
+def _refusal(scheduler: str, e: BaseException) -> str:
+    """What went wrong connecting to an external scheduler, and what to do, in one line."""
+    from distributed.comm.core import FatalCommClosedError
+
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, TypeError) and "ssl_context" in text:
+        return (f"{scheduler} speaks TLS but no certificates were given: pass --tls-ca-file, "
+                "--tls-cert and --tls-key (or set distributed.comm.tls.* in Dask's config)")
+    if isinstance(e, RuntimeError) and "encryption required" in text:
+        return (f"TLS certificates were given but {scheduler} is plain tcp: use the scheduler's "
+                "tls:// address (`dask scheduler --protocol tls ...` prints it)")
+    if isinstance(e, FatalCommClosedError):
+        return (f"TLS handshake with {scheduler} failed ({text}): this client's certificate and "
+                "the scheduler's must be signed by the CA given in --tls-ca-file")
+    if scheduler.startswith("tcp://") and "reset by peer" in text:
+        return (f"the scheduler at {scheduler} closed the connection ({text}); if it was "
+                "started with --protocol tls, use tls://... and pass --tls-ca-file, --tls-cert "
+                "and --tls-key")
+    return (f"cannot reach the Dask scheduler at {scheduler} ({text}); start it with "
+            "`dask scheduler` and check the address")
+
+
 @contextmanager
-def connect(scheduler: str | None, n_workers: int, resource: str) -> Iterator:
+def connect(scheduler: str | None, n_workers: int, resource: str, security=None) -> Iterator:
     """Yield a distributed.Client; an embedded cluster lives exactly as long as the block."""
     from distributed import Client, LocalCluster
 
     if scheduler:
+        kw = {"security": security} if security is not None else {}
         try:
-            client = Client(scheduler, timeout="30s")
-        except OSError as e:
-            raise UserError(
-                f"cannot reach the Dask scheduler at {scheduler} ({e}); start it with "
-                "`dask scheduler` and check the address"
-            ) from e
+            client = Client(scheduler, timeout="30s", **kw)
+        except (OSError, TypeError, RuntimeError) as e:
+            raise UserError(_refusal(scheduler, e)) from e
         with client:
             yield client
         return
+    if security is not None:
+        raise UserError("--tls-* options are for an external cluster (--scheduler tls://...); "
+                        "the embedded cluster listens on loopback only")
     import dask
 
     threads = max(1, len(os.sched_getaffinity(0)) // n_workers)
@@ -65,6 +114,7 @@ def connect(scheduler: str | None, n_workers: int, resource: str) -> Iterator:
     spawn_env = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in MALLOC_ENV.items()}
     with dask.config.set(spawn_env):
         cluster = LocalCluster(
+            host="127.0.0.1",  # scheduler, workers and nannies: loopback only
             n_workers=n_workers,
             threads_per_worker=1,
             processes=True,
@@ -72,7 +122,9 @@ def connect(scheduler: str | None, n_workers: int, resource: str) -> Iterator:
             memory_limit=0,  # an engine's memory is unmanaged; Dask would pause the worker
             dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
-            env={"OMP_NUM_THREADS": str(threads), "VLLM_LOGGING_LEVEL": "ERROR"},
+            # VLLM_HOST_IP: a multi-process engine's own rendezvous stays on loopback too
+            env={"OMP_NUM_THREADS": str(threads), "VLLM_LOGGING_LEVEL": "ERROR",
+                 "VLLM_HOST_IP": "127.0.0.1"},
         )
     with cluster, Client(cluster) as client:
         yield client

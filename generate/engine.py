@@ -30,6 +30,7 @@ class EngineConfig:
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE (whole GiB); ignored on GPUs
     seed: int = 0
     extra: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+    trust_remote_code: bool = False  # the teacher folder's own Python runs only when asked
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ class Teacher:
             enable_prefix_caching=False,
             enforce_eager=on_cpu(),
             seed=cfg.seed,
-            **dict(cfg.extra),
+            trust_remote_code=cfg.trust_remote_code,
+            # never unpickle weights, unless the user names another format (--engine-arg)
+            **{"load_format": "safetensors", **dict(cfg.extra)},
         )
         self.params = SamplingParams(
             max_tokens=1,

@@ -94,7 +94,8 @@ def _responses(task: UnitTask, teacher: Teacher, row_ids, prompts) -> list[Row]:
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(task.engine.teacher)
+    tok = AutoTokenizer.from_pretrained(task.engine.teacher,
+                                        trust_remote_code=task.engine.trust_remote_code)
     records = [int(r.split(":")[0]) for r in row_ids]
     k = task.engine.k
     rows = []

@@ -39,8 +39,12 @@ def dask_env() -> dict:
     return env
 
 
-def start_dask(d: Path, n_workers: int, worker_names=None) -> dict:
-    """Start `dask scheduler` and n `dask worker` processes on loopback (the standard commands)."""
+def start_dask(d: Path, n_workers: int, worker_names=None, tls: list[str] | None = None,
+               security=None) -> dict:
+    """Start `dask scheduler` and n `dask worker` processes on loopback (the standard commands).
+
+    `tls`: the `--tls-ca-file/--tls-cert/--tls-key` arguments for both (and `security`, the
+    matching client Security to wait for the workers with)."""
     import json
     import subprocess
     import sys
@@ -51,7 +55,8 @@ def start_dask(d: Path, n_workers: int, worker_names=None) -> dict:
     log = open(d / "dask.log", "ab")
     sched = subprocess.Popen(
         [bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
-         "--dashboard-address", ":0", "--scheduler-file", sched_file],
+         "--dashboard-address", "127.0.0.1:0", "--scheduler-file", sched_file,
+         *(["--protocol", "tls", *tls] if tls else [])],
         stdout=log, stderr=log, env=dask_env(),
     )
     for _ in range(300):
@@ -59,15 +64,15 @@ def start_dask(d: Path, n_workers: int, worker_names=None) -> dict:
             break
         time.sleep(0.1)
     address = json.loads(sched_file.read_text())["address"]
-    workers = [start_worker(d, address, name) for name in (worker_names or range(n_workers))]
+    workers = [start_worker(d, address, name, tls) for name in (worker_names or range(n_workers))]
     from distributed import Client
 
-    with Client(address, timeout="30s") as c:
+    with Client(address, timeout="30s", **({"security": security} if security else {})) as c:
         c.wait_for_workers(n_workers, timeout=60)
     return {"address": address, "scheduler": sched, "workers": workers}
 
 
-def start_worker(d: Path, address: str, name):
+def start_worker(d: Path, address: str, name, tls: list[str] | None = None):
     import subprocess
     import sys
 
@@ -75,7 +80,7 @@ def start_worker(d: Path, address: str, name):
     return subprocess.Popen(
         [Path(sys.executable).parent / "dask", "worker", address, "--nworkers", "1",
          "--nthreads", "1", "--resources", "teacher=1", "--name", str(name),
-         "--memory-limit", "0", "--no-dashboard"],
+         "--memory-limit", "0", "--no-dashboard", *(tls or [])],
         stdout=log, stderr=log, env=dask_env(), start_new_session=True,  # killpg = machine dies
     )
 

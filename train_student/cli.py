@@ -46,6 +46,8 @@ def add_arguments(p) -> None:
     p.add_argument("--chunk", type=int, default=default("chunk"),
                    help="positions per lm_head chunk (memory)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU exists")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the student folder run its own Python (auto_map); off by default")
 
 
 def main(args) -> int:

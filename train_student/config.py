@@ -34,6 +34,7 @@ class TrainConfig:
     seed: int = 0
     chunk: int = 1024  # positions per lm_head chunk
     cpu: bool = False
+    trust_remote_code: bool = False  # the student folder's own Python runs only when asked
 
     def __post_init__(self):
         errors = []

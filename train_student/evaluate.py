@@ -27,6 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="held-out soft-label dataset")
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder run its own Python (auto_map); off by default")
 
 
 @torch.no_grad()
@@ -63,18 +65,14 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
 
 
 def main(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from softlabels.data.errors import UserError
     from softlabels.data.show import load_tokenizer
-    from softlabels.train_student.student import check_tokenizers
+    from softlabels.train_student.student import check_tokenizers, load_model
 
+    model = load_model(args.model, args.trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {args.model} ({e})") from e
-    try:
-        tok = AutoTokenizer.from_pretrained(args.model)
+        tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError):
         tok = None
     check_tokenizers(tok, load_tokenizer(args.data), args.model, args.data)

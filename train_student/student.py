@@ -29,9 +29,30 @@ def check_tokenizers(student_tok, data_tok, student: str, data: str) -> None:
         )
 
 
-def load_student(student: str, data: str):
-    """-> (model, tokenizer). `student`: an HF causal-LM folder, or a JSON/YAML model config."""
+def load_model(path, trust_remote_code: bool = False):
+    """An HF causal LM from a folder, fp32, without running anything the folder holds: weights
+    only from safetensors (pickled .bin weights can execute code), and the folder's own Python
+    (auto_map) only with trust_remote_code."""
     import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                    use_safetensors=True,
+                                                    trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            why = "needs to run its own code (auto_map); pass --trust-remote-code if you trust it"
+        elif not any(Path(path).glob("*.safetensors")):
+            why = ("has no *.safetensors weights; pickled weights can run code when loaded: "
+                   "convert them once with save_pretrained in an environment you trust")
+        else:
+            why = f"cannot be loaded ({str(e).splitlines()[0]})"
+        raise UserError(f"model {path} {why}") from e
+
+
+def load_student(student: str, data: str, trust_remote_code: bool = False):
+    """-> (model, tokenizer). `student`: an HF causal-LM folder, or a JSON/YAML model config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(student)
@@ -41,11 +62,11 @@ def load_student(student: str, data: str):
             raise UserError(f"student {path} has no config.json; pass a save_pretrained folder "
                             "or a model config file")
         try:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError):
             tok = None
         check_tokenizers(tok, data_tok, student, data)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = load_model(path, trust_remote_code)
     elif path.is_file():
         check_tokenizers(None, data_tok, student, data)
         d = _config_from_file(path)

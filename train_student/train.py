@@ -126,7 +126,7 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     n_proc = accelerator.num_processes
     reader = SoftLabelReader(cfg.data, shuffle=True, seed=cfg.seed)
-    model, tokenizer = load_student(cfg.student, cfg.data)
+    model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code)
     vocab = model.get_output_embeddings().weight.shape[0]
 
     per_epoch = steps_per_epoch(reader, cfg, n_proc)
