@@ -97,10 +97,6 @@ def check_teacher(path: Path, k: int, trust_remote_code: bool = False,
 
     if not path.is_dir():
         raise UserError(f"teacher {path} does not exist; pass a folder written by save_pretrained")
-    if safetensors_only and not any(path.glob("*.safetensors")):
-        raise UserError(f"teacher {path} has no *.safetensors weights; pickled weights can run "
-                        "code when loaded: convert them once with transformers' save_pretrained "
-                        "(safe_serialization=True) in an environment you trust")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -111,6 +107,10 @@ def check_teacher(path: Path, k: int, trust_remote_code: bool = False,
     if not any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
         raise UserError(f"teacher {path} is not a causal LM (architectures: "
                         f"{config.architectures}); pass a *ForCausalLM model folder")
+    if safetensors_only and not any(path.glob("*.safetensors")):
+        raise UserError(f"teacher {path} has no *.safetensors weights; pickled weights can run "
+                        "code when loaded: convert them once with transformers' save_pretrained "
+                        "(safe_serialization=True) in an environment you trust")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

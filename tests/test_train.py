@@ -327,3 +327,71 @@ def test_train_and_eval_refuse_a_dataset_verify_rejects(tmp_path, dataset):
     assert not (out / "model.safetensors").exists()
     p = softlabels("eval", "--model", bad.parent / "nomodel", "--data", bad, check=False)
     assert p.returncode == 2
+
+
+# ---------------------------------------------------------------- students on cheap hardware
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, dataset):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(dataset, a, "--max-steps", 3, "--batch-tokens", 96)
+    train(dataset, b, "--max-steps", 3, "--batch-tokens", 96, "--gradient-checkpointing")
+    la, lb = [h["loss"] for h in log(a)["history"]], [h["loss"] for h in log(b)["history"]]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    wa, wb = _weights(a), _weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_student_is_saved_merged_and_moves_toward_the_teacher(tmp_path, dataset):
+    """LoRA on q/v of a started student: only the adapters train (their exact count), the saved
+    model is a plain HF model whose untargeted tensors are bit-identical to the start, the
+    adapter is kept on request, and held-out KL to the teacher falls."""
+    start, out = tmp_path / "start", tmp_path / "lora"
+    train(dataset, start, "--max-steps", 2, "--batch-tokens", 96)
+    before = json.loads(softlabels("eval", "--model", start, "--data", dataset, "--json").stdout)
+    train(dataset, out, "--max-steps", 30, "--batch-tokens", 96, "--lr", "1e-2", "--lora-r", 4,
+          "--lora-targets", "q_proj", "v_proj", "--save-adapter", "--student", start)
+    after = json.loads(softlabels("eval", "--model", out, "--data", dataset, "--json").stdout)
+    assert after["kl"] < 0.97 * before["kl"], (before, after)  # near-uniform teacher: small KL
+    w0, w1 = _weights(start), _weights(out)
+    assert w0.keys() == w1.keys()  # merged: no lora_A/lora_B tensors, loads without peft
+    changed = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert changed == {k for k in w0 if k.endswith(("q_proj.weight", "v_proj.weight"))}
+    r, H = 4, STUDENT["hidden_size"]
+    kv = STUDENT["num_key_value_heads"] * STUDENT["head_dim"]
+    lg = log(out)
+    assert lg["trainable_parameters"] == STUDENT["num_hidden_layers"] * r * ((H + H) + (H + kv))
+    assert lg["parameters"] == sum(v.numel() for v in w0.values()) + lg["trainable_parameters"]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_config_file_then_flags(tmp_path, dataset):
+    """Every option can come from --config (YAML, - or _ keys); flags given override it; an
+    unknown key or a wrong type is refused in one line."""
+    import yaml
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"student": str(dataset.parent / "student.json"),
+                                   "data": str(dataset), "max-steps": 2, "batch_tokens": 96,
+                                   "lr": 0.002, "loss": "reverse_kl", "tail": False}))
+    out = tmp_path / "s"
+    softlabels("train", "--config", cfg, "--output", out, "--lr", "0.005")
+    used = json.loads((out / "train_config.json").read_text())
+    assert (used["lr"], used["loss"], used["tail"], used["max_steps"]) == (0.005, "reverse_kl",
+                                                                          False, 2)
+    assert log(out)["steps"] == 2
+    for bad, needle in (({"lerning_rate": 1}, "unknown option(s) lerning_rate"),
+                        ({"max_steps": "two"}, "max_steps should be int")):
+        cfg.write_text(yaml.safe_dump(bad))
+        p = softlabels("train", "--config", cfg, "--output", out, check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert needle in p.stderr.strip().splitlines()[-1], p.stderr
+    p = train(dataset, tmp_path / "t", "--max-steps", 1, "--report-to", "nosuchtracker",
+              check=False)
+    assert p.returncode == 2 and "nosuchtracker" in p.stderr.strip().splitlines()[-1], p.stderr

@@ -1,43 +1,70 @@
-"""The trainer's one config: defaults live here, the resolved config is saved beside the output."""
+"""The trainer's one config. Each option is declared once, here: its type, default and help.
+
+`add_arguments` turns the fields into `softlabels train` flags (`lora_r` -> `--lora-r`), and
+`--config FILE` (YAML or JSON, keys as field names) supplies any of them; flags given on the
+command line override the file. The resolved config is saved beside the output.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import argparse
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from softlabels.data.errors import UserError
 from softlabels.train_student.losses import LOSSES
 
 
+def opt(default, help: str, **argparse_kw):
+    """A config field: its default and the help its flag shows."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    student: str
-    data: str
-    output: str
-    loss: str = "forward_kl"
-    beta: float = 0.5  # JSD's mixing weight / skew KL's alpha
-    ce_weight: float = 0.0  # loss = (1 - w) * KD + w * CE on the hard next tokens
-    temperature: float = 1.0
-    tail: bool = True  # (k+1)-th bucket for the mass outside the top-k; False: renormalise
-    max_steps: int = 0  # 0: use epochs
-    epochs: int = 1
-    batch_tokens: int = 4096  # per process and micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup: int = 20
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    eval_data: str | None = None
-    eval_every: int = 0
-    save_every: int = 0
-    resume: bool = False
-    seed: int = 0
-    chunk: int = 1024  # positions per lm_head chunk
-    cpu: bool = False
-    trust_remote_code: bool = False  # the student folder's own Python runs only when asked
+    student: str = opt(None, "HF causal-LM folder to fine-tune, or a JSON/YAML model config "
+                             "(fresh student)")
+    data: str = opt(None, "soft-label dataset folder")
+    output: str = opt(None, "where the trained student goes")
+    loss: str = opt("forward_kl", "divergence on the teacher's top-k + tail", choices=LOSSES)
+    beta: float = opt(0.5, "JSD's mixing weight / skew KL's alpha")
+    ce_weight: float = opt(0.0, "loss = (1 - w) KD + w CE on the hard next tokens (1 = CE only)")
+    temperature: float = opt(1.0, "softmax temperature of both sides")
+    tail: bool = opt(True, "(k+1)-th bucket for the mass outside the top-k, or renormalise")
+    max_steps: int = opt(0, "optimiser steps; 0: use --epochs")
+    epochs: int = opt(1, "passes over the data when --max-steps is 0")
+    batch_tokens: int = opt(4096, "tokens per micro-batch and process")
+    grad_accum: int = opt(1, "micro-batches per optimiser step")
+    lr: float = opt(1e-3, "peak learning rate (linear warm-up, cosine to 10 %)")
+    warmup: int = opt(20, "warm-up steps")
+    weight_decay: float = opt(0.01, "AdamW weight decay on matrices")
+    max_grad_norm: float = opt(1.0, "gradient clipping; 0: off")
+    mixed_precision: str = opt("no", "Accelerate mixed precision", choices=["no", "bf16", "fp16"])
+    gradient_checkpointing: bool = opt(False, "recompute the student's layers in the backward "
+                                              "pass (less memory, ~30 % more compute)")
+    lora_r: int = opt(0, "LoRA rank; 0: full fine-tuning")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_targets: tuple[str, ...] = opt(("all-linear",), "module names LoRA adapts "
+                                                         "(peft's all-linear: every linear "
+                                                         "layer but the output head)")
+    save_adapter: bool = opt(False, "with LoRA, also keep the adapter in OUTPUT/adapter "
+                                    "(the model saved is always merged)")
+    eval_data: str | None = opt(None, "held-out soft-label dataset")
+    eval_every: int = opt(0, "steps between evaluations")
+    save_every: int = opt(0, "steps between checkpoints")
+    resume: bool = opt(False, "continue from the latest checkpoint in OUTPUT")
+    seed: int = opt(0, "seed of the data order and initialisation")
+    chunk: int = opt(1024, "positions per lm_head chunk (memory)")
+    cpu: bool = opt(False, "train on the CPU even if a GPU exists")
+    report_to: tuple[str, ...] = opt(("tensorboard",), "trackers, any Accelerate supports "
+                                                       "(tensorboard, wandb, mlflow, ...)")
+    trust_remote_code: bool = opt(False, "let the student folder run its own Python (auto_map)")
 
     def __post_init__(self):
-        errors = []
+        errors = [f"--{n.replace('_', '-')} is required" for n in ("student", "data", "output")
+                  if not getattr(self, n)]
         if self.loss not in LOSSES:
             errors.append(f"--loss {self.loss!r}: choose from {', '.join(LOSSES)}")
         if not 0.0 <= self.ce_weight <= 1.0:
@@ -52,10 +79,92 @@ class TrainConfig:
             errors.append("give --max-steps N or --epochs N")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             errors.append("--mixed-precision must be no, bf16 or fp16")
+        if self.lora_r < 0 or (self.lora_r and not self.lora_targets):
+            errors.append("--lora-r must be >= 0, with at least one --lora-targets name")
+        if self.save_adapter and not self.lora_r:
+            errors.append("--save-adapter needs --lora-r")
         if errors:
             raise UserError("; ".join(errors))
 
-    @classmethod
-    def from_args(cls, args) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def _kind(name: str):
+    """The plain type behind a field's annotation: str, int, float, bool, or tuple (of str)."""
+    t = typing.get_type_hints(TrainConfig)[name]
+    if typing.get_origin(t) is tuple:
+        return tuple
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if args else t
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON file of options (keys as the flags, - or _); flags given "
+                   "on the command line override it")
+    for f in fields(TrainConfig):
+        kind = _kind(f.name)
+        text = f"{f.metadata['help']} (default: {_shown(f.default)})".replace("%", "%%")
+        kw = {"default": argparse.SUPPRESS,  # absent flags fall back to the file, then the field
+              "help": text}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kw["nargs"] = "+"
+        else:
+            kw["type"] = kind
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _shown(v) -> str:
+    return " ".join(v) if isinstance(v, tuple) else str(v)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    """Field defaults, then the --config file, then the flags given."""
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig(**{k: tuple(v) if _kind(k) is tuple else v for k, v in values.items()})
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path} does not exist")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(p.read_text()) or {}
+        else:
+            d = json.loads(p.read_text())
+    except Exception as e:  # yaml and json raise their own types; the message says where
+        raise UserError(f"--config {path} is not valid {p.suffix[1:] or 'JSON'}: "
+                        f"{str(e).splitlines()[0]}") from e
+    if not isinstance(d, dict):
+        raise UserError(f"--config {path} must hold a mapping of option: value")
+    names = {f.name: f for f in fields(TrainConfig)}
+    out, unknown = {}, []
+    for key, value in d.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            unknown.append(str(key))
+            continue
+        kind = _kind(name)
+        if kind is tuple and isinstance(value, str):
+            value = (value,)
+        ok = (isinstance(value, (list, tuple)) if kind is tuple else
+              value is None or isinstance(value, kind) or (kind is float and
+                                                           isinstance(value, int)))
+        if not ok or (kind is not bool and isinstance(value, bool)):
+            raise UserError(f"--config {path}: {key} should be {kind.__name__}, got {value!r}")
+        out[name] = value
+    if unknown:
+        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}; the options "
+                        "are the `softlabels train` flags")
+    return out
+

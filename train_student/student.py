@@ -82,3 +82,19 @@ def load_student(student: str, data: str, trust_remote_code: bool = False):
         raise UserError(f"student vocabulary {vocab} is smaller than the teacher tokenizer's "
                         f"{len(data_tok)}; set vocab_size >= {len(data_tok)}")
     return model, data_tok
+
+
+def add_lora(model, r: int, alpha: float, targets: tuple[str, ...]):
+    """Inject LoRA adapters into `model` in place (base weights frozen); return the PeftModel,
+    whose merge_and_unload() gives back a plain model with the adapters folded in.
+
+    The trainer keeps calling the base model's decoder and output head directly (the chunked
+    lm_head), which the in-place injection makes adapter-aware."""
+    from peft import LoraConfig, get_peft_model
+
+    target = targets[0] if list(targets) == ["all-linear"] else list(targets)
+    try:
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                target_modules=target))
+    except ValueError as e:  # e.g. no module matches
+        raise UserError(f"--lora-targets {' '.join(targets)}: {e}") from e

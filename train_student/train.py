@@ -25,7 +25,7 @@ from softlabels.data.reader import SoftLabelReader
 from softlabels.train_student.batches import Batch, collate, counts, global_batches
 from softlabels.train_student.config import TrainConfig
 from softlabels.train_student.losses import kd_ce_sums
-from softlabels.train_student.student import load_student
+from softlabels.train_student.student import add_lora, load_student
 
 
 class Distiller(torch.nn.Module):
@@ -117,26 +117,36 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
     out = Path(cfg.output)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        cpu=cfg.cpu or not torch.cuda.is_available(),  # MULTI_CPU (gloo) under launch
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    try:
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            cpu=cfg.cpu or not torch.cuda.is_available(),  # MULTI_CPU (gloo) under launch
+            log_with=list(cfg.report_to),
+            project_config=ProjectConfiguration(project_dir=str(out),
+                                                logging_dir=str(out / "logs")),
+        )
+    except ValueError as e:  # an unknown tracker, or one whose package is missing
+        raise UserError(f"--report-to {' '.join(cfg.report_to)}: {e}") from e
     set_seed(cfg.seed)
     n_proc = accelerator.num_processes
     reader = SoftLabelReader(cfg.data, shuffle=True, seed=cfg.seed)
     model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code)
     vocab = model.get_output_embeddings().weight.shape[0]
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_r else None
 
     per_epoch = steps_per_epoch(reader, cfg, n_proc)
     total = cfg.max_steps or per_epoch * cfg.epochs
     if per_epoch == 0 or total == 0:
         raise UserError(f"{cfg.data} gives no training steps; check --batch-tokens and the data")
 
-    distiller = Distiller(model, cfg)
-    decay = [p for n, p in distiller.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in distiller.named_parameters() if p.ndim < 2]
+    distiller = Distiller(model, cfg)  # with LoRA, `model` holds the adapters in place
+    trainable = [p for p in distiller.parameters() if p.requires_grad]
+    sizes = {"parameters": sum(p.numel() for p in distiller.parameters()),
+             "trainable_parameters": sum(p.numel() for p in trainable)}
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay,
                                                                "weight_decay": 0.0}],
@@ -152,7 +162,7 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.print(f"resumed from {resumed} (step {progress.step})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        write_text(out / "train_config.json", cfg.to_json())
     accelerator.init_trackers("softlabels")
 
     bar = tqdm(total=total, initial=progress.step, desc="train", unit="step",
@@ -186,11 +196,15 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(distiller).model
-        final.save_pretrained(out, safe_serialization=True)
+        if lora is not None:
+            if cfg.save_adapter:
+                lora.save_pretrained(out / "adapter")
+            final = lora.merge_and_unload()  # a plain HF model: loads anywhere, vLLM included
+        final.save_pretrained(out)
         tokenizer.save_pretrained(out)
         result = {"steps": progress.step, "tokens": progress.tokens,
-                  "final_loss": progress.history[-1]["loss"], "history": progress.history,
-                  "evals": progress.evals}
+                  "final_loss": progress.history[-1]["loss"], **sizes,
+                  "history": progress.history, "evals": progress.evals}
         write_text(out / "train_log.json", json.dumps(result) + "\n")
         from softlabels.train_student.plot import plot_curves
 
