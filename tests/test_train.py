@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -465,3 +466,34 @@ def test_hf_trainer_weights_accumulated_micro_batches_by_tokens(tmp_path, datase
     b = _hf_train(d, tmp_path / "b", 3, 8, 1, shuffle=False)
     for pa_, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa_, pb, rtol=1e-4, atol=2e-5)
+
+
+# ---------------------------------------------------------------- FSDP
+
+def test_distiller_under_fsdp_equals_unsharded(tmp_path, dataset):
+    """The chunked lm_head under sharded parameters: 2 CPU processes (gloo) with torch's FSDP2
+    give the gradients of one unsharded process over both micro-batches, the same eval metrics
+    and the same full state dict. (Accelerate's FSDP plugin refuses a machine without GPUs, so
+    `accelerate launch --use_fsdp` itself runs only there; this runs the same sharding.)"""
+    from softlabels.train_student.batches import collate, counts
+    from softlabels.train_student.evaluate import evaluate
+    from softlabels.train_student.train import Distiller
+    from tests.fsdp_reference import build, micro_batches
+
+    out = tmp_path / "fsdp.pt"
+    subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+                    str(REPO / "tests" / "fsdp_worker.py"), str(dataset), str(out)],
+                   check=True, cwd=REPO, env=dask_env(), capture_output=True, timeout=600)
+    got = torch.load(out, weights_only=False)  # written by the test itself
+    model, cfg = build(str(dataset))
+    distiller = Distiller(model, cfg)
+    chunks = micro_batches(str(dataset), 2)
+    kd_n = sum(counts(c)[0] for c in chunks)
+    loss = sum(distiller(collate(c, model.config.vocab_size))[0] for c in chunks) / kd_n
+    loss.backward()
+    for n, p in distiller.named_parameters():
+        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+    want = evaluate(model, str(dataset), 1024, chunk=cfg.chunk)
+    assert got["metrics"] == pytest.approx(want, rel=1e-5)
+    for k, v in distiller.state_dict().items():
+        torch.testing.assert_close(got["state"][k], v)

@@ -37,6 +37,11 @@ class Distiller(torch.nn.Module):
         self.cfg = cfg
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
+    @property
+    def _no_split_modules(self):
+        """The student's layer classes: what FSDP's transformer auto-wrap shards one by one."""
+        return getattr(self.model, "_no_split_modules", None)
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         # (B, L, H) hidden states; the (tokens, vocab) logits are never built at once
         h = self.model.get_decoder()(
@@ -69,6 +74,21 @@ class Progress:
     def load_state_dict(self, d: dict) -> None:
         for k, v in d.items():
             setattr(self, k, v)
+
+
+@contextlib.contextmanager
+def unsharded(module):
+    """Under FSDP2 the root's own weights (embeddings, final norm, lm_head) are gathered only
+    inside its forward; eval calls the decoder and the head directly, so gather them around it.
+    The decoder layers gather their own weights as they run. A no-op without FSDP."""
+    if not hasattr(module, "unshard"):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -113,7 +133,7 @@ def save_checkpoint(accelerator, out: Path, progress: Progress) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from tqdm import tqdm
 
     out = Path(cfg.output)
@@ -152,6 +172,9 @@ def train(cfg: TrainConfig) -> dict:
                                                                "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95),
     )
+    if lora is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("--lora-r with FSDP is not supported (merging the adapters needs the "
+                        "full weights); LoRA's trainable weights are small: launch without FSDP")
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
@@ -194,8 +217,13 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.eval_data and (not progress.evals or progress.evals[-1]["step"] != progress.step):
         _eval(accelerator, distiller, cfg, progress)
     accelerator.wait_for_everyone()
+    # every process takes part: under FSDP this gathers the shards into full tensors
+    state = accelerator.get_state_dict(distiller)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(distiller).model
+        if accelerator.distributed_type == DistributedType.FSDP:
+            final.load_state_dict({k.removeprefix("model."): v for k, v in state.items()},
+                                  assign=True)
         if lora is not None:
             if cfg.save_adapter:
                 lora.save_pretrained(out / "adapter")
@@ -260,9 +288,10 @@ def _eval(accelerator, distiller, cfg: TrainConfig, progress: Progress) -> None:
 
     model = accelerator.unwrap_model(distiller).model
     distiller.eval()
-    metrics = evaluate(model, cfg.eval_data, cfg.batch_tokens, chunk=cfg.chunk,
-                       device=accelerator.device, part=accelerator.process_index,
-                       num_parts=accelerator.num_processes, reduce=accelerator.reduce)
+    with unsharded(distiller):
+        metrics = evaluate(model, cfg.eval_data, cfg.batch_tokens, chunk=cfg.chunk,
+                           device=accelerator.device, part=accelerator.process_index,
+                           num_parts=accelerator.num_processes, reduce=accelerator.reduce)
     distiller.train()
     progress.evals.append({"step": progress.step, **metrics})
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)

@@ -1,0 +1,44 @@
+"""Run by test_train.py under torchrun (2 CPU processes, gloo): the trainer's Distiller sharded
+with torch's FSDP2 (`fully_shard`, as Accelerate's FSDP v2 plugin applies it), one micro-batch
+per rank normalised as train._step does; writes the gathered gradients, the eval metrics
+(`unsharded`) and the full state dict for the test to compare with an unsharded run."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from softlabels.train_student.batches import collate, counts
+from softlabels.train_student.evaluate import evaluate
+from softlabels.train_student.train import Distiller, unsharded
+from tests.fsdp_reference import build, micro_batches
+
+
+def main(data: str, out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, cfg = build(data)
+    distiller = Distiller(model, cfg)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(distiller)
+    chunks = micro_batches(data, world)
+    kd_n = sum(counts(c)[0] for c in chunks)
+    kd, _ = distiller(collate(chunks[rank], model.config.vocab_size))
+    (kd / kd_n * world).backward()  # FSDP averages gradients over ranks, as DDP does
+    grads = {n: p.grad.full_tensor() for n, p in distiller.named_parameters()}
+    with torch.no_grad(), unsharded(distiller):
+        metrics = evaluate(model, data, 1024, chunk=cfg.chunk)
+    state = get_model_state_dict(distiller, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+    if rank == 0:
+        torch.save({"grads": grads, "metrics": metrics, "state": state}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
