@@ -93,6 +93,19 @@ def test_generate_over_mutual_tls(tmp_path, tiny_teacher, small_corpus, tls_clus
                   *_tls_flags(certs["ca"], certs["client"]))
     assert p.returncode == 0, p.stderr
     assert softlabels("verify", out).returncode == 0
+    # the same certificates from Dask's own configuration (distributed.comm.tls.*), no flags
+    env = dict(dask_env(), DASK_DISTRIBUTED__COMM__TLS__CA_FILE=str(certs["ca"]),
+               DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT=str(certs["client"][0]),
+               DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY=str(certs["client"][1]))
+    p = subprocess.run([sys.executable, "-m", "softlabels", "generate", "--teacher",
+                        str(tiny_teacher), "--input", str(small_corpus), "--output",
+                        str(tmp_path / "out2"), "--top-k", "4", "--max-length", "128",
+                        "--scheduler", tls_cluster], cwd=REPO, env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    assert [s["sha256"] for s in json.loads((tmp_path / "out2" / "manifest.json").read_text())[
+        "shards"]] == [s["sha256"] for s in json.loads((out / "manifest.json").read_text())[
+            "shards"]]
 
 
 def test_clients_without_valid_certificates_are_refused(tmp_path, tiny_teacher, small_corpus,
