@@ -205,6 +205,37 @@ def encode(rows: list[Row], k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) 
     )
 
 
+# Per-row counts in each shard's footer (file metadata), so a trainer can plan an epoch from
+# the footers alone: tokens, positions with a target (KD) and positions with a target and a known
+# next token (CE), each a little-endian uint32 array in row order, base64. Optional: shards
+# without them are counted from their input_ids and target_mask columns.
+ROW_COUNT_KEYS = ("softlabels.row_tokens", "softlabels.row_targets", "softlabels.row_ce_targets")
+
+
+def row_counts(rows: list[Row]) -> dict[str, str]:
+    """The footer metadata of `rows`: {key: base64 uint32 array}."""
+    import base64
+
+    cols = ([len(r.input_ids) for r in rows], [int(r.target_mask.sum()) for r in rows],
+            [int(r.target_mask[:-1].sum()) for r in rows])
+    return {key: base64.b64encode(np.asarray(c, "<u4").tobytes()).decode()
+            for key, c in zip(ROW_COUNT_KEYS, cols)}
+
+
+def read_row_counts(meta: dict[bytes, bytes] | None, n_rows: int) -> np.ndarray | None:
+    """(3, n_rows) int64 [tokens, targets, ce targets] from a file's metadata, or None."""
+    import base64
+
+    meta = meta or {}
+    if not all(k.encode() in meta for k in ROW_COUNT_KEYS):
+        return None
+    out = np.stack([np.frombuffer(base64.b64decode(meta[k.encode()]), "<u4").astype(np.int64)
+                    for k in ROW_COUNT_KEYS])
+    if out.shape != (3, n_rows):
+        raise FormatError(f"footer row counts cover {out.shape[1]} rows, the file has {n_rows}")
+    return out
+
+
 def _one_batch(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch | None:
     if isinstance(batch, pa.Table):
         return batch.combine_chunks().to_batches()[0] if batch.num_rows else None

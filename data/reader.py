@@ -1,28 +1,55 @@
-"""Streaming reader: rows of a soft-label dataset, one row group in memory at a time.
+"""Streaming reader: rows of a soft-label dataset, a few row groups in memory at a time.
+
+An epoch's row order is planned from the shards' footers alone (`index`): which shard, row group
+and row each global position is, and its token and target counts (stored at commit; counted from
+two cheap columns for older shards). So a trainer knows every epoch's batches and step counts
+before decoding anything, and each process decodes only the rows it trains on (`read`).
 
 Order is deterministic: the manifest's shards in order, each shard's row groups in order, rows in
-order. With `shuffle`, row groups are visited in a seeded random order and rows are shuffled within
-each group (a shuffle buffer of one row group keeps memory constant). `part`/`num_parts` keep every
-num_parts-th row of that global order, so N readers together see every row exactly once.
+order. With `shuffle`, row groups are visited in a seeded random order, and the rows of each run
+of `window` consecutive (shuffled) groups are shuffled together: a batch mixes rows of several
+shards, while memory holds at most `window` row groups. `part`/`num_parts` (for `rows`) keep every
+num_parts-th row of the global order, so N readers together see every row exactly once.
 
 What the reader hands out has passed the checks `softlabels verify` makes: every row group's values
-(`bad_rows`, vectorised) and, the first time a shard is opened, its sha256 against the manifest
-(one extra sequential read of the file, ~1 % of decoding it). A dataset whose publisher controls
-the manifest can still make both agree, which is why the values are checked too.
+(`bad_rows`, vectorised), each row's length against its footer count, and, the first time a shard
+is opened, its sha256 against the manifest (one extra sequential read of the file, ~1 % of decoding
+it). A dataset whose publisher controls the manifest can make hashes agree, hence the value checks.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from softlabels.data.format import Encoding, FormatError, Row, bad_rows, decode
+from softlabels.data.format import Encoding, FormatError, Row, bad_rows, decode, read_row_counts
 from softlabels.data.manifest import Manifest
 from softlabels.data.writer import sha256_file
+
+SHUFFLE_WINDOW = 8  # row groups shuffled together (~32k tokens each)
+
+
+@dataclass
+class RowIndex:
+    """Every row of one epoch, in that epoch's order: where it is stored and what it counts."""
+
+    shard: np.ndarray  # (R,) shard index in the manifest
+    group: np.ndarray  # (R,) row group within the shard
+    local: np.ndarray  # (R,) row within the row group
+    tokens: np.ndarray  # (R,) tokens
+    targets: np.ndarray  # (R,) positions with a target (KD)
+    ce_targets: np.ndarray  # (R,) positions with a target and a known next token (CE)
+
+    def take(self, order: np.ndarray) -> RowIndex:
+        return RowIndex(*(a[order] for a in vars(self).values()))
 
 
 class SoftLabelReader:
@@ -33,15 +60,69 @@ class SoftLabelReader:
         seed: int = 0,
         part: int = 0,
         num_parts: int = 1,
+        window: int = SHUFFLE_WINDOW,
     ):
         if not 0 <= part < num_parts:
             raise ValueError(f"part {part} not in [0, {num_parts})")
         self.dir = Path(directory)
         self.manifest = Manifest.load(self.dir)
         self.shuffle, self.seed, self.part, self.num_parts = shuffle, seed, part, num_parts
+        self.window = max(1, window)
+        self.decoded = 0  # rows decoded by this reader (each process decodes only its own)
         self._hashed: set[int] = set()  # shards whose sha256 matched the manifest
+        self._stored: RowIndex | None = None  # every row in stored order, from the footers
+        self._epoch: tuple[int, RowIndex] | None = None
+        self._tables: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()  # undecoded groups
 
-    def _open(self, si: int) -> pq.ParquetFile:
+    def __len__(self) -> int:
+        """Rows this part yields per epoch."""
+        n = self.manifest.rows
+        return n // self.num_parts + (1 if self.part < n % self.num_parts else 0)
+
+    # ------------------------------------------------------------------ planning (footers only)
+
+    def _stored_index(self) -> RowIndex:
+        if self._stored is None:
+            cols = []
+            for si, shard in enumerate(self.manifest.shards):
+                md = pq.read_metadata(self.dir / shard.file)
+                sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+                counts = read_row_counts(md.metadata, md.num_rows)
+                if counts is None:  # a shard written before the footer counts existed
+                    counts = _count_columns(self.dir / shard.file)
+                cols.append((np.full(md.num_rows, si), np.repeat(np.arange(len(sizes)), sizes),
+                             np.concatenate([np.arange(n) for n in sizes]) if sizes else
+                             np.zeros(0, np.int64), *counts))
+            self._stored = RowIndex(*(np.concatenate(c).astype(np.int64) if c else
+                                      np.zeros(0, np.int64) for c in zip(*cols)))
+        return self._stored
+
+    def index(self, epoch: int = 0) -> RowIndex:
+        """The epoch's row order (see the module docstring); cached for the last epoch asked."""
+        if self._epoch and self._epoch[0] == epoch:
+            return self._epoch[1]
+        stored = self._stored_index()
+        if not self.shuffle:
+            idx = stored
+        else:
+            # row groups as (shard, group) runs of the stored order
+            key = stored.shard * (1 << 32) + stored.group
+            starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+            ends = np.r_[starts[1:], len(key)]
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(starts))
+            order = []
+            for w in range(0, len(perm), self.window):
+                groups = perm[w:w + self.window]
+                rows = np.concatenate([np.arange(starts[g], ends[g]) for g in groups])
+                order.append(np.random.default_rng([self.seed, epoch, w]).permutation(rows))
+            idx = stored.take(np.concatenate(order) if order else np.zeros(0, np.int64))
+        self._epoch = (epoch, idx)
+        return idx
+
+    # ------------------------------------------------------------------ reading
+
+    def _table(self, si: int, g: int) -> tuple[pa.Table, Encoding]:
+        """One row group, undecoded; the last `window` are kept (a shuffle window's groups)."""
         shard = self.manifest.shards[si]
         path = self.dir / shard.file
         if si not in self._hashed:
@@ -55,58 +136,64 @@ class SoftLabelReader:
         if (enc.k, enc.logprob_step) != (self.manifest.k, self.manifest.logprob_step):
             raise FormatError(f"{path} has k={enc.k}, step={enc.logprob_step}; the manifest says "
                               f"k={self.manifest.k}, step={self.manifest.logprob_step}")
-        return pf
+        if (si, g) not in self._tables:
+            self._tables[(si, g)] = pf.read_row_group(g)
+            while len(self._tables) > self.window:
+                self._tables.popitem(last=False)
+        return self._tables[(si, g)], enc
 
-    def __len__(self) -> int:
-        """Rows this part yields per epoch."""
-        n = self.manifest.rows
-        return n // self.num_parts + (1 if self.part < n % self.num_parts else 0)
+    def read(self, epoch: int, positions: np.ndarray) -> list[Row]:
+        """The rows at these global positions of the epoch, in that order, checked and decoded."""
+        idx = self.index(epoch).take(np.asarray(positions, np.int64))
+        rows: list[Row | None] = [None] * len(positions)
+        keys = list(dict.fromkeys(zip(idx.shard.tolist(), idx.group.tolist())))
+        for si, g in keys:
+            at = np.flatnonzero((idx.shard == si) & (idx.group == g))
+            table, enc = self._table(si, g)
+            taken = table.take(idx.local[at])
+            bad = bad_rows(taken, enc, self.manifest.vocab_size)
+            if bad:
+                rid, why = bad[0]
+                raise FormatError(
+                    f"{self.manifest.shards[si].file} row {rid}: {why} ({len(bad)} bad rows in "
+                    f"row group {g}); this dataset fails `softlabels verify {self.dir}`: "
+                    "regenerate or re-download it")
+            for i, row in zip(at.tolist(), decode(taken, enc)):
+                if len(row.input_ids) != idx.tokens[i]:
+                    raise FormatError(f"{self.manifest.shards[si].file} row {row.row_id}: "
+                                      f"{len(row.input_ids)} tokens, its footer says "
+                                      f"{idx.tokens[i]}; regenerate or re-download the dataset")
+                rows[i] = row
+        self.decoded += len(positions)
+        return rows
 
-    def _groups(self, epoch: int) -> list[tuple[int, int, int]]:
-        """(shard index, row group index, rows) in visiting order."""
-        groups = []
-        for si, shard in enumerate(self.manifest.shards):
-            md = pq.read_metadata(self.dir / shard.file)
-            groups += [(si, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(groups))
-            groups = [groups[i] for i in order]
-        return groups
-
-    def rows(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[int, Row]]:
+    def rows(self, epoch: int = 0, start: int = 0, block: int = 256
+             ) -> Iterator[tuple[int, Row]]:
         """Yield (global index, row) for this part, skipping global rows before `start`.
 
         The global index is the row's position in the epoch's order over all parts, so a
         resumed reader can start exactly where it stopped.
         """
-        files: dict[int, pq.ParquetFile] = {}
-        base = 0
-        for si, g, n in self._groups(epoch):
-            if base + n <= start:
-                base += n
-                continue
-            idx = np.arange(base, base + n)
-            local = np.arange(n)
-            if self.shuffle:
-                local = np.random.default_rng([self.seed, epoch, si, g]).permutation(n)
-            keep = (idx % self.num_parts == self.part) & (idx >= start)
-            if keep.any():
-                if si not in files:
-                    files = {si: self._open(si)}
-                pf = files[si]
-                enc = Encoding.from_schema(pf.schema_arrow)
-                table = pf.read_row_group(g).take(local[keep])
-                bad = bad_rows(table, enc, self.manifest.vocab_size)
-                if bad:
-                    rid, why = bad[0]
-                    raise FormatError(
-                        f"{self.manifest.shards[si].file} row {rid}: {why} ({len(bad)} bad rows in "
-                        f"row group {g}); this dataset fails `softlabels verify {self.dir}`: "
-                        "regenerate or re-download it")
-                for gi, row in zip(idx[keep], decode(table, enc)):
-                    yield int(gi), row
-            base += n
+        n = len(self.index(epoch).tokens)
+        for a in range(start, n, block):
+            mine = np.arange(a, min(a + block, n))
+            mine = mine[mine % self.num_parts == self.part]
+            if len(mine):
+                yield from zip(mine.tolist(), self.read(epoch, mine))
 
     def __iter__(self) -> Iterator[Row]:
         for _, row in self.rows():
             yield row
+
+
+def _count_columns(path: Path) -> list[np.ndarray]:
+    """[tokens, targets, ce targets] per row of a shard without footer counts: two columns read,
+    no targets decoded."""
+    t = pq.read_table(path, columns=["input_ids", "target_mask"])
+    lens = pc.list_value_length(t.column("input_ids")).to_numpy(zero_copy_only=False)
+    mask = pc.list_flatten(t.column("target_mask")).to_numpy(zero_copy_only=False).astype(np.int64)
+    ends = np.cumsum(lens)
+    csum = np.r_[0, np.cumsum(mask)]
+    targets = csum[ends] - csum[ends - lens]
+    last = np.where(lens > 0, mask[np.maximum(ends - 1, 0)], 0)
+    return [lens.astype(np.int64), targets, targets - last]

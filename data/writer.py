@@ -10,7 +10,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from softlabels.data.atomic import atomic_path
-from softlabels.data.format import DEFAULT_LOGPROB_STEP, LEAF_COLUMNS, Row, encode, schema
+from softlabels.data.format import (
+    DEFAULT_LOGPROB_STEP,
+    LEAF_COLUMNS,
+    Row,
+    encode,
+    row_counts,
+    schema,
+)
 
 ZSTD_LEVEL = 9
 ROW_GROUP_TOKENS = 32768  # reader memory is one row group: ~32k tokens x k entries
@@ -62,9 +69,11 @@ def write_shard(
     path = Path(path)
     encodings = {leaf: "BYTE_STREAM_SPLIT" for leaf in LEAF_COLUMNS.values()}
     with atomic_path(path) as tmp:
+        s = schema(k, logprob_step, any(r.response is not None for r in rows))
         with pq.ParquetWriter(
             tmp,
-            schema(k, logprob_step, any(r.response is not None for r in rows)),
+            s.with_metadata({**s.metadata, **{k_.encode(): v.encode()
+                                              for k_, v in row_counts(rows).items()}}),
             compression="zstd",
             compression_level=ZSTD_LEVEL,
             use_dictionary=["row_id"],

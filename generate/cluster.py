@@ -79,7 +79,9 @@ def _refusal(scheduler: str, e: BaseException) -> str:
     if isinstance(e, RuntimeError) and "encryption required" in text:
         return (f"TLS certificates were given but {scheduler} is plain tcp: use the scheduler's "
                 "tls:// address (`dask scheduler --protocol tls ...` prints it)")
-    if isinstance(e, FatalCommClosedError):
+    # TLS 1.3: a client certificate the scheduler rejects can surface as an alert or as a bare
+    # EOF (SSLEOFError), depending on timing
+    if isinstance(e, FatalCommClosedError) or (scheduler.startswith("tls://") and "SSL" in text):
         return (f"TLS handshake with {scheduler} failed ({text}): this client's certificate and "
                 "the scheduler's must be signed by the CA given in --tls-ca-file")
     if scheduler.startswith("tcp://") and "reset by peer" in text:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,16 +12,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from softlabels.data.card import publish
-from softlabels.data.format import DEFAULT_LOGPROB_STEP, Row, row_id
+from softlabels.data.format import DEFAULT_LOGPROB_STEP, FormatError, Row, row_id
 from softlabels.data.manifest import Manifest
 from softlabels.data.reader import SoftLabelReader
 from softlabels.data.show import TOKENIZER_DIR
-from softlabels.data.writer import write_shard
-from softlabels.train_student.batches import global_batches
+from softlabels.data.writer import sha256_file, write_shard
+from softlabels.train_student.batches import EpochPlan
 from softlabels.train_student.losses import LOSSES, kd_ce_sums
 from tests.helpers import REPO, corpus_texts, dask_env, reference_topk, softlabels
 
@@ -132,13 +134,21 @@ def log(out):
     return json.loads((out / "train_log.json").read_text())
 
 
-def test_global_batches_cover_each_row_once_per_epoch(dataset):
-    reader = SoftLabelReader(dataset, shuffle=True, seed=3)
-    for n_proc in (1, 2, 3):
-        seen = [r.row_id for _, chunks in global_batches(reader, 0, 0, 70, n_proc)
-                for c in chunks if c for r in c]
-        assert sorted(seen) == sorted(r.row_id for r in reader)
-        assert len(seen) == len(set(seen))
+def test_epoch_plans_cover_each_row_once_per_epoch(dataset):
+    reader = SoftLabelReader(dataset, shuffle=True, seed=3, window=2)
+    everything = sorted(r.row_id for r in reader)
+    for epoch in (0, 1):
+        for n_proc in (1, 2, 3):
+            plan = EpochPlan.make(reader.index(epoch), 70, n_proc)
+            seen = [r.row_id for m in range(plan.micro_batches) for p in range(n_proc)
+                    for r in reader.read(epoch, plan.rows(m, p)[0]) if plan.rows(m, p)[1]]
+            assert sorted(seen) == everything and len(seen) == len(set(seen))
+            # the global counts come from the footers and equal what decoding finds
+            rows = reader.read(epoch, np.arange(plan.start(0), plan.end(0)))
+            assert plan.counts(0) == (sum(int(r.target_mask.sum()) for r in rows),
+                                      sum(int(r.target_mask[:-1].sum()) for r in rows))
+    assert [r.row_id for r in reader.read(0, np.arange(24))] != \
+        [r.row_id for r in reader.read(1, np.arange(24))]  # each epoch its own order
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, dataset):
@@ -190,6 +200,9 @@ def test_two_processes_with_accelerate_launch_equal_one(tmp_path, dataset):
     assert two["tokens"] == one["tokens"]
     np.testing.assert_allclose([h["loss"] for h in two["history"]],
                                [h["loss"] for h in one["history"]], rtol=1e-4)
+    # each process decoded only its own rows: half each, 2 epochs x 24 rows in all
+    assert two["rows_decoded_per_process"] == [24, 24]
+    assert one["rows_decoded_per_process"] == [48]
 
 
 @pytest.mark.parametrize("kill_during_save", [False, True])
@@ -497,3 +510,102 @@ def test_distiller_under_fsdp_equals_unsharded(tmp_path, dataset):
     assert got["metrics"] == pytest.approx(want, rel=1e-5)
     for k, v in distiller.state_dict().items():
         torch.testing.assert_close(got["state"][k], v)
+
+
+# ---------------------------------------------------------------- the data path at scale
+
+def test_every_epoch_has_its_own_step_count(tmp_path, dataset):
+    """Rows of different lengths, shuffled: each epoch cuts into a different number of chunks.
+    --epochs 3 trains on every target exactly 3 times (epoch 0's count used for all epochs would
+    end early or spill over)."""
+    rows = list(SoftLabelReader(dataset))
+    for i, r in enumerate(rows):  # lengths 9..32
+        n = 9 + (7 * i) % 24
+        r.input_ids, r.topk_ids, r.topk_logprobs, r.target_mask = (
+            r.input_ids[:n], r.topk_ids[:n], r.topk_logprobs[:n], r.target_mask[:n])
+    d = tmp_path / "varied"
+    d.mkdir()
+    m = Manifest.load(dataset)
+    publish(d, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=m.vocab_size,
+                        shards=[write_shard(d / f"shard-{s}.parquet", rows[s::3], K,
+                                            row_group_tokens=60) for s in range(3)]))
+    shutil.copytree(dataset / TOKENIZER_DIR, d / TOKENIZER_DIR)
+    (tmp_path / "student.json").write_text(json.dumps(STUDENT))
+    reader = SoftLabelReader(d, shuffle=True, seed=0)
+    per_epoch = [EpochPlan.make(reader.index(e), 50, 1).micro_batches for e in range(3)]
+    assert len(set(per_epoch)) > 1, per_epoch  # the case the old count got wrong
+    out = tmp_path / "s"
+    train(d, out, "--epochs", 3, "--batch-tokens", 50)
+    lg = log(out)
+    assert lg["steps"] == sum(per_epoch)
+    assert lg["tokens"] == 3 * sum(int(r.target_mask.sum()) for r in rows)
+
+
+def test_shards_without_footer_counts_still_plan(tmp_path, real_rows_train):
+    """Shards written before the footer counts existed are counted from two columns."""
+    d = real_rows_train
+    with_counts = SoftLabelReader(d).index(0)
+    for shard in Manifest.load(d).shards:
+        t = pq.read_table(d / shard.file)
+        meta = {k: v for k, v in t.schema.metadata.items() if b"row_" not in k}
+        pq.write_table(t.replace_schema_metadata(meta), d / shard.file)
+    m = Manifest.load(d)
+    for shard in m.shards:
+        shard.sha256 = sha256_file(d / shard.file)
+    m.save(d)
+    assert pq.read_metadata(d / m.shards[0].file).metadata.get(b"softlabels.row_tokens") is None
+    without = SoftLabelReader(d).index(0)
+    for name in ("tokens", "targets", "ce_targets", "shard"):  # (row groups were rewritten)
+        np.testing.assert_array_equal(getattr(with_counts, name), getattr(without, name))
+
+
+@pytest.fixture
+def real_rows_train(tmp_path, dataset):
+    d = tmp_path / "copy"
+    shutil.copytree(dataset, d)
+    return d
+
+
+def test_shuffle_mixes_shards_and_resumes_exactly(dataset):
+    reader = SoftLabelReader(dataset, shuffle=True, seed=0, window=4)
+    idx = reader.index(0)
+    first = idx.shard[: len(idx.shard) // 2]
+    assert len(set(first.tolist())) == 2  # rows of both shards in the first half of the epoch
+    every = [r.row_id for _, r in reader.rows(epoch=0)]
+    assert [r.row_id for _, r in SoftLabelReader(dataset, shuffle=True, seed=0,
+                                                 window=4).rows(epoch=0, start=7)] == every[7:]
+
+
+def test_prefetch_hands_errors_to_the_consumer_and_stops_when_abandoned():
+    import threading
+
+    from softlabels.train_student.batches import prefetch
+
+    def items():
+        yield 1
+        yield 2
+        raise FormatError("bad row")
+
+    got = []
+    with pytest.raises(FormatError, match="bad row"):
+        for x in prefetch(items()):
+            got.append(x)
+    assert got == [1, 2]
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = prefetch(endless(), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # the consumer stops early
+    time.sleep(0.5)
+    n = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == n <= 3 + 2 + 1  # the producer stopped, at most depth ahead
+    assert not any(t.name == "softlabels-prefetch" and t.is_alive()
+                   for t in threading.enumerate())

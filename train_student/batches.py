@@ -1,10 +1,11 @@
 """From stored rows to training tensors: token-budget batches, split identically on every process.
 
-Every process reads the same global row order and cuts it into the same chunks; a global
-micro-batch is `num_processes` consecutive chunks and process p trains on chunk p. So all
-processes run the same number of steps, each row is seen exactly once per epoch, every process
-knows the global target-token count of a step without communicating, and the data position to
-resume from is one integer (the global row index).
+Every process plans the same epoch from the row index (the shards' footers: token and target
+counts per row) and cuts it into the same chunks; a global micro-batch is `num_processes`
+consecutive chunks and process p decodes and trains on chunk p only. So all processes run the
+same number of steps, each row is seen exactly once per epoch, every process knows the global
+target-token count of a step without communicating or decoding others' rows, and the data
+position to resume from is one integer (the global row index).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from softlabels.data.format import Row
-from softlabels.data.reader import SoftLabelReader
+from softlabels.data.reader import RowIndex
 
 
 @dataclass
@@ -74,8 +75,7 @@ def collate(rows: list[Row], student_vocab: int) -> Batch:
 def chunks(stream: Iterator[tuple[int, Row]], batch_tokens: int) -> Iterator[tuple[int, list]]:
     """Cut (index, row) into lists of rows of at most batch_tokens tokens (at least one row).
 
-    Yields (global index after the chunk's last row, rows).
-    """
+    Yields (global index after the chunk's last row, rows). For evaluation, which streams."""
     chunk, tokens, end = [], 0, 0
     for gi, row in stream:
         if chunk and tokens + len(row.input_ids) > batch_tokens:
@@ -88,16 +88,103 @@ def chunks(stream: Iterator[tuple[int, Row]], batch_tokens: int) -> Iterator[tup
         yield end, chunk
 
 
-def global_batches(
-    reader: SoftLabelReader, epoch: int, start: int, batch_tokens: int, num_processes: int
-) -> Iterator[tuple[int, list[list[Row]]]]:
-    """Yield (resume index, one chunk per process); a short last batch is filled with
-    zero-weight copies so every process still takes part in the step."""
-    group, end = [], start
-    for end, chunk in chunks(reader.rows(epoch=epoch, start=start), batch_tokens):
-        group.append(chunk)
-        if len(group) == num_processes:
-            yield end, group
-            group = []
-    if group:
-        yield end, group + [None] * (num_processes - len(group))
+def cut(tokens: np.ndarray, batch_tokens: int) -> np.ndarray:
+    """Chunk boundaries over rows of these token counts: a chunk takes consecutive rows while
+    they fit in batch_tokens (at least one row). (C + 1,) indices, first 0, last len(tokens)."""
+    cum = np.r_[0, np.cumsum(tokens)]
+    bounds, a, n = [0], 0, len(tokens)
+    while a < n:
+        b = int(np.searchsorted(cum, cum[a] + batch_tokens, side="right")) - 1
+        a = max(b, a + 1)
+        bounds.append(a)
+    return np.asarray(bounds)
+
+
+@dataclass
+class EpochPlan:
+    """One epoch's global micro-batches, from the row index alone (nothing decoded).
+
+    Micro-batch m is chunks m*P .. m*P+P-1 (P processes); process p trains on chunk m*P+p, or
+    on a zero-weight copy of chunk m*P when the epoch's chunks have run out."""
+
+    index: RowIndex
+    bounds: np.ndarray  # chunk boundaries in the epoch's row order
+    num_processes: int
+
+    @classmethod
+    def make(cls, index: RowIndex, batch_tokens: int, num_processes: int) -> EpochPlan:
+        return cls(index, cut(index.tokens, batch_tokens), num_processes)
+
+    @property
+    def micro_batches(self) -> int:
+        return -(-(len(self.bounds) - 1) // self.num_processes)
+
+    def rows(self, m: int, p: int) -> tuple[np.ndarray, float]:
+        """(row positions, weight) process p trains on in micro-batch m."""
+        c = m * self.num_processes + p
+        w = 1.0
+        if c >= len(self.bounds) - 1:
+            c, w = m * self.num_processes, 0.0
+        return np.arange(self.bounds[c], self.bounds[c + 1]), w
+
+    def counts(self, m: int) -> tuple[int, int]:
+        """(KD target tokens, CE tokens) of micro-batch m over all processes."""
+        a, b = self.start(m), self.end(m)
+        return int(self.index.targets[a:b].sum()), int(self.index.ce_targets[a:b].sum())
+
+    def start(self, m: int) -> int:
+        return int(self.bounds[m * self.num_processes])
+
+    def end(self, m: int) -> int:
+        return int(self.bounds[min((m + 1) * self.num_processes, len(self.bounds) - 1)])
+
+    def at_row(self, row: int) -> int:
+        """The micro-batch starting at global row `row` (a resume point)."""
+        m = int(np.searchsorted(self.bounds[:: self.num_processes], row))
+        if m < self.micro_batches and self.start(m) != row:
+            raise ValueError(f"row {row} is not the start of a micro-batch")
+        return m
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Run `items` in a background thread, `depth` ahead: decoding overlaps the training step.
+
+    An exception in the thread is raised in the consumer at the item where it happened; a
+    consumer that stops early stops the thread (no producer left blocked on a full queue)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, not swallowed
+            put((done, e))
+
+    t = threading.Thread(target=produce, name="softlabels-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()

@@ -8,7 +8,6 @@ stream from the soft-label dataset.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import torch
 from softlabels.data.atomic import fsync_dir, write_text
 from softlabels.data.errors import UserError
 from softlabels.data.reader import SoftLabelReader
-from softlabels.train_student.batches import Batch, collate, counts, global_batches
+from softlabels.train_student.batches import Batch, EpochPlan, collate, prefetch
 from softlabels.train_student.config import TrainConfig
 from softlabels.train_student.losses import kd_ce_sums
 from softlabels.train_student.student import add_lora, load_student
@@ -99,9 +98,30 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def steps_per_epoch(reader: SoftLabelReader, cfg: TrainConfig, n_proc: int) -> int:
-    n = sum(1 for _ in global_batches(reader, 0, 0, cfg.batch_tokens, n_proc))
-    return math.ceil(n / cfg.grad_accum)
+def plan_epoch(reader: SoftLabelReader, cfg: TrainConfig, n_proc: int, epoch: int) -> EpochPlan:
+    """One epoch's micro-batches from the shards' footers: nothing is decoded to plan."""
+    return EpochPlan.make(reader.index(epoch), cfg.batch_tokens, n_proc)
+
+
+def total_steps(reader: SoftLabelReader, cfg: TrainConfig, n_proc: int) -> int:
+    """--max-steps, or the steps of --epochs epochs, each counted with its own shuffle (rows of
+    different lengths cut into a different number of chunks per epoch)."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    return sum(math.ceil(plan_epoch(reader, cfg, n_proc, e).micro_batches / cfg.grad_accum)
+               for e in range(cfg.epochs))
+
+
+def step_batches(reader, cfg, plan: EpochPlan, epoch: int, m0: int, p: int, vocab: int):
+    """Per optimiser step from micro-batch m0 on: (micro-batch ids, [(Batch, weight)] of this
+    process). Only this process's rows are decoded."""
+    for m in range(m0, plan.micro_batches, cfg.grad_accum):
+        group = range(m, min(m + cfg.grad_accum, plan.micro_batches))
+        mine = []
+        for g in group:
+            pos, weight = plan.rows(g, p)
+            mine.append((collate(reader.read(epoch, pos), vocab), weight))
+        yield group, mine
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -156,9 +176,8 @@ def train(cfg: TrainConfig) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_r else None
 
-    per_epoch = steps_per_epoch(reader, cfg, n_proc)
-    total = cfg.max_steps or per_epoch * cfg.epochs
-    if per_epoch == 0 or total == 0:
+    total = total_steps(reader, cfg, n_proc)
+    if total == 0 or plan_epoch(reader, cfg, n_proc, 0).micro_batches == 0:
         raise UserError(f"{cfg.data} gives no training steps; check --batch-tokens and the data")
 
     distiller = Distiller(model, cfg)  # with LoRA, `model` holds the adapters in place
@@ -192,33 +211,37 @@ def train(cfg: TrainConfig) -> dict:
                disable=not accelerator.is_local_main_process)
     t_last, tok_last = time.perf_counter(), 0
     distiller.train()
-    while progress.step < total:  # one pass = (the rest of) one epoch
-        stream = global_batches(reader, progress.epoch, progress.row, cfg.batch_tokens, n_proc)
-        while progress.step < total:
-            group = list(itertools.islice(stream, cfg.grad_accum))  # [(end row, chunks)]
-            if not group:
-                break
-            _step(accelerator, distiller, optimizer, cfg, total, vocab, group, progress)
-            now = time.perf_counter()
-            if now - t_last > 1.0 or progress.step == total:
-                bar.set_postfix(loss=f"{progress.history[-1]['loss']:.4f}",
-                                tok_s=f"{(progress.tokens - tok_last) / (now - t_last):.0f}")
-                t_last, tok_last = now, progress.tokens
-            bar.update(1)
-            if cfg.eval_data and cfg.eval_every and progress.step % cfg.eval_every == 0:
-                _eval(accelerator, distiller, cfg, progress)
-            if cfg.save_every and progress.step % cfg.save_every == 0:
-                save_checkpoint(accelerator, out, progress)
-        else:
-            break  # reached total steps inside this epoch
-        progress.epoch, progress.row = progress.epoch + 1, 0  # data ran out: next epoch
-    bar.close()
+    try:
+        while progress.step < total:  # one pass = (the rest of) one epoch
+            plan = plan_epoch(reader, cfg, n_proc, progress.epoch)
+            first = plan.at_row(progress.row)  # 0, or where a resumed run stopped
+            steps = prefetch(step_batches(reader, cfg, plan, progress.epoch, first,
+                                          accelerator.process_index, vocab))
+            for group, mine in steps:
+                if progress.step >= total:
+                    break
+                _step(accelerator, distiller, optimizer, cfg, total, plan, group, mine, progress)
+                now = time.perf_counter()
+                if now - t_last > 1.0 or progress.step == total:
+                    bar.set_postfix(loss=f"{progress.history[-1]['loss']:.4f}",
+                                    tok_s=f"{(progress.tokens - tok_last) / (now - t_last):.0f}")
+                    t_last, tok_last = now, progress.tokens
+                bar.update(1)
+                if cfg.eval_data and cfg.eval_every and progress.step % cfg.eval_every == 0:
+                    _eval(accelerator, distiller, cfg, progress)
+                if cfg.save_every and progress.step % cfg.save_every == 0:
+                    save_checkpoint(accelerator, out, progress)
+            else:
+                progress.epoch, progress.row = progress.epoch + 1, 0  # data ran out: next epoch
+    finally:
+        bar.close()  # before any error message, which must be the last line
 
     if cfg.eval_data and (not progress.evals or progress.evals[-1]["step"] != progress.step):
         _eval(accelerator, distiller, cfg, progress)
     accelerator.wait_for_everyone()
     # every process takes part: under FSDP this gathers the shards into full tensors
     state = accelerator.get_state_dict(distiller)
+    decoded = accelerator.gather(torch.tensor([reader.decoded], device=accelerator.device))
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(distiller).model
         if accelerator.distributed_type == DistributedType.FSDP:
@@ -232,6 +255,7 @@ def train(cfg: TrainConfig) -> dict:
         tokenizer.save_pretrained(out)
         result = {"steps": progress.step, "tokens": progress.tokens,
                   "final_loss": progress.history[-1]["loss"], **sizes,
+                  "rows_decoded_per_process": decoded.tolist(),
                   "history": progress.history, "evals": progress.evals}
         write_text(out / "train_log.json", json.dumps(result) + "\n")
         from softlabels.train_student.plot import plot_curves
@@ -242,20 +266,19 @@ def train(cfg: TrainConfig) -> dict:
             "final_loss": progress.history[-1]["loss"] if progress.history else None}
 
 
-def _step(accelerator, distiller, optimizer, cfg, total, vocab, group, progress) -> None:
-    """One optimiser step over `grad_accum` global micro-batches."""
-    p, n_proc = accelerator.process_index, accelerator.num_processes
-    # Global token counts of the whole step, known to every process without communication.
-    kd_n, ce_n = map(sum, zip(*(counts(c) for _, chunks in group for c in chunks if c)))
+def _step(accelerator, distiller, optimizer, cfg, total, plan, group, mine, progress) -> None:
+    """One optimiser step over `grad_accum` global micro-batches; `mine` are this process's."""
+    n_proc = accelerator.num_processes
+    # Global token counts of the whole step, known to every process from the row index.
+    kd_n, ce_n = map(sum, zip(*(plan.counts(m) for m in group)))
     lr = lr_at(progress.step, cfg, total)
     for pg in optimizer.param_groups:
         pg["lr"] = lr
     kd_sum = ce_sum = 0.0
-    for i, (_, chunks) in enumerate(group):
+    for i, (batch, weight) in enumerate(mine):
         # past the end of the data a process gets a zero-weight copy, so DDP still syncs
-        mine, weight = (chunks[p], 1.0) if chunks[p] else (chunks[0], 0.0)
-        batch = collate(mine, vocab).to(accelerator.device)
-        last = i == len(group) - 1
+        batch = batch.to(accelerator.device)
+        last = i == len(mine) - 1
         with (contextlib.nullcontext() if last else accelerator.no_sync(distiller)), \
                 accelerator.autocast():
             kd, ce = distiller(batch)
@@ -275,7 +298,7 @@ def _step(accelerator, distiller, optimizer, cfg, total, vocab, group, progress)
     kd_mean, ce_mean = sums[0] / max(kd_n, 1), sums[1] / max(ce_n, 1)
     loss_mean = (1 - cfg.ce_weight) * kd_mean + cfg.ce_weight * ce_mean
     progress.step += 1
-    progress.row = group[-1][0]
+    progress.row = plan.end(group[-1])
     progress.tokens += kd_n
     progress.history.append({"step": progress.step, "loss": loss_mean, "kd": kd_mean,
                              "ce": ce_mean, "lr": lr, "tokens": progress.tokens})
