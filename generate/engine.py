@@ -50,6 +50,21 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+class EngineMismatch(RuntimeError):
+    """vLLM returned results that do not answer the prompts sent (stale queued requests)."""
+
+
+def check_answers(prompts: list[list[int]], outs) -> None:
+    """Each result must answer the prompt it is paired with, token for token: results are
+    paired with windows by position, and a stale request left in an engine would shift them."""
+    if len(outs) != len(prompts):
+        raise EngineMismatch(f"the engine returned {len(outs)} results for {len(prompts)} "
+                             "prompts")
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        if list(o.prompt_token_ids) != list(p):
+            raise EngineMismatch(f"result {i} answers another prompt (request {o.request_id})")
+
+
 class Teacher:
     """A vLLM engine built once per process and reused for every work unit."""
 
@@ -94,6 +109,7 @@ class Teacher:
         k = self.cfg.k
         prompts = [TokensPrompt(prompt_token_ids=w) for w in windows]
         outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        check_answers(windows, outs)
         result = []
         for w, o in zip(windows, outs):
             T = len(w)
@@ -129,6 +145,7 @@ class Teacher:
         ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                  use_tqdm=False)
+        check_answers(prompts, outs)
         result = []
         for o in outs:
             samples = []

@@ -26,9 +26,10 @@ class Corpus:
     root: Path
     columns: tuple[str, ...]
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, rehash: bool = False) -> str:
         """Content hash of the input files (and the columns read), for plans and provenance."""
-        return fingerprint_files(list(self.files), self.root) + ":" + ",".join(self.columns)
+        return (fingerprint_files(list(self.files), self.root, rehash) + ":"
+                + ",".join(self.columns))
 
     def records(self) -> Iterator[tuple]:
         """One tuple of column values per record, in input order."""

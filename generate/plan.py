@@ -42,6 +42,7 @@ class Job:
     logprob_step: float
     fields: str = "text"  # which columns mean what (records.Fields)
     sampling: str = ""  # teacher-written responses: the sampling settings, else ""
+    engine: str = ""  # what else changes the numbers: dtype, engine args, vLLM version, code
 
     def id(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()

@@ -42,19 +42,43 @@ def done_path(out: Path, unit: Unit) -> Path:
     return out / STATE_DIR / "done" / f"{unit.name}.json"
 
 
-def is_done(out: Path, unit: Unit) -> bool:
-    """Committed and intact: the shard's bytes still hash to what the worker recorded."""
+def _identity(path: Path) -> list[int]:
+    """What names one version of a file without reading it: size, mtime and inode. A rename of
+    another attempt's file, or a rewrite in place, changes it."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def is_done(out: Path, unit: Unit, rehash: bool = False) -> bool:
+    """Committed and intact: the unit's record describes the shard now on disk.
+
+    The record names the exact file its attempt committed (size, mtime, inode), so a rerun
+    trusts it after one stat, whatever the dataset's size; only when they differ (the file was
+    changed, copied, or replaced by another attempt of the same unit) is the shard hashed and
+    compared with the record's sha256. `rehash` always hashes."""
     rec, shard = done_path(out, unit), out / unit.name
     if not (rec.is_file() and shard.is_file()):
         return False
     try:
-        return json.loads(rec.read_text())["sha256"] == sha256_file(shard)
+        d = json.loads(rec.read_text())
+        if not rehash and d.get("identity") == _identity(shard):
+            return True
+        return d["sha256"] == sha256_file(shard)
     except (OSError, ValueError, KeyError):
         return False
 
 
 def shard_info(out: Path, unit: Unit) -> ShardInfo:
-    return ShardInfo(**json.loads(done_path(out, unit).read_text()))
+    d = json.loads(done_path(out, unit).read_text())
+    return ShardInfo(**{k: d[k] for k in ShardInfo.__dataclass_fields__})
+
+
+def _drop_teacher() -> None:
+    if _TEACHER:
+        import gc
+
+        _TEACHER.clear()
+        gc.collect()
 
 
 def _teacher(task: UnitTask) -> Teacher:
@@ -62,11 +86,7 @@ def _teacher(task: UnitTask) -> Teacher:
     (two engines would hold two KV caches, and a long-lived worker serves one job at a time)."""
     if _TEACHER and _TEACHER[0].cfg == task.engine:
         return _TEACHER[0]
-    if _TEACHER:
-        import gc
-
-        _TEACHER.clear()
-        gc.collect()
+    _drop_teacher()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if task.gpu_binds:  # before anything initialises CUDA in this process
         from distributed import get_worker
@@ -120,16 +140,24 @@ def run_unit(task: UnitTask) -> dict:
     teacher = _teacher(task)
     t1 = time.perf_counter()
     row_ids, windows, masks = read_unit(out, task.unit)
-    if task.sampling:
-        rows = _responses(task, teacher, row_ids, windows)
-    else:
-        rows = [
-            Row(rid, np.asarray(w, np.int32), ids, lps, np.asarray(m, bool))
-            for rid, w, m, (ids, lps) in zip(row_ids, windows, masks, teacher.topk(windows))
-        ]
+    try:
+        if task.sampling:
+            rows = _responses(task, teacher, row_ids, windows)
+        else:
+            rows = [
+                Row(rid, np.asarray(w, np.int32), ids, lps, np.asarray(m, bool))
+                for rid, w, m, (ids, lps) in zip(row_ids, windows, masks, teacher.topk(windows))
+            ]
+    except BaseException:
+        # An engine that raised may still hold this unit's requests, whose results would come
+        # back paired with the next unit's windows: never reuse it.
+        _drop_teacher()
+        raise
     t2 = time.perf_counter()
     info = write_shard(out / task.unit.name, rows, task.engine.k, task.logprob_step)
-    write_text(done_path(out, task.unit), json.dumps(asdict(info)))
+    # The record names the file this attempt committed (see is_done).
+    record = {**asdict(info), "identity": _identity(out / task.unit.name)}
+    write_text(done_path(out, task.unit), json.dumps(record))
     return {
         **asdict(info),
         "engine_start_s": t1 - t0,

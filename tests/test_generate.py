@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -161,3 +162,89 @@ def test_trained_student_loads_in_vllm(tmp_path, generated, corpus, dask_cluster
     clear = ref_lp[:, K - 1] - ref_lp[:, K] > 1e-4
     assert_same_targets(ref_ids[clear, :K], ref_lp[clear, :K], row.topk_ids[clear],
                         row.topk_logprobs[clear], DEFAULT_LOGPROB_STEP / 2 + 1e-4)
+
+
+def _leave_a_stale_request_then_run(task):
+    """Runs on the Dask worker: a request left queued in the engine, as after an exception in
+    the middle of a generate call, then the unit."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from softlabels.generate import work
+
+    teacher = work._teacher(task)
+    teacher.llm.llm_engine.add_request("-1", TokensPrompt(prompt_token_ids=[5, 6, 7]),
+                                       SamplingParams(max_tokens=1))
+    try:
+        work.run_unit(task)
+        return "no error", len(work._TEACHER)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}", len(work._TEACHER)
+
+
+def test_stale_engine_results_are_refused_and_the_engine_dropped(tmp_path, tiny_teacher, corpus,
+                                                                  generated, dask_cluster):
+    """Results are paired with windows by position; a stale request in the engine would shift
+    them all silently. Each result is checked against its prompt, the unit fails, the engine is
+    dropped, and the next job gets a fresh engine and correct targets."""
+    import shutil
+
+    from distributed import Client
+
+    from softlabels.generate.engine import EngineConfig
+    from softlabels.generate.plan import Plan
+    from softlabels.generate.work import UnitTask, done_path
+
+    out = tmp_path / "ds"
+    shutil.copytree(generated, out)
+    unit = Plan.load(out).units[0]
+    record = done_path(out, unit).read_text()
+    engine = EngineConfig(teacher=str(tiny_teacher.resolve()), k=K, max_length=MAXLEN)
+    with Client(dask_cluster) as c:
+        msg, engines_left = c.submit(_leave_a_stale_request_then_run,
+                                     UnitTask(str(out), unit, engine, DEFAULT_LOGPROB_STEP),
+                                     resources={"teacher": 1}, pure=False).result()
+    assert msg.startswith("EngineMismatch"), msg
+    assert engines_left == 0
+    assert done_path(out, unit).read_text() == record  # nothing committed by the failed attempt
+    again = tmp_path / "again"
+    softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", again,
+               "--top-k", K, "--max-length", MAXLEN, "--unit-tokens", 700,
+               "--scheduler", dask_cluster)
+    assert [s["sha256"] for s in json.loads((again / "manifest.json").read_text())["shards"]] \
+        == [s["sha256"] for s in json.loads((generated / "manifest.json").read_text())["shards"]]
+
+
+def _rewrite_keeping_stat(path, data: bytes) -> None:
+    """New bytes, same size, same mtime, same inode: what a stat cannot tell apart."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_rerun_trusts_unchanged_files_without_reading_them(tmp_path, tiny_teacher, corpus,
+                                                           dask_cluster):
+    """A rerun identifies the teacher and the committed shards by stat, not by reading them
+    (a 140 GB teacher is not re-hashed on every resume); --rehash reads everything."""
+    import shutil
+
+    teacher, out = tmp_path / "teacher", tmp_path / "ds"
+    shutil.copytree(tiny_teacher, teacher)
+    args = ["generate", "--teacher", teacher, "--input", corpus[0], "--output", out, "--top-k",
+            K, "--max-length", MAXLEN, "--unit-tokens", 700, "--scheduler", dask_cluster]
+    softlabels(*args)
+    weights = teacher / "model.safetensors"
+    _rewrite_keeping_stat(weights, bytes(b ^ 1 for b in weights.read_bytes()))
+    shard = out / Manifest.load(out).shards[0].file
+    good = shard.read_bytes()
+    _rewrite_keeping_stat(shard, good[:100] + bytes(b ^ 0xFF for b in good[100:116]) + good[116:])
+    p = softlabels(*args)
+    assert "0 to run" in p.stderr  # neither the weights nor the shard were read
+    p = softlabels(*args, "--rehash", check=False)
+    assert p.returncode == 2 and "holds a different job" in p.stderr  # the weights were read
+    _rewrite_keeping_stat(weights, bytes(b ^ 1 for b in weights.read_bytes()))  # restore them
+    p = softlabels(*args, "--rehash")
+    assert "1 to run" in p.stderr and shard.read_bytes() == good  # the shard was read: redone
+    assert verify(out) == []
