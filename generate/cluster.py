@@ -114,7 +114,8 @@ def connect(scheduler: str | None, n_workers: int, resource: str, security=None)
     threads = max(1, len(os.sched_getaffinity(0)) // n_workers)
     # glibc reads MALLOC_* at process start, so they must be in the pre-spawn environment
     spawn_env = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in MALLOC_ENV.items()}
-    with dask.config.set(spawn_env):
+    # non-daemonic workers: a tensor-parallel engine starts one child process per rank
+    with dask.config.set({**spawn_env, "distributed.worker.daemon": False}):
         cluster = LocalCluster(
             host="127.0.0.1",  # scheduler, workers and nannies: loopback only
             n_workers=n_workers,

@@ -19,7 +19,7 @@ import numpy as np
 from softlabels.data.atomic import write_text
 from softlabels.data.format import Row
 from softlabels.data.writer import ShardInfo, sha256_file, write_shard
-from softlabels.generate.engine import EngineConfig, Sampling, Teacher
+from softlabels.generate.engine import EngineConfig, Sampling, Teacher, on_cpu
 from softlabels.generate.plan import STATE_DIR, Unit, read_unit
 
 _TEACHER: list[Teacher] = []  # this worker process's engine (one at a time)
@@ -86,6 +86,8 @@ def _teacher(task: UnitTask) -> Teacher:
     (two engines would hold two KV caches, and a long-lived worker serves one job at a time)."""
     if _TEACHER and _TEACHER[0].cfg == task.engine:
         return _TEACHER[0]
+    if task.engine.tensor_parallel_size > 1:  # refuse before dropping a working engine
+        _check_tensor_parallel(task.engine.tensor_parallel_size)
     _drop_teacher()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if task.gpu_binds:  # before anything initialises CUDA in this process
@@ -102,8 +104,34 @@ def _teacher(task: UnitTask) -> Teacher:
         os.sched_setaffinity(0, cpus)  # two local engines never share a core
         # the nanny starts workers with one OMP thread; vLLM freezes the count at start
         torch.set_num_threads(len(cpus))
+    if task.engine.tensor_parallel_size > 1:
+        _bind_ranks(task.engine.tensor_parallel_size)
     _TEACHER.append(Teacher(task.engine))
     return _TEACHER[0]
+
+
+def _check_tensor_parallel(tp: int) -> None:
+    """A teacher split over `tp` devices runs vLLM's multiprocess executor: its rank processes
+    are children of this worker, which therefore must not be daemonic."""
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        raise RuntimeError(
+            f"--tensor-parallel-size {tp} needs non-daemonic Dask workers (vLLM starts one "
+            "process per rank): start them with DASK_DISTRIBUTED__WORKER__DAEMON=False")
+    if len(os.sched_getaffinity(0)) < tp and on_cpu():
+        raise RuntimeError(f"--tensor-parallel-size {tp} needs {tp} cores; this worker has "
+                           f"{len(os.sched_getaffinity(0))}")
+
+
+def _bind_ranks(tp: int) -> None:
+    """On a CPU each rank gets its own cores of this worker's (vLLM's automatic binding wants one
+    NUMA node per rank), unless the user bound them (VLLM_CPU_OMP_THREADS_BIND)."""
+    if on_cpu() and os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
+        cores = sorted(os.sched_getaffinity(0))
+        per = len(cores) // tp
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(map(str, cores[r * per:(r + 1) * per])) for r in range(tp))
 
 
 def _responses(task: UnitTask, teacher: Teacher, row_ids, prompts) -> list[Row]:

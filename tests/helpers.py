@@ -40,7 +40,7 @@ def dask_env() -> dict:
 
 
 def start_dask(d: Path, n_workers: int, worker_names=None, tls: list[str] | None = None,
-               security=None) -> dict:
+               security=None, worker_env: dict | None = None) -> dict:
     """Start `dask scheduler` and n `dask worker` processes on loopback (the standard commands).
 
     `tls`: the `--tls-ca-file/--tls-cert/--tls-key` arguments for both (and `security`, the
@@ -64,7 +64,8 @@ def start_dask(d: Path, n_workers: int, worker_names=None, tls: list[str] | None
             break
         time.sleep(0.1)
     address = json.loads(sched_file.read_text())["address"]
-    workers = [start_worker(d, address, name, tls) for name in (worker_names or range(n_workers))]
+    workers = [start_worker(d, address, name, tls, worker_env)
+               for name in (worker_names or range(n_workers))]
     from distributed import Client
 
     with Client(address, timeout="30s", **({"security": security} if security else {})) as c:
@@ -72,7 +73,8 @@ def start_dask(d: Path, n_workers: int, worker_names=None, tls: list[str] | None
     return {"address": address, "scheduler": sched, "workers": workers}
 
 
-def start_worker(d: Path, address: str, name, tls: list[str] | None = None):
+def start_worker(d: Path, address: str, name, tls: list[str] | None = None,
+                 env: dict | None = None):
     import subprocess
     import sys
 
@@ -81,7 +83,8 @@ def start_worker(d: Path, address: str, name, tls: list[str] | None = None):
         [Path(sys.executable).parent / "dask", "worker", address, "--nworkers", "1",
          "--nthreads", "1", "--resources", "teacher=1", "--name", str(name),
          "--memory-limit", "0", "--no-dashboard", *(tls or [])],
-        stdout=log, stderr=log, env=dask_env(), start_new_session=True,  # killpg = machine dies
+        stdout=log, stderr=log, env={**dask_env(), **(env or {})},
+        start_new_session=True,  # killpg = machine dies
     )
 
 

@@ -248,3 +248,41 @@ def test_rerun_trusts_unchanged_files_without_reading_them(tmp_path, tiny_teache
     p = softlabels(*args, "--rehash")
     assert "1 to run" in p.stderr and shard.read_bytes() == good  # the shard was read: redone
     assert verify(out) == []
+
+
+def _assert_matches_reference(out, teacher):
+    assert verify(out) == []
+    rows = read_dataset(out)
+    for rid in ("0:0", "2:0"):
+        row = rows[rid]
+        ((ref_ids, ref_lp),) = reference_topk(teacher, [row.input_ids.tolist()], K + 1)
+        clear = ref_lp[:, K - 1] - ref_lp[:, K] > 1e-4
+        assert_same_targets(ref_ids[clear, :K], ref_lp[clear, :K], row.topk_ids[clear],
+                            row.topk_logprobs[clear], DEFAULT_LOGPROB_STEP / 2 + 1e-4)
+
+
+def test_tensor_parallel_2_embedded_and_on_a_dask_worker(tmp_path, tiny_teacher, corpus,
+                                                        dask_cluster):
+    """A teacher split over two devices (here two CPU cores, one vLLM rank each): under the
+    embedded cluster, and on a `dask worker` started non-daemonic as the README says; targets
+    equal a transformers fp32 forward. A daemonic worker refuses with the fix, in one line."""
+    from tests.helpers import start_dask, stop_dask
+
+    args = ["--teacher", tiny_teacher, "--input", corpus[0], "--top-k", K, "--max-length",
+            MAXLEN, "--tensor-parallel-size", 2]
+    softlabels("generate", *args, "--output", tmp_path / "embedded")
+    _assert_matches_reference(tmp_path / "embedded", tiny_teacher)
+
+    p = softlabels("generate", *args, "--output", tmp_path / "daemonic", "--scheduler",
+                   dask_cluster, "--retries", 0, check=False)
+    assert p.returncode == 2 and "DASK_DISTRIBUTED__WORKER__DAEMON=False" in p.stderr, p.stderr
+
+    d = tmp_path / "dask"
+    d.mkdir()
+    procs = start_dask(d, 1, worker_env={"DASK_DISTRIBUTED__WORKER__DAEMON": "False"})
+    try:
+        softlabels("generate", *args, "--output", tmp_path / "external", "--scheduler",
+                   procs["address"])
+    finally:
+        stop_dask(procs)
+    _assert_matches_reference(tmp_path / "external", tiny_teacher)
