@@ -37,13 +37,10 @@ STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
 def dense_reference(logits, ids, lp, labels, loss, beta, T, tail):
     """Plain float64 formulas over the full vocabulary: what the chunked code must equal."""
     logits, lp = logits.double(), lp.double()
-    V = logits.shape[-1]
     q_all = torch.softmax(logits / T, -1)
     q = q_all.gather(-1, ids)
-    if tail:
-        p_tail1 = 1 - lp.exp().sum(-1, keepdim=True)
-        p_un = torch.cat([(lp / T).exp(), (V - K) * (p_tail1 / (V - K)) ** (1 / T)], -1)
-        p = p_un / p_un.sum(-1, keepdim=True)
+    if tail:  # T = 1 only (refused otherwise)
+        p = torch.cat([lp.exp(), 1 - lp.exp().sum(-1, keepdim=True)], -1)
         q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
     else:
         p = torch.softmax(lp / T, -1)
@@ -68,6 +65,11 @@ def dense_reference(logits, ids, lp, labels, loss, beta, T, tail):
 @pytest.mark.parametrize("tail", [True, False])
 @pytest.mark.parametrize("T", [1.0, 2.0])
 def test_chunked_sparse_loss_matches_dense_reference(loss, tail, T):
+    if tail and T != 1.0:
+        with pytest.raises(ValueError, match="not exact"):
+            kd_ce_sums(torch.zeros(2, 4), torch.nn.Linear(4, 10), torch.zeros(2, K).long(),
+                       torch.full((2, K), -3.0), torch.zeros(2).long(), temperature=T)
+        return
     g = torch.Generator().manual_seed(0)
     N, H, V = 13, 16, 50
     h = torch.randn(N, H, generator=g, requires_grad=True)
@@ -401,7 +403,8 @@ def test_config_file_then_flags(tmp_path, dataset):
                                                                           False, 2)
     assert log(out)["steps"] == 2
     for bad, needle in (({"lerning_rate": 1}, "unknown option(s) lerning_rate"),
-                        ({"max_steps": "two"}, "max_steps should be int")):
+                        ({"max_steps": "two"}, "max_steps should be int"),
+                        ({"temperature": 2.0}, "tail bucket is not exact")):
         cfg.write_text(yaml.safe_dump(bad))
         p = softlabels("train", "--config", cfg, "--output", out, check=False)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr

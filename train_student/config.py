@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from softlabels.data.errors import UserError
-from softlabels.train_student.losses import LOSSES
+from softlabels.train_student.losses import LOSSES, TAIL_TEMPERATURE
 
 
 def opt(default, help: str, **argparse_kw):
@@ -73,6 +73,8 @@ class TrainConfig:
             errors.append("--beta must be in (0, 1)")
         if self.temperature <= 0:
             errors.append("--temperature must be > 0")
+        elif self.tail and self.temperature != 1.0 and self.ce_weight < 1.0:
+            errors.append(TAIL_TEMPERATURE)
         if self.batch_tokens < 1 or self.grad_accum < 1 or self.chunk < 1:
             errors.append("--batch-tokens, --grad-accum and --chunk must be >= 1")
         if self.max_steps <= 0 and self.epochs <= 0:

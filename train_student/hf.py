@@ -23,7 +23,7 @@ from transformers import Trainer
 
 from softlabels.data.format import Row
 from softlabels.train_student.batches import collate
-from softlabels.train_student.losses import LOSSES, kd_ce_sums
+from softlabels.train_student.losses import LOSSES, TAIL_TEMPERATURE, kd_ce_sums
 
 
 def _rows(path: str, shuffle: bool, seed: int):
@@ -80,6 +80,8 @@ class DistillationTrainer(Trainer):
                  chunk: int = 1024, **kwargs):
         if loss not in LOSSES:
             raise ValueError(f"loss {loss!r}: choose from {', '.join(LOSSES)}")
+        if tail and temperature != 1.0:
+            raise ValueError(TAIL_TEMPERATURE)
         self.kd = {"loss": loss, "beta": beta, "temperature": temperature, "tail": tail,
                    "chunk": chunk}
         self.ce_weight = ce_weight
