@@ -59,10 +59,11 @@ def windows_for(teacher: Path, tokens: int, max_len: int, inp: Path) -> list[lis
     return [tok(t).input_ids[:max_len] for t in texts]
 
 
-def run_generate(teacher, inp, out, k, max_len, workers) -> dict:
+def run_generate(teacher, inp, out, k, max_len, workers, tp=1) -> dict:
     cmd = [sys.executable, "-m", "softlabels", "generate", "--teacher", str(teacher),
            "--input", str(inp), "--output", str(out), "--top-k", str(k), "--max-length",
-           str(max_len), "--unit-tokens", "8192", "--workers", str(workers)]
+           str(max_len), "--unit-tokens", "8192", "--workers", str(workers),
+           "--tensor-parallel-size", str(tp)]
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
@@ -131,6 +132,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--tp", action="store_true", help="only: tensor parallel 2 vs 1")
     a = ap.parse_args()
     teacher = (a.cache / "teacher-54m").resolve()
     make_teacher(teacher)
@@ -139,6 +141,9 @@ def main() -> None:
     work.mkdir(parents=True)
     windows = windows_for(teacher, a.tokens, a.max_length, work / "in.parquet")
     n = sum(len(w) for w in windows)
+    if a.tp:
+        tensor_parallel(teacher, work, n, a)
+        return
     res = {"tokens": n}
     res["a"] = run_generate(teacher, work / "in.parquet", work / "out1", a.top_k,
                             a.max_length, 1)
@@ -172,6 +177,20 @@ def main() -> None:
           f"end to end: {a1['wall'] / a2['wall']:.2f}")
     print(f"fixed costs of (a) outside the units (start-up, planning, Dask, publishing): "
           f"{a1['wall'] - a1['engine_start'] - busy(a1, 1):.1f} s")
+
+def tensor_parallel(teacher, work, n, a) -> None:
+    """TP=1 vs TP=2 (one vLLM rank per core) on the same windows, the real command, one worker."""
+    r1 = run_generate(teacher, work / "in.parquet", work / "tp1", a.top_k, a.max_length, 1, 1)
+    r2 = run_generate(teacher, work / "in.parquet", work / "tp2", a.top_k, a.max_length, 1, 2)
+    print(f"{n} tokens, k={a.top_k}, windows of <= {a.max_length}, 1 worker")
+    print("| tensor parallel | wall s | engine start s | teacher s | tokens/s in units |")
+    print("|---|---|---|---|---|")
+    for name, r in (("TP=1 (2 threads)", r1), ("TP=2 (1 core per rank)", r2)):
+        print(f"| {name} | {r['wall']:.1f} | {r['engine_start']:.1f} | {r['teacher']:.1f} | "
+              f"{n / (r['teacher'] + r['write']):.0f} |")
+    print(f"\nTP=2 / TP=1 tokens/s in units: "
+          f"{(r1['teacher'] + r1['write']) / (r2['teacher'] + r2['write']):.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -34,18 +34,20 @@ def make_dataset(d: Path, tokens: int, k: int) -> Manifest:
     texts = pq.read_table(CORPUS).column("text").to_pylist()
     tok = make_tokenizer(texts[:300], vocab_size=4096, path=d / "model")
     model = make_model(d / "model", vocab_size=len(tok), hidden=64, layers=2, heads=1).eval()
-    ids = np.array([t for x in texts for t in tok(x).input_ids][:tokens], np.int32)
-    rows = []
+    ids = np.array([t for x in texts for t in tok(x).input_ids], np.int32)
+    ids = np.resize(ids, tokens)  # the corpus repeated when more tokens are asked for
+    per = 256 * 512  # tokens per shard: 131k, the default unit; one shard in memory at a time
+    shards = []
     with torch.no_grad():
-        for i in range(0, len(ids), 512):
-            w = ids[i : i + 512]
-            lp = torch.log_softmax(model(torch.from_numpy(w.astype(np.int64))[None]).logits[0], -1)
-            v, top = lp.topk(k, -1)
-            rows.append(Row(row_id(i // 512, 0), w, top.numpy().astype(np.int32), v.numpy(),
-                            np.ones(len(w), bool)))
-    per = 256  # rows per shard: 131k tokens, the default unit
-    shards = [write_shard(d / f"shard-{s:05d}.parquet", rows[s * per:(s + 1) * per], k)
-              for s in range((len(rows) + per - 1) // per)]
+        for s in range(0, len(ids), per):
+            rows = []
+            for i in range(s, min(s + per, len(ids)), 512):
+                w = ids[i : i + 512]
+                x = torch.from_numpy(w.astype(np.int64))[None]
+                v, top = torch.log_softmax(model(x).logits[0], -1).topk(k, -1)
+                rows.append(Row(row_id(i // 512, 0), w, top.numpy().astype(np.int32), v.numpy(),
+                                np.ones(len(w), bool)))
+            shards.append(write_shard(d / f"shard-{s // per:05d}.parquet", rows, k))
     m = Manifest(k=k, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=len(tok), shards=shards)
     publish(d, m)
     return m

@@ -4,7 +4,7 @@ the data (the epoch is planned from the shards' footers, and only the rows train
 decoded). Then the same 2 steps under `accelerate launch` with 2 processes, counting the rows each
 process decoded.
 
-    python bench/startup.py [--tokens 57344] [--times 40]
+    python bench/startup.py [--tokens 262144] [--times 40]
 
 Targets are the top-64 of a random-weight model (planning and decoding cost the same whatever the
 values). Wall time of the whole command (process start, imports, planning, 2 steps, saving), the
@@ -54,7 +54,7 @@ def train(data: Path, out: Path, launch: list[str]) -> tuple[float, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=57344)
+    ap.add_argument("--tokens", type=int, default=262144)
     ap.add_argument("--times", type=int, default=40)
     a = ap.parse_args()
     py = [sys.executable]

@@ -69,7 +69,7 @@ class SoftLabelReader:
         self.shuffle, self.seed, self.part, self.num_parts = shuffle, seed, part, num_parts
         self.window = max(1, window)
         self.decoded = 0  # rows decoded by this reader (each process decodes only its own)
-        self._hashed: set[int] = set()  # shards whose sha256 matched the manifest
+        self._encodings: dict[int, Encoding] = {}  # shards opened (sha256 checked)
         self._stored: RowIndex | None = None  # every row in stored order, from the footers
         self._epoch: tuple[int, RowIndex] | None = None
         self._tables: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()  # undecoded groups
@@ -123,24 +123,29 @@ class SoftLabelReader:
 
     def _table(self, si: int, g: int) -> tuple[pa.Table, Encoding]:
         """One row group, undecoded; the last `window` are kept (a shuffle window's groups)."""
+        if (si, g) not in self._tables:
+            pf, _ = self._open(si)
+            self._tables[(si, g)] = pf.read_row_group(g)
+            while len(self._tables) > self.window:
+                self._tables.popitem(last=False)
+        return self._tables[(si, g)], self._encodings[si]
+
+    def _open(self, si: int) -> tuple[pq.ParquetFile, Encoding]:
+        """A shard, its sha256 checked against the manifest the first time it is opened."""
         shard = self.manifest.shards[si]
         path = self.dir / shard.file
-        if si not in self._hashed:
+        if si not in self._encodings:
             if sha256_file(path) != shard.sha256:
                 raise FormatError(f"{path}: sha256 differs from manifest.json (changed or damaged "
                                   "after publishing); `softlabels verify` lists every problem: "
                                   "regenerate or re-download the dataset")
-            self._hashed.add(si)
         pf = pq.ParquetFile(path)
         enc = Encoding.from_schema(pf.schema_arrow)
         if (enc.k, enc.logprob_step) != (self.manifest.k, self.manifest.logprob_step):
             raise FormatError(f"{path} has k={enc.k}, step={enc.logprob_step}; the manifest says "
                               f"k={self.manifest.k}, step={self.manifest.logprob_step}")
-        if (si, g) not in self._tables:
-            self._tables[(si, g)] = pf.read_row_group(g)
-            while len(self._tables) > self.window:
-                self._tables.popitem(last=False)
-        return self._tables[(si, g)], enc
+        self._encodings[si] = enc
+        return pf, enc
 
     def read(self, epoch: int, positions: np.ndarray) -> list[Row]:
         """The rows at these global positions of the epoch, in that order, checked and decoded."""

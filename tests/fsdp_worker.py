@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from softlabels.train_student.batches import collate, counts
+from softlabels.train_student.batches import collate
 from softlabels.train_student.evaluate import evaluate
 from softlabels.train_student.train import Distiller, unsharded
 from tests.fsdp_reference import build, micro_batches
@@ -27,7 +27,7 @@ def main(data: str, out: str) -> None:
         fully_shard(layer)
     fully_shard(distiller)
     chunks = micro_batches(data, world)
-    kd_n = sum(counts(c)[0] for c in chunks)
+    kd_n = sum(int(r.target_mask.sum()) for c in chunks for r in c)
     kd, _ = distiller(collate(chunks[rank], model.config.vocab_size))
     (kd / kd_n * world).backward()  # FSDP averages gradients over ranks, as DDP does
     grads = {n: p.grad.full_tensor() for n, p in distiller.named_parameters()}

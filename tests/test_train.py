@@ -491,7 +491,7 @@ def test_distiller_under_fsdp_equals_unsharded(tmp_path, dataset):
     give the gradients of one unsharded process over both micro-batches, the same eval metrics
     and the same full state dict. (Accelerate's FSDP plugin refuses a machine without GPUs, so
     `accelerate launch --use_fsdp` itself runs only there; this runs the same sharding.)"""
-    from softlabels.train_student.batches import collate, counts
+    from softlabels.train_student.batches import collate
     from softlabels.train_student.evaluate import evaluate
     from softlabels.train_student.train import Distiller
     from tests.fsdp_reference import build, micro_batches
@@ -504,7 +504,7 @@ def test_distiller_under_fsdp_equals_unsharded(tmp_path, dataset):
     model, cfg = build(str(dataset))
     distiller = Distiller(model, cfg)
     chunks = micro_batches(str(dataset), 2)
-    kd_n = sum(counts(c)[0] for c in chunks)
+    kd_n = sum(int(r.target_mask.sum()) for c in chunks for r in c)
     loss = sum(distiller(collate(c, model.config.vocab_size))[0] for c in chunks) / kd_n
     loss.backward()
     for n, p in distiller.named_parameters():

@@ -35,13 +35,6 @@ class Batch:
         return Batch(**t, weight=self.weight)
 
 
-def counts(rows: list[Row]) -> tuple[int, int]:
-    """(KD target tokens, CE tokens) of rows: CE needs a known next token."""
-    kd = sum(int(r.target_mask.sum()) for r in rows)
-    ce = sum(int(r.target_mask[:-1].sum()) for r in rows)
-    return kd, ce
-
-
 def collate(rows: list[Row], student_vocab: int) -> Batch:
     B, L = len(rows), max(len(r.input_ids) for r in rows)
     input_ids = np.zeros((B, L), np.int64)
