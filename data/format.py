@@ -236,6 +236,22 @@ def read_row_counts(meta: dict[bytes, bytes] | None, n_rows: int) -> np.ndarray 
     return out
 
 
+def count_rows(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """(3, rows) int64 [tokens, targets, ce targets] counted from input_ids and target_mask: what
+    the footer counts must equal (and what a reader uses for shards written without them)."""
+    import pyarrow.compute as pc
+
+    lens = pc.list_value_length(table.column("input_ids")).to_numpy(
+        zero_copy_only=False).astype(np.int64)
+    mask = pc.list_flatten(table.column("target_mask")).to_numpy(zero_copy_only=False)
+    ends = np.cumsum(lens)
+    csum = np.zeros(len(mask) + 1, np.int64)
+    np.cumsum(mask, out=csum[1:])
+    targets = csum[ends] - csum[ends - lens]
+    last = csum[ends] - csum[np.maximum(ends - 1, 0)]  # the row's last position has a target
+    return np.stack([lens, targets, targets - np.where(lens > 0, last, 0)])
+
+
 def _one_batch(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch | None:
     if isinstance(batch, pa.Table):
         return batch.combine_chunks().to_batches()[0] if batch.num_rows else None

@@ -27,10 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from softlabels.data.format import Encoding, FormatError, Row, bad_rows, decode, read_row_counts
+from softlabels.data.format import (
+    Encoding,
+    FormatError,
+    Row,
+    bad_rows,
+    count_rows,
+    decode,
+    read_row_counts,
+)
 from softlabels.data.manifest import Manifest
 from softlabels.data.writer import sha256_file
 
@@ -89,7 +96,8 @@ class SoftLabelReader:
                 sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
                 counts = read_row_counts(md.metadata, md.num_rows)
                 if counts is None:  # a shard written before the footer counts existed
-                    counts = _count_columns(self.dir / shard.file)
+                    counts = count_rows(pq.read_table(self.dir / shard.file,
+                                                      columns=["input_ids", "target_mask"]))
                 cols.append((np.full(md.num_rows, si), np.repeat(np.arange(len(sizes)), sizes),
                              np.concatenate([np.arange(n) for n in sizes]) if sizes else
                              np.zeros(0, np.int64), *counts))
@@ -163,11 +171,16 @@ class SoftLabelReader:
                     f"{self.manifest.shards[si].file} row {rid}: {why} ({len(bad)} bad rows in "
                     f"row group {g}); this dataset fails `softlabels verify {self.dir}`: "
                     "regenerate or re-download it")
+            # the footer's counts planned the batches and weigh the loss: they must be true
+            counted = count_rows(taken)
+            planned = np.stack([idx.tokens[at], idx.targets[at], idx.ce_targets[at]])
+            if (counted != planned).any():
+                j = int(np.flatnonzero((counted != planned).any(0))[0])
+                raise FormatError(
+                    f"{self.manifest.shards[si].file} row {taken.column('row_id')[j]}: "
+                    f"tokens/targets {counted[:, j].tolist()}, its footer says "
+                    f"{planned[:, j].tolist()}; regenerate or re-download the dataset")
             for i, row in zip(at.tolist(), decode(taken, enc)):
-                if len(row.input_ids) != idx.tokens[i]:
-                    raise FormatError(f"{self.manifest.shards[si].file} row {row.row_id}: "
-                                      f"{len(row.input_ids)} tokens, its footer says "
-                                      f"{idx.tokens[i]}; regenerate or re-download the dataset")
                 rows[i] = row
         self.decoded += len(positions)
         return rows
@@ -190,15 +203,3 @@ class SoftLabelReader:
         for _, row in self.rows():
             yield row
 
-
-def _count_columns(path: Path) -> list[np.ndarray]:
-    """[tokens, targets, ce targets] per row of a shard without footer counts: two columns read,
-    no targets decoded."""
-    t = pq.read_table(path, columns=["input_ids", "target_mask"])
-    lens = pc.list_value_length(t.column("input_ids")).to_numpy(zero_copy_only=False)
-    mask = pc.list_flatten(t.column("target_mask")).to_numpy(zero_copy_only=False).astype(np.int64)
-    ends = np.cumsum(lens)
-    csum = np.r_[0, np.cumsum(mask)]
-    targets = csum[ends] - csum[ends - lens]
-    last = np.where(lens > 0, mask[np.maximum(ends - 1, 0)], 0)
-    return [lens.astype(np.int64), targets, targets - last]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pyarrow.compute as pc
+import numpy as np
 import pyarrow.parquet as pq
 
-from softlabels.data.format import Encoding, FormatError, bad_rows
+from softlabels.data.format import Encoding, FormatError, bad_rows, count_rows, read_row_counts
 from softlabels.data.manifest import Manifest
 from softlabels.data.writer import sha256_file
 
@@ -42,16 +42,21 @@ def verify(directory: str | os.PathLike) -> list[str]:
                 continue
             rows = tokens = 0
             shard_problems = []
+            counted = []
             for g in range(pf.num_row_groups):
                 t = pf.read_row_group(g)
                 rows += t.num_rows
-                tokens += int(pc.sum(pc.list_value_length(t.column("input_ids"))).as_py() or 0)
+                counted.append(count_rows(t))
+                tokens += int(counted[-1][0].sum())
                 shard_problems += [f"row {rid}: {why}"
                                    for rid, why in bad_rows(t, enc, m.vocab_size)]
                 for rid in t.column("row_id").to_pylist():
                     if rid in seen:
                         shard_problems.append(f"row {rid} also in {seen[rid]}")
                     seen[rid] = s.file
+            footer = read_row_counts(pf.metadata.metadata, pf.metadata.num_rows)
+            if footer is not None and counted and (footer != np.hstack(counted)).any():
+                problems.append(f"{where} footer row counts differ from the rows")
             if (rows, tokens) != (s.rows, s.tokens):
                 problems.append(
                     f"{where} {rows} rows/{tokens} tokens, manifest says {s.rows}/{s.tokens}"

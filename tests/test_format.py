@@ -337,3 +337,26 @@ def test_bad_rows_flags_each_rule(real_rows):
     for rid, row in cases.items():
         one = dict(bad_rows(encode([row], K), enc, vocab))
         assert bool(one) == (row.row_id in got), rid
+
+
+def test_footer_counts_that_lie_are_caught(tmp_path, real_rows):
+    """The footer's per-row counts plan batches and weigh the loss: a footer whose target count
+    differs from the row's mask (manifest re-hashed to match) fails verify and the reader."""
+    import base64
+
+    from softlabels.data.writer import sha256_file
+
+    rows, vocab = real_rows
+    m = make_dataset(tmp_path, rows, vocab, shards=1)
+    path = tmp_path / m.shards[0].file
+    t = pq.read_table(path)
+    meta = dict(t.schema.metadata)
+    targets = np.frombuffer(base64.b64decode(meta[b"softlabels.row_targets"]), "<u4").copy()
+    targets[1] += 1
+    meta[b"softlabels.row_targets"] = base64.b64encode(targets.tobytes())
+    pq.write_table(t.replace_schema_metadata(meta), path)
+    m.shards[0].sha256, m.shards[0].bytes = sha256_file(path), path.stat().st_size
+    m.save(tmp_path)
+    assert any("footer row counts differ" in p for p in verify(tmp_path))
+    with pytest.raises(FormatError, match=rf"row {rows[1].row_id}: tokens/targets"):
+        list(SoftLabelReader(tmp_path))
