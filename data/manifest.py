@@ -121,6 +121,8 @@ class _HashCache:
     def save(self) -> None:
         if not self.changed:
             return
+        # files that are gone (temporary folders, deleted models) leave the cache
+        self.entries = {k: v for k, v in self.entries.items() if os.path.exists(k)}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_text(self.path, json.dumps(self.entries))
