@@ -258,72 +258,102 @@ def _one_batch(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch | None:
     return batch
 
 
+class BadRows(FormatError):
+    """Rows whose stored values break the format: `rows` is [(row_id, what is wrong)]."""
+
+    def __init__(self, rows: list[tuple[str, str]]):
+        self.rows = rows
+        super().__init__(f"row {rows[0][0]}: {rows[0][1]} ({len(rows)} bad rows)")
+
+
 def bad_rows(batch: pa.RecordBatch | pa.Table, enc: Encoding, vocab_size: int
              ) -> list[tuple[str, str]]:
     """[(row_id, what is wrong)] for every row whose stored values break the format.
 
-    The one definition of valid values: `verify` lists what this finds, and the reader refuses
-    the first, so a dataset that fails verification never trains. Vectorised over the whole
-    batch (a few % of decoding's cost), on the stored (encoded) arrays:
-    the four list columns agree in length; input ids lie in [0, vocab); at every position with
-    a target the ids are strictly ascending (distinct) and in [0, vocab), and the probabilities
-    sum to at most exp(step / 2) (round-to-nearest can raise each by that factor).
-    Log-probs need no range check: uint16 codes decode to [-65535 step, 0] by construction.
-    """
+    The one definition of valid values (`_problems`): `verify` lists what this finds, and
+    `decode(..., vocab_size=)` (what the reader calls) refuses the same rows, so a dataset that
+    fails verification never trains."""
     batch = _one_batch(batch)
     if batch is None:
         return []
-    k = enc.k
-    n = batch.num_rows
-    cols = {name: batch.column(name) for name in batch.schema.names}
-    lens = [np.diff(cols[c].offsets.to_numpy()) for c in
+    arrays = _arrays(batch, enc.k)
+    if arrays is None:
+        return _problems(batch, None, vocab_size, enc.logprob_step)
+    _, _, gaps, q = arrays
+    top = gaps.sum(-1, dtype=np.int64)  # ascending ids: the largest is the sum of the gaps
+    mass = np.exp(np.multiply(q, np.float32(-enc.logprob_step), dtype=np.float32)).sum(-1)
+    return _problems(batch, (*arrays[:3], top, mass), vocab_size, enc.logprob_step)
+
+
+def _arrays(batch: pa.RecordBatch, k: int):
+    """(tokens, mask, (P, k) gaps, (P, k) codes) flattened, or None if the four list columns
+    disagree in length (then nothing per position can be checked or decoded)."""
+    lens = [np.diff(batch.column(c).offsets.to_numpy()) for c in
             ("input_ids", "target_mask", "topk_id_gaps", "topk_logprobs_q")]
+    if any((x != lens[0]).any() for x in lens[1:]):
+        return None
+    return (batch.column("input_ids").flatten().to_numpy(zero_copy_only=False),
+            batch.column("target_mask").flatten().to_numpy(zero_copy_only=False).astype(bool),
+            batch.column("topk_id_gaps").flatten().flatten().to_numpy().reshape(-1, k),
+            batch.column("topk_logprobs_q").flatten().flatten().to_numpy().reshape(-1, k))
+
+
+def _problems(batch: pa.RecordBatch, arrays, vocab_size: int, step: float
+              ) -> list[tuple[str, str]]:
+    """The checks, vectorised over the batch on whole arrays (positions without a target hold
+    zeros, so the mask is applied after the reductions; copying masked rows out cost more):
+    the four list columns agree in length; input ids lie in [0, vocab); at every position with
+    a target the ids are strictly ascending (distinct) and in [0, vocab) — `top` is the largest
+    id — and the probabilities sum (`mass`) to at most exp(step / 2) (round-to-nearest can raise
+    each by that factor). Log-probs need no range check: uint16 codes decode to
+    [-65535 step, 0] by construction."""
+    n = batch.num_rows
     why: list[str | None] = [None] * n
 
     def mark(rows: np.ndarray, reason: str) -> None:
         for i in np.unique(rows).tolist():
             why[i] = why[i] or reason
 
-    uneven = np.flatnonzero((lens[0] != lens[1]) | (lens[0] != lens[2]) | (lens[0] != lens[3]))
-    mark(uneven, "column lengths differ")
-    if uneven.size == 0:  # per-position checks need aligned columns
-        row_of = np.repeat(np.arange(n), lens[0])
-        toks = cols["input_ids"].flatten().to_numpy(zero_copy_only=False)
+    if arrays is None:
+        why = ["column lengths differ"] * n
+    else:
+        toks, m, gaps, top, mass = arrays
+        row_of = np.repeat(np.arange(n), np.diff(batch.column("input_ids").offsets.to_numpy()))
         mark(row_of[(toks < 0) | (toks >= vocab_size)], f"input id outside [0, {vocab_size})")
-        m = cols["target_mask"].flatten().to_numpy(zero_copy_only=False).astype(bool)
-        gaps = cols["topk_id_gaps"].flatten().flatten().to_numpy().reshape(-1, k)
-        q = cols["topk_logprobs_q"].flatten().flatten().to_numpy().reshape(-1, k)
-        # Whole-array reductions, then the mask (positions without a target hold zeros): copying
-        # the masked rows out first cost more than the checks.
-        # ascending ids: the largest is the sum of the gaps (int64: no overflow)
-        out = (gaps[:, 0] < 0) | (gaps.sum(-1, dtype=np.int64) >= vocab_size)
-        mark(row_of[m & out], f"target id outside [0, {vocab_size})")
-        if k > 1:
+        mark(row_of[m & ((gaps[:, 0] < 0) | (top >= vocab_size))],
+             f"target id outside [0, {vocab_size})")
+        if gaps.shape[1] > 1:
             mark(row_of[m & (gaps[:, 1:].min(-1) <= 0)],
                  "repeated or unordered id within a position")
-        mass = np.exp(q.astype(np.float32) * np.float32(-enc.logprob_step)).sum(-1)
-        mark(row_of[m & (mass > np.exp(enc.logprob_step / 2) + 1e-5)],
-             "probabilities sum to more than 1")
-    ids = cols["row_id"].to_pylist() if any(why) else []
+        mark(row_of[m & (mass > np.exp(step / 2) + 1e-5)], "probabilities sum to more than 1")
+    ids = batch.column("row_id").to_pylist() if any(why) else []
     return [(ids[i], w) for i, w in enumerate(why) if w]
 
 
-def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding) -> list[Row]:
-    """One record batch (or table) -> rows, zero-copy reshapes to (T, k) where possible."""
+def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding, vocab_size: int | None = None
+           ) -> list[Row]:
+    """One record batch (or table) -> rows, zero-copy reshapes to (T, k) where possible.
+
+    With `vocab_size`, the rows are checked first (the checks of `bad_rows`, on the arrays
+    decoding computes anyway) and BadRows is raised if any breaks the format."""
     batch = _one_batch(batch)
     if batch is None:
         return []
-    k = enc.k
     cols = {name: batch.column(name) for name in batch.schema.names}
     offsets = cols["input_ids"].offsets.to_numpy()
     offsets = offsets - offsets[0]
-    # flatten() honours slicing, unlike .values
-    toks = cols["input_ids"].flatten().to_numpy(zero_copy_only=False)
-    mask = cols["target_mask"].flatten().to_numpy(zero_copy_only=False)
-    gaps = cols["topk_id_gaps"].flatten().flatten().to_numpy().reshape(-1, k)
-    q = cols["topk_logprobs_q"].flatten().flatten().to_numpy().reshape(-1, k)
-    ids, lps = to_rank_order(np.cumsum(gaps, axis=-1, dtype=np.int64).astype(np.int32),
-                             dequantise(q, enc.logprob_step))
+    arrays = _arrays(batch, enc.k)  # flatten() honours slicing, unlike .values
+    if arrays is None:
+        raise BadRows(_problems(batch, None, vocab_size or 0, enc.logprob_step))
+    toks, mask, gaps, q = arrays
+    cum = np.cumsum(gaps, axis=-1, dtype=np.int64)
+    lps = dequantise(q, enc.logprob_step)
+    if vocab_size is not None:
+        bad = _problems(batch, (toks, mask, gaps, cum[:, -1], np.exp(lps).sum(-1)), vocab_size,
+                        enc.logprob_step)
+        if bad:
+            raise BadRows(bad)
+    ids, lps = to_rank_order(cum.astype(np.int32), lps)
     responses = cols["response"].to_pylist() if "response" in cols else None
     rows = []
     for i, rid in enumerate(cols["row_id"].to_pylist()):
@@ -334,7 +364,7 @@ def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding) -> list[Row]:
                 input_ids=toks[a:b],
                 topk_ids=ids[a:b],
                 topk_logprobs=lps[a:b],
-                target_mask=mask[a:b].astype(bool),
+                target_mask=mask[a:b],
                 response=responses[i] if responses else None,
             )
         )

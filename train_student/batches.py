@@ -180,4 +180,11 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
                 return
             yield item
     finally:
+        # stop the producer and wait for it: a thread still decoding while the interpreter
+        # shuts down aborts the process
         stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(timeout=0.1)

@@ -215,24 +215,27 @@ def train(cfg: TrainConfig) -> dict:
         while progress.step < total:  # one pass = (the rest of) one epoch
             plan = plan_epoch(reader, cfg, n_proc, progress.epoch)
             first = plan.at_row(progress.row)  # 0, or where a resumed run stopped
-            steps = prefetch(step_batches(reader, cfg, plan, progress.epoch, first,
-                                          accelerator.process_index, vocab))
-            for group, mine in steps:
-                if progress.step >= total:
-                    break
-                _step(accelerator, distiller, optimizer, cfg, total, plan, group, mine, progress)
-                now = time.perf_counter()
-                if now - t_last > 1.0 or progress.step == total:
-                    bar.set_postfix(loss=f"{progress.history[-1]['loss']:.4f}",
-                                    tok_s=f"{(progress.tokens - tok_last) / (now - t_last):.0f}")
-                    t_last, tok_last = now, progress.tokens
-                bar.update(1)
-                if cfg.eval_data and cfg.eval_every and progress.step % cfg.eval_every == 0:
-                    _eval(accelerator, distiller, cfg, progress)
-                if cfg.save_every and progress.step % cfg.save_every == 0:
-                    save_checkpoint(accelerator, out, progress)
-            else:
-                progress.epoch, progress.row = progress.epoch + 1, 0  # data ran out: next epoch
+            steps = contextlib.closing(prefetch(step_batches(
+                reader, cfg, plan, progress.epoch, first, accelerator.process_index, vocab)))
+            with steps as steps:  # closed on every exit: the prefetch thread ends with the loop
+                for group, mine in steps:
+                    if progress.step >= total:
+                        break
+                    _step(accelerator, distiller, optimizer, cfg, total, plan, group, mine,
+                          progress)
+                    now = time.perf_counter()
+                    if now - t_last > 1.0 or progress.step == total:
+                        rate = (progress.tokens - tok_last) / (now - t_last)
+                        bar.set_postfix(loss=f"{progress.history[-1]['loss']:.4f}",
+                                        tok_s=f"{rate:.0f}")
+                        t_last, tok_last = now, progress.tokens
+                    bar.update(1)
+                    if cfg.eval_data and cfg.eval_every and progress.step % cfg.eval_every == 0:
+                        _eval(accelerator, distiller, cfg, progress)
+                    if cfg.save_every and progress.step % cfg.save_every == 0:
+                        save_checkpoint(accelerator, out, progress)
+                else:
+                    progress.epoch, progress.row = progress.epoch + 1, 0  # data ran out: next
     finally:
         bar.close()  # before any error message, which must be the last line
 
