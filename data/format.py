@@ -214,12 +214,17 @@ ROW_COUNT_KEYS = ("softlabels.row_tokens", "softlabels.row_targets", "softlabels
 
 def row_counts(rows: list[Row]) -> dict[str, str]:
     """The footer metadata of `rows`: {key: base64 uint32 array}."""
+    return encode_row_counts(np.array(
+        [[len(r.input_ids) for r in rows], [int(r.target_mask.sum()) for r in rows],
+         [int(r.target_mask[:-1].sum()) for r in rows]], np.int64).reshape(3, len(rows)))
+
+
+def encode_row_counts(counts: np.ndarray) -> dict[str, str]:
+    """(3, rows) [tokens, targets, ce targets] -> footer metadata {key: base64 uint32 array}."""
     import base64
 
-    cols = ([len(r.input_ids) for r in rows], [int(r.target_mask.sum()) for r in rows],
-            [int(r.target_mask[:-1].sum()) for r in rows])
     return {key: base64.b64encode(np.asarray(c, "<u4").tobytes()).decode()
-            for key, c in zip(ROW_COUNT_KEYS, cols)}
+            for key, c in zip(ROW_COUNT_KEYS, counts)}
 
 
 def read_row_counts(meta: dict[bytes, bytes] | None, n_rows: int) -> np.ndarray | None:

@@ -21,6 +21,7 @@ from softlabels.data.format import DEFAULT_LOGPROB_STEP
 from softlabels.data.manifest import Manifest, fingerprint_files
 
 DEFAULT_UNIT_TOKENS = 131072
+DEFAULT_SHARD_TOKENS = 1 << 22  # 10B tokens -> ~2,400 files of ~300 MB at k=64
 
 
 def add_arguments(p) -> None:
@@ -38,7 +39,11 @@ def add_arguments(p) -> None:
     p.add_argument("--max-length", type=int, default=2048,
                    help="window length in tokens; longer records are split (default 2048)")
     p.add_argument("--unit-tokens", type=int, default=DEFAULT_UNIT_TOKENS,
-                   help=f"tokens per work unit and shard (default {DEFAULT_UNIT_TOKENS})")
+                   help=f"tokens per work unit: what a retry redoes (default "
+                   f"{DEFAULT_UNIT_TOKENS})")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help="tokens per published shard, at most: consecutive units are "
+                   f"concatenated into one file (default {DEFAULT_SHARD_TOKENS})")
     p.add_argument("--logprob-step", type=float, default=DEFAULT_LOGPROB_STEP,
                    help="log-prob quantisation step in nats (default 1/16)")
     r = p.add_argument_group("teacher-written responses (sequence-level distillation)")
@@ -176,8 +181,8 @@ def main(args) -> int:
     extra = _engine_extra(args.engine_arg)
     config, tok = check_teacher(teacher, args.top_k, args.trust_remote_code,
                                 safetensors_only="load_format" not in dict(extra))
-    if args.max_length < 1 or args.unit_tokens < 1:
-        raise UserError("--max-length and --unit-tokens must be positive")
+    if args.max_length < 1 or args.unit_tokens < 1 or args.shard_tokens < 1:
+        raise UserError("--max-length, --unit-tokens and --shard-tokens must be positive")
     security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
     cpu = on_cpu()
     n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
@@ -203,11 +208,13 @@ def main(args) -> int:
 
 
 def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu, n_workers):
-    """Plan (or reuse the plan), run the units still to do, publish: -> (manifest, plan, times)."""
+    """Plan, run the units still to do, concatenate them into shards, publish:
+    -> (manifest, plan, times)."""
     from softlabels.data.card import publish
     from softlabels.generate.engine import EngineConfig
-    from softlabels.generate.plan import Job, Plan, make_plan
-    from softlabels.generate.work import is_done, shard_info
+    from softlabels.generate.inputs import PIECE_BYTES
+    from softlabels.generate.plan import Job, claim
+    from softlabels.generate.work import is_published, shard_info, unit_path
 
     print(f"hashing teacher {teacher} and input {args.input} ...", file=sys.stderr)
     teacher_files = [f for f in teacher.rglob("*") if f.is_file() and
@@ -219,26 +226,14 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
         max_length=args.max_length,
         unit_tokens=args.unit_tokens,
         logprob_step=args.logprob_step,
+        shard_tokens=args.shard_tokens,
+        piece_bytes=PIECE_BYTES,
         fields=repr(fields),
         sampling=repr(sampling) if sampling else "",
         engine=json.dumps({"dtype": args.dtype, "engine_args": sorted(args.engine_arg),
                            "vllm": _vllm_version(), "trust_remote_code": args.trust_remote_code}),
     )
-    plan = Plan.load(out)
-    if plan is not None and plan.job_id != job.id():
-        raise UserError(f"{out} holds a different job (teacher, input or settings differ); "
-                        "use a new --output folder, or delete this one to start over")
-    if plan is None:
-        budget = sampling.max_new_tokens * sampling.n if sampling else 0
-        plan = make_plan(corpus, tok, job, out, fields, budget)
-    todo = [u for u in plan.units if not is_done(out, u, args.rehash)]
-    print(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
-          f"{plan.tokens} tokens, {len(plan.units)} units; {len(todo)} to run",
-          file=sys.stderr)
-    if plan.too_long:
-        print(f"{len(plan.too_long)} prompts leave no room for a response within "
-              f"--max-length and are skipped: records {plan.too_long[:20]}"
-              + (" ..." if len(plan.too_long) > 20 else ""), file=sys.stderr)
+    claim(out, job)
     engine = EngineConfig(
         teacher=str(teacher.resolve()),
         k=args.top_k,
@@ -250,28 +245,29 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
         extra=_engine_extra(args.engine_arg),
         trust_remote_code=args.trust_remote_code,
     )
-    failures, times = (_run(args, client, out, plan, todo, sampling, cpu, n_workers, engine)
-                       if todo else ([], {}))
-    if failures:
-        for name, err in failures:
-            print(f"unit {name} failed: {err}", file=sys.stderr)
-        first = failures[0][1].splitlines()[0]
-        raise UserError(f"{len(failures)} of {len(plan.units)} units failed (named above; "
-                        f"first: {first}); fix the cause and rerun the same command to "
-                        "finish the rest")
+    budget = sampling.max_new_tokens * sampling.n if sampling else 0
+    run = _Run(args, client, out, job, cpu, n_workers, engine, sampling)
+    plan = run.plan_and_score(corpus, fields, budget)
+    if not run.failures:
+        run.concatenate(plan)
+    if run.failures:
+        for name, err in run.failures:
+            print(f"{name} failed: {err}", file=sys.stderr)
+        first = run.failures[0][1].splitlines()[0]
+        raise UserError(f"{len(run.failures)} tasks failed (named above; first: {first}); fix "
+                        "the cause and rerun the same command to finish the rest")
     # Two attempts of one unit (a client that died while an external worker ran it, then a
-    # rerun) can both commit: publish only if every record still describes its shard.
-    stale = [u.name for u in plan.units if not is_done(out, u)]
+    # rerun) can both commit: publish only if every shard still matches its record.
+    stale = [s.name for s in plan.shards if not is_published(out, s)]
     if stale:
         raise UserError(f"{len(stale)} shards no longer match their commit records (another "
                         f"attempt replaced them: {', '.join(stale[:3])}); rerun the same command")
     _copy_tokenizer(tok, out)
-    shards = [shard_info(out, u) for u in plan.units]
     m = Manifest(
         k=args.top_k,
         logprob_step=args.logprob_step,
         vocab_size=config.get_text_config().vocab_size,
-        shards=shards,
+        shards=[shard_info(out, s) for s in plan.shards],
         provenance={
             "teacher": str(teacher.resolve()),
             "teacher_sha256": job.teacher_hash,
@@ -292,7 +288,9 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
         },
     )
     publish(out, m)
-    return m, plan, times
+    for u in plan.units:  # now inside the published shards (a shard of one unit is its link)
+        unit_path(out, u).unlink(missing_ok=True)
+    return m, plan, run.times
 
 
 def _vllm_version() -> str:
@@ -307,53 +305,139 @@ def _vllm_version() -> str:
     return "unknown"
 
 
-def _run(args, client, out, plan, todo, sampling, cpu, n_workers, engine
-         ) -> tuple[list[tuple[str, str]], dict]:
-    """Submit the units and show progress; return ([(unit name, error)] of failed units,
-    timings: the longest engine start, and teacher/write seconds summed over units)."""
-    from distributed import as_completed
-    from tqdm import tqdm
+class _Run:
+    """The job's Dask tasks: plan pieces, score units as soon as their piece is planned, then
+    concatenate units into shards. Failures are collected by name; a UserError (bad input)
+    stops the job."""
 
-    from softlabels.generate.cluster import cpu_groups, gpu_groups
-    from softlabels.generate.work import UnitTask, run_unit
+    def __init__(self, args, client, out, job, cpu, n_workers, engine, sampling):
+        from softlabels.generate.cluster import cpu_groups, gpu_groups
 
-    local = not args.scheduler
-    cpus = cpu_groups(n_workers) if (cpu and local) else ()
-    gpus = gpu_groups(n_workers, args.tensor_parallel_size) if (not cpu and local) else ()
-    failures = []
-    times = {"engine_start": 0.0, "teacher": 0.0, "write": 0.0}
-    futures = {
-        client.submit(
-            run_unit,
-            UnitTask(str(out.resolve()), u, engine, args.logprob_step, cpus, gpus,
-                     sampling),
-            key=f"unit-{u.name}",
-            resources={args.resource: 1},
-            retries=args.retries,
-            pure=False,
-        ): u
-        for u in todo
-    }
-    done_tokens = plan.tokens - sum(u.tokens for u in todo)
-    bar = tqdm(total=plan.tokens, initial=done_tokens, unit=" tok", unit_scale=True,
-               desc="teacher", smoothing=0.1)
-    left = len(todo)
-    for f in as_completed(futures):
-        u = futures[f]
+        local = not args.scheduler
+        self.args, self.client, self.out, self.job = args, client, out, job
+        self.engine, self.sampling = engine, sampling
+        self.cpus = cpu_groups(n_workers) if (cpu and local) else ()
+        self.gpus = gpu_groups(n_workers, args.tensor_parallel_size) if (not cpu and local) \
+            else ()
+        self.failures: list[tuple[str, str]] = []
+        self.times = {"engine_start": 0.0, "teacher": 0.0, "write": 0.0}
+
+    def plan_and_score(self, corpus, fields, budget):
+        """-> the plan (None if a piece failed); units run as their pieces are planned."""
+        from distributed import as_completed
+        from tqdm import tqdm
+
+        from softlabels.generate.inputs import PIECE_BYTES
+        from softlabels.generate.plan import PiecePlan, Plan, finish_plan
+        from softlabels.generate.work import PlanTask, is_published, plan_task
+
+        out, args = self.out, self.args
+        plan = Plan.load(out)
+        published = set() if plan is None else {
+            u for s in plan.shards if is_published(out, s, args.rehash) for u in s.units}
+        pieces = [] if plan is not None else corpus.pieces(PIECE_BYTES)  # checks the columns
+        self.tasks, self.ac, self.submitted, planned = {}, as_completed(), 0, {}
+        self.bar = tqdm(total=0, unit=" tok", unit_scale=True, desc="teacher", smoothing=0.1,
+                        leave=False)
+        if plan is not None:
+            self._release(plan.units, published)
+        else:
+            for p in pieces:
+                if (pp := PiecePlan.load(out, p.index)) is not None:
+                    planned[p.index] = pp
+                    self._release(pp.units, published)
+                    continue
+                task = PlanTask(str(out.resolve()), corpus, p, self.job, fields,
+                                self.engine.teacher, self.engine.trust_remote_code, budget)
+                # planning first: workers tokenize before they take teacher work
+                f = self.client.submit(plan_task, task, key=f"plan-{p.index}-{self.job.id()}",
+                                       retries=args.retries, priority=10, pure=False)
+                self.tasks[f] = f"planning piece {p.index} ({p.files[0]})"
+                self.ac.add(f)
+        def whole():  # every piece planned: record the plan and report it
+            plan = finish_plan(out, self.job, [planned[p.index] for p in pieces])
+            tqdm.write(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
+                       f"{plan.tokens} tokens, {len(plan.units)} units, {len(plan.shards)} "
+                       f"shards; {self.submitted} to run", file=sys.stderr)
+            if plan.too_long:
+                tqdm.write(f"{len(plan.too_long)} prompts leave no room for a response within "
+                           f"--max-length and are skipped: records {plan.too_long[:20]}"
+                           + (" ..." if len(plan.too_long) > 20 else ""), file=sys.stderr)
+            return plan
+
+        if plan is None and len(planned) == len(pieces):
+            plan = whole()
+        elif plan is not None:
+            tqdm.write(f"plan: {len(plan.units)} units, {len(plan.shards)} shards; "
+                       f"{self.submitted} to run", file=sys.stderr)
+        plan_bar = tqdm(total=len(pieces), initial=len(planned), unit=" pieces",
+                        desc="planning", position=1, leave=False, disable=not pieces)
         try:
-            r = f.result()
-            times["engine_start"] = max(times["engine_start"], r["engine_start_s"])
-            times["teacher"] += r["teacher_s"]
-            times["write"] += r["write_s"]
-        except Exception as e:  # reported by name; the rest of the job goes on
-            failures.append((u.name, f"{type(e).__name__}: {e}"))
-            left -= 1
-            continue
-        left -= 1
-        bar.update(u.tokens)
-        bar.set_postfix(units_left=left, failed=len(failures))
-    bar.close()
-    return failures, times
+            for f in self.ac:
+                what = self.tasks.pop(f)
+                try:
+                    r = f.result()
+                except Exception as e:  # reported by name; the rest of the job goes on
+                    self.failures.append((what, f"{type(e).__name__}: {e}"))
+                    continue
+                if isinstance(r, UserError):  # bad input: one message, nothing else to do
+                    raise r
+                if isinstance(r, PiecePlan):
+                    planned[r.piece] = r
+                    self._release(r.units, published)
+                    plan_bar.update(1)
+                    if len(planned) == len(pieces):
+                        plan = whole()
+                else:
+                    self.times["engine_start"] = max(self.times["engine_start"],
+                                                     r["engine_start_s"])
+                    self.times["teacher"] += r["teacher_s"]
+                    self.times["write"] += r["write_s"]
+                    self.bar.update(r["tokens"])
+        except BaseException:
+            self.client.cancel(list(self.tasks))
+            raise
+        finally:
+            plan_bar.close()
+            self.bar.close()
+        return plan
+
+    def _release(self, units, published) -> None:
+        """Submit the units not yet committed to the teacher workers."""
+        from softlabels.generate.work import UnitTask, is_done, run_unit
+
+        self.bar.total += sum(u.tokens for u in units)
+        for u in units:
+            if u.name in published or is_done(self.out, u, self.args.rehash):
+                self.bar.update(u.tokens)
+                continue
+            task = UnitTask(str(self.out.resolve()), u, self.engine, self.args.logprob_step,
+                            self.cpus, self.gpus, self.sampling)
+            f = self.client.submit(run_unit, task, key=f"unit-{u.name}",
+                                   resources={self.args.resource: 1},
+                                   retries=self.args.retries, pure=False)
+            self.tasks[f] = f"unit {u.name}"
+            self.ac.add(f)
+            self.submitted += 1
+        self.bar.refresh()
+
+    def concatenate(self, plan) -> None:
+        """Make the shards not yet published from their committed units, on the workers."""
+        from distributed import as_completed
+        from tqdm import tqdm
+
+        from softlabels.generate.work import MergeTask, is_published, merge_shard
+
+        todo = [s for s in plan.shards if not is_published(self.out, s, self.args.rehash)]
+        futures = {self.client.submit(merge_shard, MergeTask(str(self.out.resolve()), s),
+                                      key=f"shard-{s.name}", retries=self.args.retries,
+                                      pure=False): s for s in todo}
+        for f in tqdm(as_completed(futures), total=len(todo), desc="shards", leave=False,
+                      disable=len(todo) < 2):
+            try:
+                f.result()
+            except Exception as e:
+                self.failures.append((f"shard {futures[f].name}", f"{type(e).__name__}: {e}"))
 
 
 def _default_workers(cpu: bool, tensor_parallel: int) -> int:

@@ -3,11 +3,17 @@
 Every reader yields records (the values of the requested columns) in a fixed order; a record's
 index in that order is its identity (the `record` half of row_id), so the same input always
 plans the same way.
+
+The corpus is cut into pieces (row ranges of a Parquet file, byte ranges of a JSON Lines file,
+groups of .txt files, row ranges of a saved dataset) of about PIECE_BYTES of input, so planning
+runs as one Dask task per piece. Each piece knows its first record's index before any of it is
+tokenized (from Parquet metadata, or a newline count of its bytes), so pieces plan independently.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +22,23 @@ from pathlib import Path
 from softlabels.data.errors import UserError
 from softlabels.data.manifest import fingerprint_files
 
+PIECE_BYTES = 4 << 20  # ~1M tokens of text: ~1-2 s of tokenizing; 10k pieces at 10B tokens
+
 FORMATS = "a Parquet file or folder, a .jsonl file, .txt files, or a datasets.save_to_disk folder"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Records [first_record, first_record + records) of the corpus: `files` with a kind-specific
+    range [start, end) (Parquet or dataset rows, JSON Lines bytes; unused for .txt)."""
+
+    index: int
+    files: tuple[str, ...]
+    start: int
+    end: int
+    first_record: int
+    records: int
+    first_line: int = 1  # JSON Lines: the line number of `start`, for error messages
 
 
 @dataclass(frozen=True)
@@ -31,14 +53,70 @@ class Corpus:
         return (fingerprint_files(list(self.files), self.root, rehash) + ":"
                 + ",".join(self.columns))
 
-    def records(self) -> Iterator[tuple]:
-        """One tuple of column values per record, in input order."""
+    def pieces(self, piece_bytes: int = PIECE_BYTES) -> list[Piece]:
+        """The corpus in order, cut into pieces of about `piece_bytes` of input each."""
+        out: list[Piece] = []
+        first = 0
+
+        def add(files, start, end, records, first_line=1):
+            nonlocal first
+            if records:
+                out.append(Piece(len(out), tuple(map(str, files)), start, end, first, records,
+                                 first_line))
+                first += records
+
+        if self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            for f in self.files:  # file rows [start, end); a large row group is split
+                pf = pq.ParquetFile(f)
+                self._check_column(pf.schema_arrow.names, f)
+                start = row = 0
+                size = 0.0
+                for g in range(pf.num_row_groups):
+                    rg = pf.metadata.row_group(g)
+                    per, left = rg.total_byte_size / max(rg.num_rows, 1), rg.num_rows
+                    while left:
+                        take = min(left, max(1, math.ceil((piece_bytes - size) / per)))
+                        size, left, row = size + take * per, left - take, row + take
+                        if size >= piece_bytes:
+                            add([f], start, row, row - start)
+                            start, size = row, 0.0
+                add([f], start, row, row - start)
+        elif self.kind == "jsonl":
+            for f in self.files:
+                with open(f, "rb") as fh:
+                    start, line = 0, 1
+                    while block := fh.read(piece_bytes):
+                        if not block.endswith(b"\n"):
+                            block += fh.readline()
+                        lines = block.split(b"\n")
+                        add([f], start, start + len(block), sum(1 for x in lines if x.strip()),
+                            line)
+                        start, line = start + len(block), line + block.count(b"\n")
+        elif self.kind == "txt":
+            group, size = [], 0
+            for f in self.files:
+                group.append(f)
+                size += f.stat().st_size
+                if size >= piece_bytes or f == self.files[-1]:
+                    add(group, 0, 0, len(group))
+                    group, size = [], 0
+        else:
+            ds = self._dataset()
+            per = max(1, int(piece_bytes * len(ds) / max(ds.data.nbytes, 1)))
+            for a in range(0, len(ds), per):
+                add([self.root], a, min(a + per, len(ds)), min(a + per, len(ds)) - a)
+        return out
+
+    def records(self, piece: Piece) -> Iterator[tuple]:
+        """One tuple of column values per record of `piece`, in input order."""
         return {
             "parquet": self._parquet,
             "jsonl": self._jsonl,
             "txt": self._txt,
             "datasets": self._datasets,
-        }[self.kind]()
+        }[self.kind](piece)
 
     def _check_column(self, names: list[str], where: object) -> None:
         for c in self.columns:
@@ -49,53 +127,63 @@ class Corpus:
                     "--response-column, --messages-column)"
                 )
 
-    def _parquet(self) -> Iterator[tuple]:
+    def _parquet(self, piece: Piece) -> Iterator[tuple]:
         import pyarrow.parquet as pq
 
-        for f in self.files:
-            pf = pq.ParquetFile(f)
-            self._check_column(pf.schema_arrow.names, f)
-            for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g, columns=list(self.columns))
+        pf = pq.ParquetFile(piece.files[0])
+        first = 0  # the file row that starts row group g
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if first < piece.end and first + n > piece.start:
+                a, b = max(piece.start - first, 0), min(piece.end - first, n)
+                t = pf.read_row_group(g, columns=list(self.columns)).slice(a, b - a)
                 yield from zip(*(t.column(c).to_pylist() for c in self.columns))
+            first += n
 
-    def _jsonl(self) -> Iterator[str]:
-        for f in self.files:
-            with open(f, "rb") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line.decode("utf-8"))
-                    except UnicodeDecodeError as e:
-                        raise UserError(f"{f} line {n} is not valid UTF-8 ({e.reason}); "
-                                        "re-encode the file as UTF-8") from e
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{f} line {n} is not valid JSON ({e.msg})") from e
-                    if not isinstance(obj, dict):
-                        raise UserError(f"{f} line {n} is not a JSON object")
-                    self._check_column(list(obj), f"{f} line {n}")
-                    yield tuple(obj[c] for c in self.columns)
+    def _jsonl(self, piece: Piece) -> Iterator[tuple]:
+        f = piece.files[0]
+        with open(f, "rb") as fh:
+            fh.seek(piece.start)
+            block = fh.read(piece.end - piece.start)
+        for n, line in enumerate(block.split(b"\n"), piece.first_line):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{f} line {n} is not valid UTF-8 ({e.reason}); "
+                                "re-encode the file as UTF-8") from e
+            except json.JSONDecodeError as e:
+                raise UserError(f"{f} line {n} is not valid JSON ({e.msg})") from e
+            if not isinstance(obj, dict):
+                raise UserError(f"{f} line {n} is not a JSON object")
+            self._check_column(list(obj), f"{f} line {n}")
+            yield tuple(obj[c] for c in self.columns)
 
-    def _txt(self) -> Iterator[tuple]:
+    def _txt(self, piece: Piece) -> Iterator[tuple]:
         if len(self.columns) != 1:
             raise UserError(".txt input holds plain text: use Parquet or JSON Lines for "
                             "prompt/response or messages columns")
-        for f in self.files:
+        for f in piece.files:
             try:
-                yield (f.read_bytes().decode("utf-8"),)
+                yield (Path(f).read_bytes().decode("utf-8"),)
             except UnicodeDecodeError as e:
                 raise UserError(f"{f} is not valid UTF-8 (byte {e.start}: {e.reason}); "
                                 "re-encode it as UTF-8") from e
 
-    def _datasets(self) -> Iterator[tuple]:
+    def _dataset(self):
         import datasets
 
         ds = datasets.load_from_disk(str(self.root))
         if isinstance(ds, datasets.DatasetDict):
             raise UserError(f"{self.root} holds splits {list(ds)}; pass one split's folder")
         self._check_column(ds.column_names, self.root)
-        for batch in ds.select_columns(list(self.columns)).iter(batch_size=1024):
+        return ds
+
+    def _datasets(self, piece: Piece) -> Iterator[tuple]:
+        ds = self._dataset().select_columns(list(self.columns))
+        for a in range(piece.start, piece.end, 1024):
+            batch = ds[a : min(a + 1024, piece.end)]
             yield from zip(*(batch[c] for c in self.columns))
 
 

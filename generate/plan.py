@@ -1,9 +1,15 @@
-"""Planning: tokenize the corpus once, cut records into windows, pack windows into work units.
+"""Planning: tokenize the corpus, cut records into windows, pack windows into work units.
 
-The plan is written (atomically) before any work starts: `.softlabels/plan.parquet` holds every
-window's row_id and token ids, one row group per unit, and `.softlabels/plan.json` the units'
-names and sizes. A unit's name derives from the job's identity and its index, so a rerun of the
-same command finds the shards it already committed.
+The corpus is planned piece by piece (inputs.Piece), each piece by one Dask task: it writes
+`.softlabels/plan/piece-NNNNN.parquet` (its windows' row_id, token ids and target mask, one row
+group per unit) and then `piece-NNNNN.json` (its units and counts), both atomically. A unit's
+windows never span pieces, so the teacher can start on a piece's units while later pieces are
+still being tokenized, and a rerun plans only the pieces that have no record yet. When every
+piece is planned, `plan.json` lists all units and how they are grouped into published shards
+(`--shard-tokens`: many units per file, so 10B tokens make a few thousand files, not 76k).
+
+Names derive from the job's identity and the unit's place, so a rerun of the same command finds
+the units it already committed.
 
 Window policy: a record of n tokens becomes ceil(n / max_length) windows of consecutive tokens
 (the last may be shorter). Windows do not overlap, so every token lands in exactly one; the first
@@ -19,7 +25,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from softlabels.data.atomic import atomic_path, write_text
 from softlabels.data.errors import UserError
@@ -40,6 +45,8 @@ class Job:
     max_length: int
     unit_tokens: int
     logprob_step: float
+    shard_tokens: int = 0  # units are concatenated into shards of up to this many tokens
+    piece_bytes: int = 0  # how the corpus is cut for planning (inputs.PIECE_BYTES)
     fields: str = "text"  # which columns mean what (records.Fields)
     sampling: str = ""  # teacher-written responses: the sampling settings, else ""
     engine: str = ""  # what else changes the numbers: dtype, engine args, vLLM version, code
@@ -50,9 +57,40 @@ class Job:
 
 @dataclass
 class Unit:
-    index: int
-    name: str  # the shard file it produces
+    piece: int
+    group: int  # row group of the piece's plan file
+    name: str  # the file it commits, under .softlabels/units/
     rows: int
+    tokens: int
+
+
+@dataclass
+class PiecePlan:
+    """What planning one piece found: its units, and the counts the final report sums."""
+
+    piece: int
+    records: int
+    empty_records: int
+    tokens: int
+    too_long: list[int]
+    units: list[Unit]
+
+    @classmethod
+    def load(cls, out: Path, piece: int) -> PiecePlan | None:
+        try:
+            d = json.loads(_piece_path(out, piece, ".json").read_text())
+        except (OSError, ValueError):
+            return None
+        d["units"] = [Unit(**u) for u in d["units"]]
+        return cls(**d)
+
+
+@dataclass
+class Shard:
+    """A published file: consecutive units concatenated."""
+
+    name: str
+    units: list[str]
     tokens: int
 
 
@@ -60,6 +98,7 @@ class Unit:
 class Plan:
     job_id: str
     units: list[Unit]
+    shards: list[Shard]
     records: int
     empty_records: int
     tokens: int
@@ -72,109 +111,150 @@ class Plan:
             return None
         d = json.loads(path.read_text())
         d["units"] = [Unit(**u) for u in d["units"]]
+        d["shards"] = [Shard(**s) for s in d["shards"]]
         return cls(**d)
 
 
-def plan_path(out: Path) -> Path:
-    return out / STATE_DIR / "plan.parquet"
+def _piece_path(out: Path, piece: int, suffix: str) -> Path:
+    return out / STATE_DIR / "plan" / f"piece-{piece:05d}{suffix}"
 
 
-def make_plan(corpus, tokenizer, job: Job, out: Path, fields, response_budget: int = 0,
-              batch: int = 256) -> Plan:
-    """Tokenize `corpus`, write the plan files under `out`, return the plan.
+def claim(out: Path, job: Job) -> None:
+    """Record which job `out` holds; refuse a different one (teacher, input or settings)."""
+    path = out / STATE_DIR / "job.json"
+    if path.is_file():
+        if json.loads(path.read_text()).get("id") != job.id():
+            raise UserError(f"{out} holds a different job (teacher, input or settings differ); "
+                            "use a new --output folder, or delete this one to start over")
+        return
+    write_text(path, json.dumps({"id": job.id(), "job": asdict(job)}, indent=1) + "\n")
+
+
+def plan_piece(corpus, piece, tokenizer, job: Job, out: Path, fields,
+               response_budget: int = 0, batch: int = 256) -> PiecePlan:
+    """Tokenize one piece of the corpus and write its plan files; return its summary.
 
     With a `response_budget` (max new tokens x samples), rows hold prompts (one window each,
     mask empty) for the teacher to answer, and each costs its prompt plus that budget.
     """
     from softlabels.generate.records import prompt_ids, tokenize
 
-    jid = job.id()
-    units: list[Unit] = []
-    records = empty = total = 0
-    too_long: list[int] = []
+    jid = job.id()[:8]
+    result = PiecePlan(piece.index, 0, 0, 0, [], [])
     pending: list[tuple[str, list[int], list[bool]]] = []
     pending_tokens = 0
+    record = piece.first_record
 
     def close_unit(w: pq.ParquetWriter) -> None:
         nonlocal pending, pending_tokens
-        i = len(units)
-        name = f"shard-{i:05d}-{jid[:8]}.parquet"
+        j = len(result.units)
         cols = list(zip(*pending))
         w.write_table(
             pa.table({"row_id": cols[0], "input_ids": cols[1], "target_mask": cols[2]},
                      schema=PLAN_SCHEMA),
             row_group_size=len(pending),
         )
-        units.append(Unit(i, name, len(pending), pending_tokens))
+        result.units.append(Unit(piece.index, j, f"unit-{piece.index:05d}-{j:05d}-{jid}.parquet",
+                                 len(pending), pending_tokens))
         pending, pending_tokens = [], 0
 
     def add(w, rid: str, ids: list[int], mask: list[bool], cost: int) -> None:
-        nonlocal pending_tokens, total
+        nonlocal pending_tokens
         if pending and pending_tokens + cost > job.unit_tokens:
             close_unit(w)
         pending.append((rid, ids, mask))
         pending_tokens += cost
-        total += len(ids)
+        result.tokens += len(ids)
 
     def encode_batch(values: list[tuple]) -> list[tuple[list[int], list[bool]]]:
         if not fields.chat:  # plain text: the tokenizer's fast batch path
             bad = [i for i, v in enumerate(values) if not isinstance(v[0], str | None)]
             if bad:
-                raise UserError(f"record {records + bad[0]}: column {fields.text!r} is "
+                raise UserError(f"record {record + bad[0]}: column {fields.text!r} is "
                                 f"{type(values[bad[0]][0]).__name__}, not text")
             texts = [v[0] or "" for v in values]  # a null cell is an empty record (counted)
             enc = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
             return [(ids, [True] * len(ids)) if t.strip() else ([], [])
                     for t, ids in zip(texts, enc)]
-        return [tokenize(v, fields, tokenizer, records + i) for i, v in enumerate(values)]
+        return [tokenize(v, fields, tokenizer, record + i) for i, v in enumerate(values)]
 
-    bar = tqdm(desc="planning", unit=" records", leave=False)
-    with atomic_path(plan_path(out)) as tmp, pq.ParquetWriter(tmp, PLAN_SCHEMA) as w:
+    def flush(w, values: list[tuple]) -> None:
+        nonlocal record
+        if response_budget:
+            for v in values:
+                ids = prompt_ids(v, fields, tokenizer, record)
+                if not ids:
+                    result.empty_records += 1
+                elif len(ids) >= job.max_length:
+                    result.too_long.append(record)
+                else:
+                    add(w, row_id(record, 0), ids, [], len(ids) + response_budget)
+                record += 1
+        else:
+            for ids, mask in encode_batch(values):
+                if not ids:
+                    result.empty_records += 1
+                for wi, a in enumerate(range(0, len(ids), job.max_length)):
+                    b = a + job.max_length
+                    add(w, row_id(record, wi), ids[a:b], mask[a:b], len(ids[a:b]))
+                record += 1
+
+    with atomic_path(_piece_path(out, piece.index, ".parquet")) as tmp, \
+            pq.ParquetWriter(tmp, PLAN_SCHEMA) as w:
         values: list[tuple] = []
-
-        def flush() -> None:
-            nonlocal records, empty
-            if response_budget:
-                for v in values:
-                    ids = prompt_ids(v, fields, tokenizer, records)
-                    if not ids:
-                        empty += 1
-                    elif len(ids) >= job.max_length:
-                        too_long.append(records)
-                    else:
-                        add(w, row_id(records, 0), ids, [], len(ids) + response_budget)
-                    records += 1
-            else:
-                for ids, mask in encode_batch(values):
-                    if not ids:
-                        empty += 1
-                    for wi, a in enumerate(range(0, len(ids), job.max_length)):
-                        b = a + job.max_length
-                        add(w, row_id(records, wi), ids[a:b], mask[a:b], len(ids[a:b]))
-                    records += 1
-            bar.update(len(values))
-            values.clear()
-
-        for v in corpus.records():
+        for v in corpus.records(piece):
             values.append(v)
             if len(values) == batch:
-                flush()
-        flush()
+                flush(w, values)
+                values = []
+        flush(w, values)
         if pending:
             close_unit(w)
-    bar.close()
-    if total == 0:
-        plan_path(out).unlink(missing_ok=True)
+    result.records = record - piece.first_record
+    if result.records != piece.records:  # the input changed since it was cut into pieces
+        raise UserError(f"input piece {piece.index} ({piece.files[0]}) has {result.records} "
+                        f"records, {piece.records} when planning began: is the input being "
+                        "written? Rerun when it is complete")
+    write_text(_piece_path(out, piece.index, ".json"), json.dumps(asdict(result)) + "\n")
+    return result
+
+
+def finish_plan(out: Path, job: Job, pieces: list[PiecePlan]) -> Plan:
+    """All pieces planned: group the units into shards, write plan.json, return the plan."""
+    units = [u for p in pieces for u in p.units]
+    records = sum(p.records for p in pieces)
+    empty = sum(p.empty_records for p in pieces)
+    too_long = [r for p in pieces for r in p.too_long]
+    tokens = sum(p.tokens for p in pieces)
+    if tokens == 0:
         raise UserError(
             f"input has no usable records ({records} records, {empty} empty, {len(too_long)} "
             "prompts too long): check the input path, the column options and --max-length"
         )
-    plan = Plan(jid, units, records, empty, total, too_long)
+    shards: list[Shard] = []
+    for u in units:  # consecutive units, up to shard_tokens per shard (at least one unit)
+        if not shards or shards[-1].tokens + u.tokens > job.shard_tokens:
+            shards.append(Shard(f"shard-{len(shards):05d}-{job.id()[:8]}.parquet", [], 0))
+        shards[-1].units.append(u.name)
+        shards[-1].tokens += u.tokens
+    plan = Plan(job.id(), units, shards, records, empty, tokens, too_long)
     write_text(out / STATE_DIR / "plan.json", json.dumps(asdict(plan)) + "\n")
     return plan
 
 
+def make_plan(corpus, tokenizer, job: Job, out: Path, fields, response_budget: int = 0
+              ) -> Plan:
+    """Plan every piece in this process (what the Dask tasks do, one after another)."""
+    from softlabels.generate.inputs import PIECE_BYTES
+
+    claim(out, job)
+    pieces = [PiecePlan.load(out, p.index) or
+              plan_piece(corpus, p, tokenizer, job, out, fields, response_budget)
+              for p in corpus.pieces(job.piece_bytes or PIECE_BYTES)]
+    return finish_plan(out, job, pieces)
+
+
 def read_unit(out: Path, unit: Unit) -> tuple[list[str], list[list[int]], list[list[bool]]]:
-    t = pq.ParquetFile(plan_path(out)).read_row_group(unit.index)
+    t = pq.ParquetFile(_piece_path(out, unit.piece, ".parquet")).read_row_group(unit.group)
     return (t.column("row_id").to_pylist(), t.column("input_ids").to_pylist(),
             t.column("target_mask").to_pylist())

@@ -1,4 +1,5 @@
-"""What a Dask worker runs: one unit in, one committed shard out, a small summary back.
+"""What a Dask worker runs: plan a piece of the corpus; score a unit with the teacher and commit
+its file; concatenate committed units into a published shard.
 
 The engine is built in the first task a worker process runs and cached for the process's life
 (WorkerPlugin.setup would block the worker's event loop for the minute an engine takes to start).
@@ -16,13 +17,45 @@ from pathlib import Path
 
 import numpy as np
 
-from softlabels.data.atomic import write_text
+from softlabels.data.atomic import fsync_dir, write_text
+from softlabels.data.errors import UserError
 from softlabels.data.format import Row
-from softlabels.data.writer import ShardInfo, sha256_file, write_shard
+from softlabels.data.writer import ShardInfo, concat_shards, sha256_file, write_shard
 from softlabels.generate.engine import EngineConfig, Sampling, Teacher, on_cpu
-from softlabels.generate.plan import STATE_DIR, Unit, read_unit
+from softlabels.generate.plan import STATE_DIR, Job, PiecePlan, Shard, Unit, plan_piece, read_unit
 
 _TEACHER: list[Teacher] = []  # this worker process's engine (one at a time)
+_TOKENIZER: dict = {}  # this worker process's tokenizer, by teacher path
+
+
+@dataclass(frozen=True)
+class PlanTask:
+    out: str
+    corpus: object  # inputs.Corpus
+    piece: object  # inputs.Piece
+    job: Job
+    fields: object  # records.Fields
+    teacher: str
+    trust_remote_code: bool = False
+    response_budget: int = 0
+
+
+def plan_task(task: PlanTask) -> PiecePlan | UserError:
+    """Tokenize one piece of the corpus on this worker (inputs and teacher folder are read where
+    the worker runs, as the engine reads the teacher). Bad input is returned, not raised: it is
+    the user's one-line message, not a worker failure to log with a traceback."""
+    from transformers import AutoTokenizer
+
+    key = (task.teacher, task.trust_remote_code)
+    if key not in _TOKENIZER:
+        _TOKENIZER.clear()
+        _TOKENIZER[key] = AutoTokenizer.from_pretrained(
+            task.teacher, trust_remote_code=task.trust_remote_code)
+    try:
+        return plan_piece(task.corpus, task.piece, _TOKENIZER[key], task.job, Path(task.out),
+                          task.fields, task.response_budget)
+    except UserError as e:
+        return e
 
 
 @dataclass(frozen=True)
@@ -38,39 +71,100 @@ class UnitTask:
     sampling: Sampling | None = None  # set: the teacher writes the responses
 
 
+def unit_path(out: Path, unit: Unit) -> Path:
+    return out / STATE_DIR / "units" / unit.name
+
+
 def done_path(out: Path, unit: Unit) -> Path:
     return out / STATE_DIR / "done" / f"{unit.name}.json"
 
 
-def _identity(path: Path) -> list[int]:
+def shard_record_path(out: Path, shard: Shard) -> Path:
+    return out / STATE_DIR / "shards" / f"{shard.name}.json"
+
+
+def _identity(path: Path | int) -> list[int]:
     """What names one version of a file without reading it: size, mtime and inode. A rename of
-    another attempt's file, or a rewrite in place, changes it."""
-    st = path.stat()
+    another attempt's file, or a rewrite in place, changes it. `path` may be an open fd."""
+    st = os.fstat(path) if isinstance(path, int) else path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
-def is_done(out: Path, unit: Unit, rehash: bool = False) -> bool:
-    """Committed and intact: the unit's record describes the shard now on disk.
+def _matches(record: Path, path: Path, rehash: bool = False) -> bool:
+    """The commit record describes the file now at `path`.
 
     The record names the exact file its attempt committed (size, mtime, inode), so a rerun
     trusts it after one stat, whatever the dataset's size; only when they differ (the file was
-    changed, copied, or replaced by another attempt of the same unit) is the shard hashed and
-    compared with the record's sha256. `rehash` always hashes."""
-    rec, shard = done_path(out, unit), out / unit.name
-    if not (rec.is_file() and shard.is_file()):
+    changed, copied, or replaced by another attempt) is the file hashed and compared with the
+    record's sha256. `rehash` always hashes."""
+    if not (record.is_file() and path.is_file()):
         return False
     try:
-        d = json.loads(rec.read_text())
-        if not rehash and d.get("identity") == _identity(shard):
+        d = json.loads(record.read_text())
+        if not rehash and d.get("identity") == _identity(path):
             return True
-        return d["sha256"] == sha256_file(shard)
+        return d["sha256"] == sha256_file(path)
     except (OSError, ValueError, KeyError):
         return False
 
 
-def shard_info(out: Path, unit: Unit) -> ShardInfo:
-    d = json.loads(done_path(out, unit).read_text())
+def is_done(out: Path, unit: Unit, rehash: bool = False) -> bool:
+    """The unit's file is committed and intact (before it is concatenated into its shard)."""
+    return _matches(done_path(out, unit), unit_path(out, unit), rehash)
+
+
+def is_published(out: Path, shard: Shard, rehash: bool = False) -> bool:
+    """The shard was made from committed units and is intact."""
+    return _matches(shard_record_path(out, shard), out / shard.name, rehash)
+
+
+def shard_info(out: Path, shard: Shard) -> ShardInfo:
+    d = json.loads(shard_record_path(out, shard).read_text())
     return ShardInfo(**{k: d[k] for k in ShardInfo.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class MergeTask:
+    out: str
+    shard: Shard
+
+
+def merge_shard(task: MergeTask) -> dict:
+    """Concatenate a shard's committed units into the published file and record it.
+
+    Each unit file is opened, then checked against its commit record through the open handle,
+    so a late attempt that replaces a unit file meanwhile cannot mix into the shard. A shard of
+    one unit is a hard link to it: nothing is rewritten."""
+    out = Path(task.out)
+    units = [Unit(0, 0, name, 0, 0) for name in task.shard.units]
+    handles = [open(unit_path(out, u), "rb") for u in units]
+    try:
+        for u, fh in zip(units, handles):
+            rec = json.loads(done_path(out, u).read_text())
+            if rec.get("identity") != _identity(fh.fileno()) and \
+                    rec["sha256"] != sha256_file(f"/proc/self/fd/{fh.fileno()}"):
+                raise RuntimeError(f"unit {u.name} no longer matches its commit record")
+        path = out / task.shard.name
+        if len(handles) == 1:
+            rec = json.loads(done_path(out, units[0]).read_text())
+            tmp = path.with_name(f".{path.name}.link")
+            tmp.unlink(missing_ok=True)
+            os.link(unit_path(out, units[0]), tmp)
+            if _identity(tmp) != _identity(handles[0].fileno()):  # replaced since it was checked
+                tmp.unlink()
+                raise RuntimeError(f"unit {units[0].name} was replaced while it was published")
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            info = ShardInfo(**{**{k: rec[k] for k in ShardInfo.__dataclass_fields__},
+                                "file": path.name})
+        else:
+            info = concat_shards(path, handles)
+    finally:
+        for fh in handles:
+            fh.close()
+    record = {**asdict(info), "identity": _identity(path), "units": task.shard.units}
+    write_text(shard_record_path(out, task.shard), json.dumps(record))
+    return asdict(info)
 
 
 def _drop_teacher() -> None:
@@ -182,9 +276,10 @@ def run_unit(task: UnitTask) -> dict:
         _drop_teacher()
         raise
     t2 = time.perf_counter()
-    info = write_shard(out / task.unit.name, rows, task.engine.k, task.logprob_step)
-    # The record names the file this attempt committed (see is_done).
-    record = {**asdict(info), "identity": _identity(out / task.unit.name)}
+    path = unit_path(out, task.unit)
+    info = write_shard(path, rows, task.engine.k, task.logprob_step)
+    # The record names the file this attempt committed (see _matches).
+    record = {**asdict(info), "identity": _identity(path)}
     write_text(done_path(out, task.unit), json.dumps(record))
     return {
         **asdict(info),

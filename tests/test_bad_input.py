@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -74,19 +75,23 @@ def test_top_k_larger_than_vocab(tmp_path, tiny_teacher):
     assert_one_line_error(p, "--top-k 100000", "vocabulary size 512")
 
 
-@pytest.mark.parametrize("kind", ["parquet", "jsonl", "txt", "datasets"])
-def test_each_input_kind_is_read_in_order(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["parquet", "one-row-group", "jsonl", "txt", "datasets"])
+def test_each_input_kind_is_read_in_order_across_pieces(tmp_path, kind):
+    """Planning runs one task per piece: the pieces, read one by one, give every record once, in
+    order, and each piece knows its first record's index before it is read."""
     import datasets
 
     from softlabels.generate.inputs import open_corpus
 
-    texts = ["first record", "second, with ünïcode", "third"]
-    if kind == "parquet":
-        pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet")
+    texts = [f"record {i}, with ünïcode" + "x" * (i % 7) for i in range(40)]
+    if kind in ("parquet", "one-row-group"):  # pieces within and across row groups
+        pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet",
+                       row_group_size=3 if kind == "parquet" else len(texts))
         path = tmp_path / "a.parquet"
-    elif kind == "jsonl":
+    elif kind == "jsonl":  # blank lines are not records
         path = tmp_path / "a.jsonl"
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        path.write_text("".join(json.dumps({"text": t}) + ("\n  \n" if i % 5 == 0 else "\n")
+                                for i, t in enumerate(texts)))
     elif kind == "txt":
         path = tmp_path / "docs"
         path.mkdir()
@@ -95,7 +100,13 @@ def test_each_input_kind_is_read_in_order(tmp_path, kind):
     else:
         path = tmp_path / "saved"
         datasets.Dataset.from_dict({"text": texts}).save_to_disk(path)
-    assert [r[0] for r in open_corpus(path).records()] == texts
+    corpus = open_corpus(path)
+    pieces = corpus.pieces(piece_bytes=100)
+    assert len(pieces) >= 4
+    read = [[r[0] for r in corpus.records(p)] for p in pieces]
+    assert [t for piece in read for t in piece] == texts
+    assert [len(r) for r in read] == [p.records for p in pieces]
+    assert [p.first_record for p in pieces] == np.cumsum([0] + [len(r) for r in read])[:-1].tolist()
 
 
 def test_second_writer_on_same_output_is_refused(tmp_path, tiny_teacher):

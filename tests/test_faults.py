@@ -16,7 +16,7 @@ import pytest
 from softlabels.data.manifest import Manifest
 from softlabels.data.verify import verify
 from softlabels.generate.plan import Plan
-from softlabels.generate.work import is_done
+from softlabels.generate.work import done_path, is_done
 from tests.helpers import (
     REPO,
     corpus_texts,
@@ -94,19 +94,21 @@ def test_disk_full_then_rerun_after_freeing_space(tmp_path, tiny_teacher, corpus
         assert "Traceback" not in p.stderr
         assert not (out / "manifest.json").exists()
         plan = Plan.load(out)
-        visible = [f for f in os.listdir(out) if f.startswith("shard-")]
-        assert visible, "the disk should have held some shards"
+        units = out / ".softlabels" / "units"
+        visible = [f for f in os.listdir(units) if f.startswith("unit-")]
+        assert visible, "the disk should have held some units"
         by_name = {u.name: u for u in plan.units}
-        for f in visible:  # only complete shards are visible (some may lack their done record)
-            assert pq.read_table(out / f).num_rows == by_name[f].rows
+        for f in visible:  # only complete units are visible (some may lack their done record)
+            assert pq.read_table(units / f).num_rows == by_name[f].rows
         assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-        committed = {f: (out / f).stat().st_mtime_ns for f in visible
+        assert not [f for f in os.listdir(units) if f.endswith(".tmp")]
+        committed = {f: done_path(out, by_name[f]).stat().st_mtime_ns for f in visible
                      if is_done(out, by_name[f])}
         subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
         softlabels(*args)
-        assert verify(out) == []
-        assert {f: (out / f).stat().st_mtime_ns for f in committed} == committed
-        assert len(Manifest.load(out).shards) == len(plan.units)
+        assert verify(out) == []  # committed units were not redone:
+        assert {f: done_path(out, by_name[f]).stat().st_mtime_ns for f in committed} == committed
+        assert Manifest.load(out).rows == sum(u.rows for u in plan.units)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
         shutil.rmtree(mnt, ignore_errors=True)

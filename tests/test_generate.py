@@ -17,6 +17,7 @@ import pytest
 from softlabels.data.format import DEFAULT_LOGPROB_STEP
 from softlabels.data.manifest import Manifest
 from softlabels.data.verify import verify
+from softlabels.generate.plan import Plan
 from tests.helpers import (
     REPO,
     assert_same_targets,
@@ -29,6 +30,7 @@ from tests.helpers import (
 
 K = 8
 MAXLEN = 96
+SIZES = ["--unit-tokens", 700, "--shard-tokens", 1400]  # two units per published shard
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,7 @@ def corpus(tmp_path_factory):
 def generated(tmp_path_factory, tiny_teacher, corpus, dask_cluster):
     out = tmp_path_factory.mktemp("gen") / "ds"
     softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", out,
-               "--top-k", K, "--max-length", MAXLEN, "--unit-tokens", 700,
-               "--scheduler", dask_cluster)
+               "--top-k", K, "--max-length", MAXLEN, *SIZES, "--scheduler", dask_cluster)
     return out
 
 
@@ -87,10 +88,34 @@ def test_embedded_cluster_gives_the_same_dataset(tmp_path, tiny_teacher, corpus,
     """The default path: an embedded LocalCluster with its own engine, no --scheduler."""
     out = tmp_path / "ds"
     p = softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", out,
-                   "--top-k", K, "--max-length", MAXLEN, "--unit-tokens", 700)
+                   "--top-k", K, "--max-length", MAXLEN, *SIZES)
     assert "Dask dashboard: http://127.0.0.1:" in p.stderr
     a, b = Manifest.load(out), Manifest.load(generated)
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def test_shards_are_their_units_concatenated(tmp_path, tiny_teacher, corpus, generated,
+                                             dask_cluster):
+    """--shard-tokens packs consecutive units into one published file: the same rows, values and
+    order as one file per unit, fewer files, units gone from the state folder, and
+    datasets.load_dataset reads it."""
+    import datasets
+
+    one = tmp_path / "one"
+    softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", one,
+               "--top-k", K, "--max-length", MAXLEN, "--unit-tokens", 700, "--shard-tokens", 1,
+               "--scheduler", dask_cluster)
+    plan, m = Plan.load(generated), Manifest.load(generated)
+    assert len(Manifest.load(one).shards) == len(plan.units) > 2
+    assert len(m.shards) == (len(plan.units) + 1) // 2
+    a, b = read_dataset(generated), read_dataset(one)
+    assert list(a) == list(b)  # same rows in the same order
+    for rid in a:
+        assert np.array_equal(a[rid].topk_ids, b[rid].topk_ids)
+        assert np.array_equal(a[rid].topk_logprobs, b[rid].topk_logprobs)
+    assert not list((generated / ".softlabels" / "units").iterdir())
+    ds = datasets.load_dataset(str(generated), split="train", cache_dir=str(tmp_path / ".hf"))
+    assert ds["row_id"] == list(a)
 
 
 def test_client_killed_then_rerun_equals_uninterrupted(tmp_path, tiny_teacher, corpus,
@@ -114,7 +139,7 @@ def test_client_killed_then_rerun_equals_uninterrupted(tmp_path, tiny_teacher, c
     committed = len(list(done.iterdir()))
     rerun = softlabels(*cmd(out))
     ran = int(rerun.stderr.split(" to run")[0].rsplit(";", 1)[1])
-    n_units = len(Manifest.load(out).shards)
+    n_units = len(Plan.load(out).units)
     assert committed >= 3 and ran <= n_units - committed  # committed units were not redone
     a, b = Manifest.load(out), Manifest.load(tmp_path / "whole")
     assert [(s.file, s.sha256) for s in a.shards] == [(s.file, s.sha256) for s in b.shards]
@@ -136,9 +161,9 @@ def test_damaged_shards_are_regenerated_and_nothing_else(tmp_path, generated, ti
     untouched = {s.file: (out / s.file).stat().st_mtime_ns for s in m.shards[2:]}
     p = softlabels("verify", out, check=False)
     assert p.returncode == 1 and s0.name in p.stdout and s1.name in p.stdout
-    softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", out,
-               "--top-k", K, "--max-length", MAXLEN, "--unit-tokens", 700,
-               "--scheduler", dask_cluster)
+    p = softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", out,
+                   "--top-k", K, "--max-length", MAXLEN, *SIZES, "--scheduler", dask_cluster)
+    assert "; 4 to run" in p.stderr  # the two units of each damaged shard
     assert verify(out) == []
     assert {f: (out / f).stat().st_mtime_ns for f in untouched} == untouched
     assert json.loads((out / "manifest.json").read_text())["shards"] == \
@@ -192,7 +217,6 @@ def test_stale_engine_results_are_refused_and_the_engine_dropped(tmp_path, tiny_
     from distributed import Client
 
     from softlabels.generate.engine import EngineConfig
-    from softlabels.generate.plan import Plan
     from softlabels.generate.work import UnitTask, done_path
 
     out = tmp_path / "ds"
@@ -209,8 +233,7 @@ def test_stale_engine_results_are_refused_and_the_engine_dropped(tmp_path, tiny_
     assert done_path(out, unit).read_text() == record  # nothing committed by the failed attempt
     again = tmp_path / "again"
     softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", again,
-               "--top-k", K, "--max-length", MAXLEN, "--unit-tokens", 700,
-               "--scheduler", dask_cluster)
+               "--top-k", K, "--max-length", MAXLEN, *SIZES, "--scheduler", dask_cluster)
     assert [s["sha256"] for s in json.loads((again / "manifest.json").read_text())["shards"]] \
         == [s["sha256"] for s in json.loads((generated / "manifest.json").read_text())["shards"]]
 
@@ -233,7 +256,8 @@ def test_rerun_trusts_unchanged_files_without_reading_them(tmp_path, tiny_teache
     teacher, out = tmp_path / "teacher", tmp_path / "ds"
     shutil.copytree(tiny_teacher, teacher)
     args = ["generate", "--teacher", teacher, "--input", corpus[0], "--output", out, "--top-k",
-            K, "--max-length", MAXLEN, "--unit-tokens", 700, "--scheduler", dask_cluster]
+            K, "--max-length", MAXLEN, "--unit-tokens", 700, "--shard-tokens", 1,
+            "--scheduler", dask_cluster]
     softlabels(*args)
     weights = teacher / "model.safetensors"
     _rewrite_keeping_stat(weights, bytes(b ^ 1 for b in weights.read_bytes()))

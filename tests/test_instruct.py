@@ -154,3 +154,64 @@ def test_train_eval_and_inspect_use_the_mask(tmp_path, chat_teacher, inputs, das
     assert m["tokens"] == sum(int(r.target_mask.sum()) for r in rows.values())
     shown = softlabels("inspect", out, "--row", 0).stdout
     assert "prompt:" in shown and "response:" in shown and PAIRS[0][1] in shown
+
+
+CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe helpful.<|im_end|>\n"
+          "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+          "{% endif %}")
+TRIMMING = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+            "<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+            "{% endif %}")
+
+
+def _chat(turns: int, text=lambda i: f"turn {i}: and God saw the light"):
+    roles = ["user", "assistant"]
+    return [{"role": "system", "content": "Answer briefly."}] + [
+        {"role": roles[i % 2], "content": text(i)} for i in range(turns)]
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, CHATML, TRIMMING])
+def test_chat_segments_linear_equal_prefix_rendering(tiny_teacher, template):
+    """Two renders of the whole chat give the same tokens and response mask as rendering every
+    prefix; where that cannot be shown (a template that trims contents with spaces around them)
+    the prefix rendering is used."""
+    from transformers import AutoTokenizer
+
+    from softlabels.generate import records
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    tok.chat_template = template
+    chats = [_chat(6), _chat(3)[1:], _chat(4, lambda i: "<|im_end|>\nassistant" * (i + 1)),
+             _chat(4, lambda i: f"  padded {i}  ")]
+    for msgs in chats:
+        fast = records._turn_texts(msgs, tok)
+        slow = records._turn_texts_by_prefixes(msgs, tok)
+        if fast is None:
+            assert template == TRIMMING and "padded" in msgs[1]["content"]
+        else:
+            assert fast == [t for t in slow if t[0]]  # the prefix method keeps empty pieces
+        ids, mask = records.tokenize((msgs,), records.Fields(messages="m"), tok, 0)
+        want = [(tok(t, add_special_tokens=False).input_ids, r) for t, r in slow]
+        assert ids == [i for seg, _ in want for i in seg]
+        is_resp = [r for seg, r in want for _ in seg]
+        assert mask == is_resp[1:] + [False]
+
+
+def test_chat_rendering_is_linear_in_turns(tiny_teacher):
+    """A chat of n turns is rendered twice, whatever n (the per-template probes are cached)."""
+    from transformers import AutoTokenizer
+
+    from softlabels.generate import records
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    tok.chat_template = CHATML
+    calls = []
+    render = tok.apply_chat_template
+    tok.apply_chat_template = lambda *a, **kw: calls.append(1) or render(*a, **kw)
+    records.tokenize((_chat(2),), records.Fields(messages="m"), tok, 0)  # probes the template
+    for turns in (2, 40):
+        calls.clear()
+        records.tokenize((_chat(turns),), records.Fields(messages="m"), tok, 0)
+        assert len(calls) == 2
