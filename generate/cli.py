@@ -38,6 +38,11 @@ def add_arguments(p) -> None:
     p.add_argument("--top-k", type=int, default=64, help="targets per token (default 64)")
     p.add_argument("--max-length", type=int, default=2048,
                    help="window length in tokens; longer records are split (default 2048)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="new positions per later window of a long record: each later window "
+                   "starts with the --max-length minus --stride tokens before it as context "
+                   "(no targets there); the teacher scores max-length/stride times the tokens "
+                   "(default: --max-length, windows do not overlap)")
     p.add_argument("--unit-tokens", type=int, default=DEFAULT_UNIT_TOKENS,
                    help=f"tokens per work unit: what a retry redoes (default "
                    f"{DEFAULT_UNIT_TOKENS})")
@@ -183,6 +188,12 @@ def main(args) -> int:
                                 safetensors_only="load_format" not in dict(extra))
     if args.max_length < 1 or args.unit_tokens < 1 or args.shard_tokens < 1:
         raise UserError("--max-length, --unit-tokens and --shard-tokens must be positive")
+    if args.stride is not None and not 1 <= args.stride <= args.max_length:
+        raise UserError(f"--stride {args.stride} must be between 1 and --max-length "
+                        f"{args.max_length}")
+    if args.stride is not None and args.generate_responses:
+        raise UserError("--stride is for records cut into windows; with --generate-responses "
+                        "each prompt is one window")
     security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
     cpu = on_cpu()
     n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
@@ -227,6 +238,7 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
         unit_tokens=args.unit_tokens,
         logprob_step=args.logprob_step,
         shard_tokens=args.shard_tokens,
+        stride=0 if args.stride in (None, args.max_length) else args.stride,
         piece_bytes=PIECE_BYTES,
         fields=repr(fields),
         sampling=repr(sampling) if sampling else "",
@@ -274,6 +286,7 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
             "tokenizer_vocab_size": len(tok),
             "k": args.top_k,
             "max_length": args.max_length,
+            "stride": args.stride or args.max_length,
             "vllm_version": _vllm_version(),
             "input": str(Path(args.input).resolve()),
             "input_fingerprint": job.input_fingerprint,

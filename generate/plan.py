@@ -11,9 +11,11 @@ piece is planned, `plan.json` lists all units and how they are grouped into publ
 Names derive from the job's identity and the unit's place, so a rerun of the same command finds
 the units it already committed.
 
-Window policy: a record of n tokens becomes ceil(n / max_length) windows of consecutive tokens
-(the last may be shorter). Windows do not overlap, so every token lands in exactly one; the first
-tokens of a later window are scored without the earlier window as context.
+Window policy (`windows`): a record of n tokens is cut into windows of at most max_length tokens,
+and every position carries its target in exactly one window. Without a stride the windows do not
+overlap (the first tokens of a later window are scored with no context); with `--stride S` each
+later window starts with the max_length - S tokens before it as context only (mask false), then
+S new positions, so the teacher scores max_length / S times the tokens.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Job:
     unit_tokens: int
     logprob_step: float
     shard_tokens: int = 0  # units are concatenated into shards of up to this many tokens
+    stride: int = 0  # new positions per later window; 0: max_length (no overlap)
     piece_bytes: int = 0  # how the corpus is cut for planning (inputs.PIECE_BYTES)
     fields: str = "text"  # which columns mean what (records.Fields)
     sampling: str = ""  # teacher-written responses: the sampling settings, else ""
@@ -130,6 +133,17 @@ def claim(out: Path, job: Job) -> None:
     write_text(path, json.dumps({"id": job.id(), "job": asdict(job)}, indent=1) + "\n")
 
 
+def windows(n: int, max_length: int, stride: int = 0) -> list[tuple[int, int, int]]:
+    """[(start, first target, end)] of a record's windows: tokens [start, end), targets on
+    positions [first target, end); the targets tile [0, n) exactly once."""
+    step = stride or max_length
+    out = [(0, 0, min(n, max_length))] if n else []
+    while out and out[-1][2] < n:
+        t = out[-1][2]
+        out.append((t - (max_length - step), t, min(n, t + step)))
+    return out
+
+
 def plan_piece(corpus, piece, tokenizer, job: Job, out: Path, fields,
                response_budget: int = 0, batch: int = 256) -> PiecePlan:
     """Tokenize one piece of the corpus and write its plan files; return its summary.
@@ -194,9 +208,8 @@ def plan_piece(corpus, piece, tokenizer, job: Job, out: Path, fields,
             for ids, mask in encode_batch(values):
                 if not ids:
                     result.empty_records += 1
-                for wi, a in enumerate(range(0, len(ids), job.max_length)):
-                    b = a + job.max_length
-                    add(w, row_id(record, wi), ids[a:b], mask[a:b], len(ids[a:b]))
+                for wi, (a, t, b) in enumerate(windows(len(ids), job.max_length, job.stride)):
+                    add(w, row_id(record, wi), ids[a:b], [False] * (t - a) + mask[t:b], b - a)
                 record += 1
 
     with atomic_path(_piece_path(out, piece.index, ".parquet")) as tmp, \

@@ -140,3 +140,25 @@ def test_null_text_cell_is_an_empty_record(tmp_path, tiny_teacher):
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "num.parquet")
     p = generate(tiny_teacher, tmp_path / "num.parquet", tmp_path / "out2")
     assert_one_line_error(p, "record 0", "not text")
+
+
+def test_stride_outside_the_window_is_refused(tmp_path, tiny_teacher):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+    for stride in (0, 65):
+        p = generate(tiny_teacher, tmp_path / "in.jsonl", tmp_path / "out", "--max-length", 64,
+                     "--stride", stride)
+        assert_one_line_error(p, f"--stride {stride}", "between 1 and --max-length 64")
+    assert not (tmp_path / "out").exists()
+
+
+def test_windows_tile_every_record_once():
+    """Every position carries its target in exactly one window, windows are at most max_length
+    long, and a later window's context is the max_length - stride tokens before its targets."""
+    from softlabels.generate.plan import windows
+
+    for n in (0, 1, 7, 64, 65, 300):
+        for L, S in ((64, 0), (64, 64), (64, 1), (64, 24), (7, 3)):
+            w = windows(n, L, S)
+            assert [p for _, t, b in w for p in range(t, b)] == list(range(n))
+            assert all(0 <= a <= t < b <= a + L for a, t, b in w)
+            assert all(t - a == (L - (S or L) if i else 0) for i, (a, t, _) in enumerate(w))

@@ -118,6 +118,35 @@ def test_shards_are_their_units_concatenated(tmp_path, tiny_teacher, corpus, gen
     assert ds["row_id"] == list(a)
 
 
+def test_stride_gives_later_windows_context(tmp_path, tiny_teacher, corpus, dask_cluster):
+    """--stride: each later window starts with context positions (no target); the targets still
+    cover every token of every record exactly once, and equal a transformers forward over the
+    window with its context."""
+    from transformers import AutoTokenizer
+
+    out, L, S = tmp_path / "ds", 64, 24
+    softlabels("generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", out,
+               "--top-k", K, "--max-length", L, "--stride", S, "--scheduler", dask_cluster)
+    assert verify(out) == []
+    rows = read_dataset(out)
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    later = []
+    for rec, text in enumerate(corpus[1]):
+        ids = tok(text).input_ids if text else []
+        wins = sorted((r for r in rows.values() if r.record == rec), key=lambda r: r.window)
+        assert [int(i) for r in wins for i in r.input_ids[r.target_mask]] == ids
+        for r in wins[1:]:
+            assert len(r.input_ids) <= L and not r.target_mask[: L - S].any()
+            assert r.target_mask[L - S:].all()
+            later.append(r)
+    assert len(later) > 10
+    refs = reference_topk(tiny_teacher, [r.input_ids.tolist() for r in later[:6]], K + 1)
+    for r, (ref_ids, ref_lp) in zip(later, refs):
+        m = r.target_mask & (ref_lp[:, K - 1] - ref_lp[:, K] > 1e-4)
+        assert_same_targets(ref_ids[m, :K], ref_lp[m, :K], r.topk_ids[m], r.topk_logprobs[m],
+                            DEFAULT_LOGPROB_STEP / 2 + 1e-4)
+
+
 def test_client_killed_then_rerun_equals_uninterrupted(tmp_path, tiny_teacher, corpus,
                                                          dask_cluster):
     def cmd(out):
