@@ -131,7 +131,7 @@ def main() -> None:
     runs = {"CE only": (full, ["--ce-weight", "1.0"])}
     for k in (1, 8, 64):
         runs[f"stored top-{k} KD, tail"] = (data[k], [])
-        runs[f"stored top-{k} KD, renormalised"] = (data[k], ["--no-tail"])
+        runs[f"stored top-{k} KD, renormalised"] = (data[k], ["--residual", "none"])
         runs[f"stored top-{k} KD, tail, + 0.5 CE"] = (data[k], ["--ce-weight", "0.5"])
     results = {}
     for name, (d, extra) in runs.items():

@@ -341,7 +341,7 @@ class _Run:
         from tqdm import tqdm
 
         from softlabels.generate.inputs import PIECE_BYTES
-        from softlabels.generate.plan import PiecePlan, Plan, finish_plan
+        from softlabels.generate.plan import PiecePlan, Plan
         from softlabels.generate.work import PlanTask, is_published, plan_task
 
         out, args = self.out, self.args
@@ -367,19 +367,8 @@ class _Run:
                                        retries=args.retries, priority=10, pure=False)
                 self.tasks[f] = f"planning piece {p.index} ({p.files[0]})"
                 self.ac.add(f)
-        def whole():  # every piece planned: record the plan and report it
-            plan = finish_plan(out, self.job, [planned[p.index] for p in pieces])
-            tqdm.write(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
-                       f"{plan.tokens} tokens, {len(plan.units)} units, {len(plan.shards)} "
-                       f"shards; {self.submitted} to run", file=sys.stderr)
-            if plan.too_long:
-                tqdm.write(f"{len(plan.too_long)} prompts leave no room for a response within "
-                           f"--max-length and are skipped: records {plan.too_long[:20]}"
-                           + (" ..." if len(plan.too_long) > 20 else ""), file=sys.stderr)
-            return plan
-
         if plan is None and len(planned) == len(pieces):
-            plan = whole()
+            plan = self._whole(pieces, planned)
         elif plan is not None:
             tqdm.write(f"plan: {len(plan.units)} units, {len(plan.shards)} shards; "
                        f"{self.submitted} to run", file=sys.stderr)
@@ -400,7 +389,7 @@ class _Run:
                     self._release(r.units, published)
                     plan_bar.update(1)
                     if len(planned) == len(pieces):
-                        plan = whole()
+                        plan = self._whole(pieces, planned)
                 else:
                     self.times["engine_start"] = max(self.times["engine_start"],
                                                      r["engine_start_s"])
@@ -413,6 +402,22 @@ class _Run:
         finally:
             plan_bar.close()
             self.bar.close()
+        return plan
+
+    def _whole(self, pieces, planned):
+        """Every piece is planned: record the plan (plan.json) and report it."""
+        from tqdm import tqdm
+
+        from softlabels.generate.plan import finish_plan
+
+        plan = finish_plan(self.out, self.job, [planned[p.index] for p in pieces])
+        tqdm.write(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
+                   f"{plan.tokens} tokens, {len(plan.units)} units, {len(plan.shards)} shards; "
+                   f"{self.submitted} to run", file=sys.stderr)
+        if plan.too_long:
+            tqdm.write(f"{len(plan.too_long)} prompts leave no room for a response within "
+                       f"--max-length and are skipped: records {plan.too_long[:20]}"
+                       + (" ..." if len(plan.too_long) > 20 else ""), file=sys.stderr)
         return plan
 
     def _release(self, units, published) -> None:

@@ -125,6 +125,9 @@ def _piece_path(out: Path, piece: int, suffix: str) -> Path:
 def claim(out: Path, job: Job) -> None:
     """Record which job `out` holds; refuse a different one (teacher, input or settings)."""
     path = out / STATE_DIR / "job.json"
+    if not path.is_file() and (out / STATE_DIR / "plan.json").is_file():
+        raise UserError(f"{out} holds a job planned by an older softlabels; finish it with that "
+                        "version, or use a new --output folder")
     if path.is_file():
         if json.loads(path.read_text()).get("id") != job.id():
             raise UserError(f"{out} holds a different job (teacher, input or settings differ); "

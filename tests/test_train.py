@@ -23,7 +23,7 @@ from softlabels.data.reader import SoftLabelReader
 from softlabels.data.show import TOKENIZER_DIR
 from softlabels.data.writer import sha256_file, write_shard
 from softlabels.train_student.batches import EpochPlan
-from softlabels.train_student.losses import LOSSES, kd_ce_sums
+from softlabels.train_student.losses import LOSSES, RESIDUALS, kd_ce_sums
 from tests.helpers import REPO, corpus_texts, dask_env, reference_topk, softlabels
 
 K = 8
@@ -34,12 +34,26 @@ STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
 
 # ---------------------------------------------------------------- the loss against a dense one
 
-def dense_reference(logits, ids, lp, labels, loss, beta, T, tail):
+def dense_reference(logits, ids, lp, labels, loss, beta, T, residual):
     """Plain float64 formulas over the full vocabulary: what the chunked code must equal."""
     logits, lp = logits.double(), lp.double()
     q_all = torch.softmax(logits / T, -1)
+    if residual == "label":  # a dense target: top-k + the rest on the label (tail if none)
+        d = []
+        for n in range(len(ids)):
+            rest = 1 - lp[n].exp().sum()
+            if labels[n] < 0:
+                p = torch.cat([lp[n].exp(), rest[None]])
+                q = torch.cat([q_all[n, ids[n]], 1 - q_all[n, ids[n]].sum()[None]])
+            else:
+                p = torch.zeros(len(q_all[n]), dtype=torch.float64)
+                p[ids[n]] = lp[n].exp()
+                p[labels[n]] += rest
+                q = q_all[n]
+            d.append((p[p > 0] * (p[p > 0].log() - q[p > 0].log())).sum())
+        return torch.stack(d).sum(), _dense_ce(logits, labels)
     q = q_all.gather(-1, ids)
-    if tail:  # T = 1 only (refused otherwise)
+    if residual == "tail":  # T = 1 only (refused otherwise)
         p = torch.cat([lp.exp(), 1 - lp.exp().sum(-1, keepdim=True)], -1)
         q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
     else:
@@ -56,19 +70,23 @@ def dense_reference(logits, ids, lp, labels, loss, beta, T, tail):
         kl_pm = (p * (p.log() - m.log())).sum(-1)
         d = kl_pm if loss == "skew_kl" else beta * kl_pm + (1 - beta) * (
             q * (q.log() - m.log())).sum(-1)
+    return d.sum() * T**2, _dense_ce(logits, labels)
+
+
+def _dense_ce(logits, labels):
     has = labels >= 0
-    ce = torch.nn.functional.cross_entropy(logits[has], labels[has], reduction="sum")
-    return d.sum() * T**2, ce
+    return torch.nn.functional.cross_entropy(logits[has], labels[has], reduction="sum")
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("residual", RESIDUALS)
 @pytest.mark.parametrize("T", [1.0, 2.0])
-def test_chunked_sparse_loss_matches_dense_reference(loss, tail, T):
-    if tail and T != 1.0:
-        with pytest.raises(ValueError, match="not exact"):
+def test_chunked_sparse_loss_matches_dense_reference(loss, residual, T):
+    if (residual != "none" and T != 1.0) or (residual == "label" and loss != "forward_kl"):
+        with pytest.raises(ValueError, match="not exact|forward_kl"):
             kd_ce_sums(torch.zeros(2, 4), torch.nn.Linear(4, 10), torch.zeros(2, K).long(),
-                       torch.full((2, K), -3.0), torch.zeros(2).long(), temperature=T)
+                       torch.full((2, K), -3.0), torch.zeros(2).long(), loss=loss,
+                       temperature=T, residual=residual)
         return
     g = torch.Generator().manual_seed(0)
     N, H, V = 13, 16, 50
@@ -77,10 +95,11 @@ def test_chunked_sparse_loss_matches_dense_reference(loss, tail, T):
     teacher = torch.log_softmax(torch.randn(N, V, generator=g) * 3, -1)
     lp, ids = teacher.topk(K, -1)
     labels = torch.randint(0, V, (N,), generator=g)
+    labels[:3] = ids[:3, 2]  # the label inside the top-k: the residual joins its slot
     labels[-1] = -1
     kd, ce, n_ce = kd_ce_sums(h, head, ids, lp, labels, loss=loss, beta=0.3, temperature=T,
-                              tail=tail, chunk=4)
-    ref_kd, ref_ce = dense_reference(head(h), ids, lp, labels, loss, 0.3, T, tail)
+                              residual=residual, chunk=4)
+    ref_kd, ref_ce = dense_reference(head(h), ids, lp, labels, loss, 0.3, T, residual)
     assert n_ce == N - 1
     torch.testing.assert_close(kd.double(), ref_kd, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
@@ -395,16 +414,18 @@ def test_config_file_then_flags(tmp_path, dataset):
     cfg = tmp_path / "train.yaml"
     cfg.write_text(yaml.safe_dump({"student": str(dataset.parent / "student.json"),
                                    "data": str(dataset), "max-steps": 2, "batch_tokens": 96,
-                                   "lr": 0.002, "loss": "reverse_kl", "tail": False}))
+                                   "lr": 0.002, "loss": "reverse_kl", "residual": "none"}))
     out = tmp_path / "s"
     softlabels("train", "--config", cfg, "--output", out, "--lr", "0.005")
     used = json.loads((out / "train_config.json").read_text())
-    assert (used["lr"], used["loss"], used["tail"], used["max_steps"]) == (0.005, "reverse_kl",
-                                                                          False, 2)
+    assert (used["lr"], used["loss"], used["residual"], used["max_steps"]) == (
+        0.005, "reverse_kl", "none", 2)
     assert log(out)["steps"] == 2
     for bad, needle in (({"lerning_rate": 1}, "unknown option(s) lerning_rate"),
                         ({"max_steps": "two"}, "max_steps should be int"),
-                        ({"temperature": 2.0}, "tail bucket is not exact")):
+                        ({"temperature": 2.0}, "with a residual (tail or label) is not exact"),
+                        ({"residual": "label", "loss": "jsd"}, "use it with --loss forward_kl"),
+                        ({"residual": "ghost"}, "--residual 'ghost': choose from")):
         cfg.write_text(yaml.safe_dump(bad))
         p = softlabels("train", "--config", cfg, "--output", out, check=False)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr

@@ -14,7 +14,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from softlabels.data.errors import UserError
-from softlabels.train_student.losses import LOSSES, TAIL_TEMPERATURE
+from softlabels.train_student.losses import (
+    LABEL_RESIDUAL_LOSS,
+    LOSSES,
+    RESIDUALS,
+    TAIL_TEMPERATURE,
+)
 
 
 def opt(default, help: str, **argparse_kw):
@@ -32,7 +37,9 @@ class TrainConfig:
     beta: float = opt(0.5, "JSD's mixing weight / skew KL's alpha")
     ce_weight: float = opt(0.0, "loss = (1 - w) KD + w CE on the hard next tokens (1 = CE only)")
     temperature: float = opt(1.0, "softmax temperature of both sides")
-    tail: bool = opt(True, "(k+1)-th bucket for the mass outside the top-k, or renormalise")
+    residual: str = opt("tail", "where the teacher's mass outside the top-k goes: tail (a (k+1)-th "
+                                "bucket), label (onto the real next token; forward_kl), or none "
+                                "(renormalise the top-k)", choices=RESIDUALS)
     max_steps: int = opt(0, "optimiser steps; 0: use --epochs")
     epochs: int = opt(1, "passes over the data when --max-steps is 0")
     batch_tokens: int = opt(4096, "tokens per micro-batch and process")
@@ -73,8 +80,12 @@ class TrainConfig:
             errors.append("--beta must be in (0, 1)")
         if self.temperature <= 0:
             errors.append("--temperature must be > 0")
-        elif self.tail and self.temperature != 1.0 and self.ce_weight < 1.0:
+        elif self.residual != "none" and self.temperature != 1.0 and self.ce_weight < 1.0:
             errors.append(TAIL_TEMPERATURE)
+        if self.residual not in RESIDUALS:
+            errors.append(f"--residual {self.residual!r}: choose from {', '.join(RESIDUALS)}")
+        elif self.residual == "label" and self.loss != "forward_kl" and self.ce_weight < 1.0:
+            errors.append(LABEL_RESIDUAL_LOSS)
         if self.batch_tokens < 1 or self.grad_accum < 1 or self.chunk < 1:
             errors.append("--batch-tokens, --grad-accum and --chunk must be >= 1")
         if self.max_steps <= 0 and self.epochs <= 0:

@@ -70,19 +70,19 @@ class DistillationTrainer(Trainer):
     """A `transformers.Trainer` whose default collator and loss are softlabels'.
 
     Extra keyword arguments are the CLI's loss options: `loss`, `ce_weight`, `temperature`,
-    `beta`, `tail`, `chunk`.
+    `beta`, `residual`, `chunk`.
     """
 
     loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's target tokens
 
     def __init__(self, *args, loss: str = "forward_kl", ce_weight: float = 0.0,
-                 temperature: float = 1.0, beta: float = 0.5, tail: bool = True,
+                 temperature: float = 1.0, beta: float = 0.5, residual: str = "tail",
                  chunk: int = 1024, **kwargs):
         if loss not in LOSSES:
             raise ValueError(f"loss {loss!r}: choose from {', '.join(LOSSES)}")
-        if tail and temperature != 1.0:
+        if residual != "none" and temperature != 1.0:
             raise ValueError(TAIL_TEMPERATURE)
-        self.kd = {"loss": loss, "beta": beta, "temperature": temperature, "tail": tail,
+        self.kd = {"loss": loss, "beta": beta, "temperature": temperature, "residual": residual,
                    "chunk": chunk}
         self.ce_weight = ce_weight
         model = kwargs.get("model", args[0] if args else None)

@@ -50,7 +50,7 @@ class Distiller(torch.nn.Module):
         c = self.cfg
         kd, ce, _ = kd_ce_sums(
             h, self.model.get_output_embeddings(), batch.ids, batch.lp, batch.labels,
-            loss=c.loss, beta=c.beta, temperature=c.temperature, tail=c.tail,
+            loss=c.loss, beta=c.beta, temperature=c.temperature, residual=c.residual,
             chunk=c.chunk, softcap=self.softcap,
         )
         return kd, ce
