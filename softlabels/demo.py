@@ -184,7 +184,7 @@ def main(args) -> int:
               "--max-steps", str(args.student_steps), "--batch-tokens", "4096",
               "--lr", "3e-3", "--warmup", "10", "--eval-data", out / "targets-heldout",
               "--eval-every", str(max(1, args.student_steps // 6))]
-    for name, extra in [("student_kd", ["--ce-weight", "0.5"]),
+    for name, extra in [("student_kd", []),  # the default recipe
                         ("student_ce", ["--ce-weight", "1.0"])]:
         if (out / name / "model.safetensors").is_file():
             print(f"{name}: cached ({out / name})")

@@ -75,8 +75,8 @@ class DistillationTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's target tokens
 
-    def __init__(self, *args, loss: str = "forward_kl", ce_weight: float = 0.0,
-                 temperature: float = 1.0, beta: float = 0.5, residual: str = "tail",
+    def __init__(self, *args, loss: str = "forward_kl", ce_weight: float = 0.5,
+                 temperature: float = 1.0, beta: float = 0.5, residual: str = "label",
                  chunk: int = 1024, **kwargs):
         if loss not in LOSSES:
             raise ValueError(f"loss {loss!r}: choose from {', '.join(LOSSES)}")
