@@ -183,7 +183,11 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, dataset):
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(
         tmp_path / "b" / "model.safetensors")
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+        # Adam turns fp32 summation-order noise in a ~0 gradient into a step of up to lr: a few
+        # entries may differ a little; a wrong accumulation moves most of them
+        diff = (wa[k] - wb[k]).abs()
+        off = diff > 1e-6 + 1e-4 * wb[k].abs()
+        assert off.float().mean() < 1e-3 and diff.max() < 1e-4, (k, off.sum(), diff.max())
 
 
 def test_loss_goes_down_and_outputs_are_written(tmp_path, dataset):
@@ -453,7 +457,7 @@ def heldout(tmp_path_factory, tiny_teacher):
     return d
 
 
-def _hf_train(dataset, out, steps, batch, accum, shuffle=True, ce_weight=0.3):
+def _hf_train(dataset, out, steps, batch, accum, shuffle=True, ce_weight=0.3, residual="tail"):
     from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 
     from softlabels.train_student.hf import DistillationTrainer, soft_label_dataset
@@ -466,7 +470,7 @@ def _hf_train(dataset, out, steps, batch, accum, shuffle=True, ce_weight=0.3):
                              per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
                              lr_scheduler_type="constant", report_to=[], use_cpu=True,
                              save_strategy="no", seed=0)
-    DistillationTrainer(model=model, args=args, ce_weight=ce_weight,
+    DistillationTrainer(model=model, args=args, ce_weight=ce_weight, residual=residual,
                         train_dataset=soft_label_dataset(dataset, shuffle=shuffle)).train()
     return model
 
@@ -481,7 +485,8 @@ def test_hf_trainer_moves_the_student_toward_the_teacher(tmp_path, dataset, held
     torch.manual_seed(0)
     start = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
     before = evaluate(start, heldout, 1024)
-    # pure KD: this tiny teacher is random, so CE on the real text pulls away from it
+    # pure KD: this tiny teacher is random, so CE on the real text (or the residual on it) pulls
+    # away from it
     after = evaluate(_hf_train(dataset, tmp_path, 40, 4, 1, ce_weight=0.0), heldout, 1024)
     assert after["kl"] < 0.75 * before["kl"], (before, after)
 

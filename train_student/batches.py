@@ -28,11 +28,9 @@ class Batch:
     ids: torch.Tensor  # (N, k) teacher top-k ids, -1 where the student cannot produce the id
     lp: torch.Tensor  # (N, k) teacher log-probs (T=1)
     labels: torch.Tensor  # (N,) next token, -1 at a window's last position
-    weight: float = 1.0  # 0 for the filler chunk a process gets when the data runs out
 
     def to(self, device) -> Batch:
-        t = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-        return Batch(**t, weight=self.weight)
+        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
 def collate(rows: list[Row], student_vocab: int) -> Batch:
