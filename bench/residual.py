@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPES = {
+RECIPES = {  # every option spelled out: the defaults changed to the best of these
     "CE only": ["--ce-weight", "1.0"],
-    "top-k + tail": [],
-    "top-k + label residual": ["--residual", "label"],
-    "top-k renormalised": ["--residual", "none"],
-    "top-k + tail + 0.5 CE (demo)": ["--ce-weight", "0.5"],
+    "top-k + tail": ["--residual", "tail", "--ce-weight", "0"],
+    "top-k + label residual": ["--residual", "label", "--ce-weight", "0"],
+    "top-k renormalised": ["--residual", "none", "--ce-weight", "0"],
+    "top-k + tail + 0.5 CE (demo)": ["--residual", "tail", "--ce-weight", "0.5"],
     "top-k + label residual + 0.5 CE": ["--residual", "label", "--ce-weight", "0.5"],
 }
 
