@@ -130,9 +130,11 @@ def main() -> None:
         truncate(full, data[k], k)
     runs = {"CE only": (full, ["--ce-weight", "1.0"])}
     for k in (1, 8, 64):
-        runs[f"stored top-{k} KD, tail"] = (data[k], [])
-        runs[f"stored top-{k} KD, renormalised"] = (data[k], ["--residual", "none"])
-        runs[f"stored top-{k} KD, tail, + 0.5 CE"] = (data[k], ["--ce-weight", "0.5"])
+        tail = ["--residual", "tail"]  # options spelled out: the defaults are another recipe
+        runs[f"stored top-{k} KD, tail"] = (data[k], [*tail, "--ce-weight", "0"])
+        runs[f"stored top-{k} KD, renormalised"] = (data[k], ["--residual", "none",
+                                                              "--ce-weight", "0"])
+        runs[f"stored top-{k} KD, tail, + 0.5 CE"] = (data[k], [*tail, "--ce-weight", "0.5"])
     results = {}
     for name, (d, extra) in runs.items():
         dst = out / name.replace(" ", "_").replace(",", "")
