@@ -13,6 +13,31 @@ from softlabels.data.manifest import Manifest
 def render(m: Manifest) -> str:
     files = "\n".join(f"          - {s.file}" for s in m.shards)
     prov = "\n".join(f"| {k} | `{v}` |" for k, v in m.provenance.items())
+    what = " and ".join(
+        ([f"the teacher's top-{m.k} next-token log-probabilities"] if m.k else [])
+        + ([f"{m.draws} draws from its next-token distribution (temperature "
+            f"{m.sample_temperature:g}), as distinct ids and counts"] if m.draws else []))
+    columns, decoding = [], []
+    if m.k:
+        columns += [
+            f"| topk_id_gaps | list<int32[{m.k}]> | teacher's top-{m.k} ids per position, "
+            "ascending, gap-coded |",
+            f"| topk_logprobs_q | list<uint16[{m.k}]> | their quantised log-probs, same order |"]
+        decoding.append(
+            f"per position, `ids = cumsum(topk_id_gaps[t])`, `logprobs = -{m.logprob_step!r} * "
+            "topk_logprobs_q[t]`: natural-log probabilities at temperature 1 over the full "
+            f"vocabulary ({m.vocab_size} tokens), in id order (sort by descending logprob for "
+            "rank order); the tail mass is `1 - sum(exp(logprobs))`.")
+    if m.draws:
+        columns += [
+            "| sample_id_gaps | list<list<int32>> | distinct drawn ids per position, ascending, "
+            "gap-coded |",
+            "| sample_counts | list<list<uint16>> | how often each was drawn; they sum to "
+            f"{m.draws} |"]
+        decoding.append(
+            "per position, `ids = cumsum(sample_id_gaps[t])`, drawn `sample_counts[t]` times "
+            f"each out of {m.draws}: `count / {m.draws}` is an unbiased estimate of the "
+            "teacher's probability of each id.")
     return f"""---
 configs:
   - config_name: default
@@ -28,8 +53,8 @@ tags:
 
 # Soft-label dataset (softlabels format v{m.format_version})
 
-Per token, the teacher's top-{m.k} next-token log-probabilities, stored so a student can be
-trained without running the teacher again. {m.rows} rows, {m.tokens} tokens, {len(m.shards)} shards.
+Per token, {what}, stored so a student can be trained without running the teacher again.
+{m.rows} rows, {m.tokens} tokens, {len(m.shards)} shards.
 
 ## Columns
 | column | type | meaning |
@@ -37,15 +62,11 @@ trained without running the teacher again. {m.rows} rows, {m.tokens} tokens, {le
 | row_id | string | `<record>:<window>`: input record index, window index within it |
 | input_ids | list<int32> | token ids of the window |
 | target_mask | list<bool> | false where a position carries no target |
-| topk_id_gaps | list<int32[{m.k}]> | teacher's top-{m.k} ids per position, ascending, gap-coded |
-| topk_logprobs_q | list<uint16[{m.k}]> | their quantised log-probs, same order |
+{chr(10).join(columns)}
 
-**Decoding**: per position, `ids = cumsum(topk_id_gaps[t])`,
-`logprobs = -{m.logprob_step!r} * topk_logprobs_q[t]`: natural-log probabilities at temperature 1
-over the full vocabulary ({m.vocab_size} tokens), in id order (sort by descending logprob for
-rank order); the tail mass is `1 - sum(exp(logprobs))`. `targets[t]` predicts the token after
-`input_ids[0..t]`.
-The same rule is in every shard's Arrow schema metadata and in `manifest.json`.
+**Decoding**: {" Samples: ".join(decoding)} `targets[t]` predicts the token after
+`input_ids[0..t]`. The same rule is in every shard's Arrow schema metadata and in
+`manifest.json`.
 
 Check the files against the manifest with `softlabels verify <this folder>`.
 

@@ -16,6 +16,14 @@ rank order; that saving is far larger than what delta-coding the sorted values w
 Round-to-nearest in log space bounds the error by step/2 and keeps the KL error second order
 (about step**2 / 24 nats per token). The rule is repeated in every file's Arrow schema metadata so
 any Parquet reader can decode without this package. See data/FORMAT.md.
+
+Sampled targets (version 2, `generate --samples N`): per position the distinct ids of N draws from
+the teacher's distribution, ascending and gap-coded like the top-k, with how often each was drawn:
+
+    sample_id_gaps:  list<list<int32>>   per position, U ids ascending, gap-coded (U <= N varies)
+    sample_counts:   list<list<uint16>>  their counts, summing to N at every position with a target
+
+A dataset carries top-k, samples, or both (`k` 0 means no top-k columns; `draws` 0 no samples).
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import pyarrow as pa
 from softlabels.data.errors import UserError
 
 FORMAT_NAME = "softlabels"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)  # version 1 is version 2 with top-k only
 DEFAULT_LOGPROB_STEP = 1 / 16
 # Log-probabilities below this are clipped (vLLM can return -inf for impossible tokens).
 MIN_LOGPROB = -1000.0
@@ -38,7 +47,9 @@ DECODING_RULE = (
     "logprobs = -logprob_step * topk_logprobs_q[t] (natural-log probabilities at temperature 1, "
     "normalised over the full vocabulary, same order as ids); sort by descending logprob for "
     "rank order. Positions where target_mask[t] is false carry no target (zeros). targets[t] "
-    "predicts the token after input_ids[0..t]."
+    "predicts the token after input_ids[0..t]. Samples (if softlabels.draws > 0): per position "
+    "ids = cumsum(sample_id_gaps[t]), drawn sample_counts[t] times each out of draws draws from "
+    "the teacher's distribution at softlabels.sample_temperature; empty where target_mask is false."
 )
 
 
@@ -59,6 +70,8 @@ class Row:
     topk_logprobs: np.ndarray  # (T, k) float32, descending
     target_mask: np.ndarray  # (T,) bool
     response: str | None = None  # teacher-written response text (--generate-responses)
+    sample_ids: np.ndarray | None = None  # (T, U) int32 distinct drawn ids, ascending
+    sample_counts: np.ndarray | None = None  # (T, U) uint16 their counts; 0 pads a position
 
     @property
     def record(self) -> int:
@@ -74,7 +87,8 @@ def row_id(record: int, window: int) -> str:
 
 
 def schema(k: int, logprob_step: float = DEFAULT_LOGPROB_STEP,
-           with_response: bool = False) -> pa.Schema:
+           with_response: bool = False, draws: int = 0, sample_temperature: float = 1.0
+           ) -> pa.Schema:
     """Arrow schema of a shard; its metadata carries the decoding rule and parameters.
 
     `with_response` adds the optional `response` column: the text of a teacher-written response,
@@ -84,16 +98,25 @@ def schema(k: int, logprob_step: float = DEFAULT_LOGPROB_STEP,
         "softlabels.format_version": str(FORMAT_VERSION),
         "softlabels.k": str(k),
         "softlabels.logprob_step": repr(float(logprob_step)),
+        "softlabels.draws": str(draws),
+        "softlabels.sample_temperature": repr(float(sample_temperature)),
         "softlabels.decoding": DECODING_RULE,
     }
+    topk = [
+        pa.field("topk_id_gaps", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
+        pa.field("topk_logprobs_q", pa.list_(pa.list_(pa.uint16(), k)), nullable=False),
+    ] if k else []
+    samples = [
+        pa.field("sample_id_gaps", pa.list_(pa.list_(pa.int32())), nullable=False),
+        pa.field("sample_counts", pa.list_(pa.list_(pa.uint16())), nullable=False),
+    ] if draws else []
     return pa.schema(
         [
             pa.field("row_id", pa.string(), nullable=False),
             pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("target_mask", pa.list_(pa.bool_()), nullable=False),
-            pa.field("topk_id_gaps", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
-            pa.field("topk_logprobs_q", pa.list_(pa.list_(pa.uint16(), k)), nullable=False),
         ]
+        + topk + samples
         + ([pa.field("response", pa.string())] if with_response else []),
         metadata=meta,
     )
@@ -104,6 +127,8 @@ LEAF_COLUMNS = {
     "input_ids": "input_ids.list.element",
     "topk_id_gaps": "topk_id_gaps.list.element.list.element",
     "topk_logprobs_q": "topk_logprobs_q.list.element.list.element",
+    "sample_id_gaps": "sample_id_gaps.list.element.list.element",
+    "sample_counts": "sample_counts.list.element.list.element",
 }
 
 
@@ -113,6 +138,14 @@ class Encoding:
 
     k: int
     logprob_step: float
+    draws: int = 0
+    sample_temperature: float = 1.0
+
+    @property
+    def list_columns(self) -> tuple[str, ...]:
+        """The per-position list columns a row of this encoding has, each with T entries."""
+        return (("input_ids", "target_mask") + ("topk_id_gaps", "topk_logprobs_q") * bool(self.k)
+                + ("sample_id_gaps", "sample_counts") * bool(self.draws))
 
     @classmethod
     def from_schema(cls, s: pa.Schema) -> Encoding:
@@ -120,12 +153,15 @@ class Encoding:
         if meta.get("softlabels.format") != FORMAT_NAME:
             raise FormatError("not a softlabels shard (schema metadata has no softlabels.format)")
         version = int(meta.get("softlabels.format_version", -1))
-        if version != FORMAT_VERSION:
+        if version not in READS_VERSIONS:
             raise FormatError(
-                f"format version {version}, this softlabels reads version {FORMAT_VERSION}: "
-                "use the softlabels release that wrote it, or regenerate the dataset"
+                f"format version {version}, this softlabels reads versions "
+                f"{', '.join(map(str, READS_VERSIONS))}: use the softlabels release that wrote "
+                "it, or regenerate the dataset"
             )
-        return cls(k=int(meta["softlabels.k"]), logprob_step=float(meta["softlabels.logprob_step"]))
+        return cls(k=int(meta["softlabels.k"]), logprob_step=float(meta["softlabels.logprob_step"]),
+                   draws=int(meta.get("softlabels.draws", 0)),
+                   sample_temperature=float(meta.get("softlabels.sample_temperature", 1.0)))
 
 
 def quantise(logprobs: np.ndarray, step: float) -> np.ndarray:
@@ -148,14 +184,20 @@ def to_rank_order(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.take_along_axis(ids, order, -1), np.take_along_axis(lps, order, -1)
 
 
-def check_row(row: Row, k: int) -> None:
+def check_row(row: Row, k: int, draws: int = 0) -> None:
     """Raise FormatError naming what is wrong with a row before it is written."""
     T = len(row.input_ids)
     problems = []
-    if row.topk_ids.shape != (T, k) or row.topk_logprobs.shape != (T, k):
+    if k and (row.topk_ids.shape != (T, k) or row.topk_logprobs.shape != (T, k)):
         problems.append(
             f"targets shaped {row.topk_ids.shape}/{row.topk_logprobs.shape}, expected ({T}, {k})"
         )
+    if draws:
+        ids, counts = row.sample_ids, row.sample_counts
+        if ids is None or counts is None or ids.shape != counts.shape or len(ids) != T:
+            problems.append(f"samples missing or not shaped ({T}, U)")
+        elif (counts.sum(-1) != np.where(row.target_mask, draws, 0)).any():
+            problems.append(f"sample counts do not sum to {draws} where the mask is true")
     if row.target_mask.shape != (T,):
         problems.append(f"target_mask shaped {row.target_mask.shape}, expected ({T},)")
     if T == 0:
@@ -164,10 +206,11 @@ def check_row(row: Row, k: int) -> None:
         raise FormatError(f"row {row.row_id}: " + "; ".join(problems))
 
 
-def encode(rows: list[Row], k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) -> pa.RecordBatch:
+def encode(rows: list[Row], k: int, logprob_step: float = DEFAULT_LOGPROB_STEP,
+           draws: int = 0, sample_temperature: float = 1.0) -> pa.RecordBatch:
     """Rows -> one Arrow record batch in the shard schema (each position re-sorted by id)."""
     for r in rows:
-        check_row(r, k)
+        check_row(r, k, draws)
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     offsets[1:] = np.cumsum([len(r.input_ids) for r in rows])
     gaps, qs, toks, mask = [], [], [], []
@@ -191,18 +234,45 @@ def encode(rows: list[Row], k: int, logprob_step: float = DEFAULT_LOGPROB_STEP) 
         return pa.ListArray.from_arrays(pa_offsets, pa.FixedSizeListArray.from_arrays(flat, k))
 
     with_response = any(r.response is not None for r in rows)
-    s = schema(k, logprob_step, with_response)
+    s = schema(k, logprob_step, with_response, draws, sample_temperature)
     return pa.RecordBatch.from_arrays(
         [
             pa.array([r.row_id for r in rows], pa.string()),
             pa.ListArray.from_arrays(pa_offsets, pa.array(np.concatenate(toks), pa.int32())),
             pa.ListArray.from_arrays(pa_offsets, pa.array(np.concatenate(mask), pa.bool_())),
-            nested(gaps, pa.int32()),
-            nested(qs, pa.uint16()),
         ]
+        + ([nested(gaps, pa.int32()), nested(qs, pa.uint16())] if k else [])
+        + (_encode_samples(rows, pa_offsets) if draws else [])
         + ([pa.array([r.response for r in rows], pa.string())] if with_response else []),
         schema=s,
     )
+
+
+def _encode_samples(rows: list[Row], offsets: pa.Array) -> list[pa.Array]:
+    """sample_id_gaps and sample_counts: per position the entries with a count, ids ascending
+    and gap-coded; positions without a target are empty."""
+    gaps, counts, lens = [], [], []
+    for r in rows:
+        keep = (r.sample_counts > 0) & r.target_mask.astype(bool)[:, None]
+        ids = r.sample_ids.astype(np.int64)[keep]
+        pos = np.nonzero(keep)[0]
+        first = np.r_[True, pos[1:] != pos[:-1]]  # first kept entry of its position
+        gap = np.diff(ids, prepend=0)
+        gap[first] = ids[first]
+        if (gap[~first] <= 0).any():
+            raise FormatError(f"row {r.row_id}: sampled ids of a position not ascending and "
+                              "distinct")
+        gaps.append(gap)
+        counts.append(r.sample_counts[keep])
+        lens.append(keep.sum(-1))
+    inner = np.zeros(sum(map(len, lens)) + 1, np.int32)
+    inner[1:] = np.cumsum(np.concatenate(lens))
+
+    def nested(chunks, typ):
+        return pa.ListArray.from_arrays(offsets, pa.ListArray.from_arrays(
+            pa.array(inner), pa.array(np.concatenate(chunks), typ)))
+
+    return [nested(gaps, pa.int32()), nested(counts, pa.uint16())]
 
 
 # Per-row counts in each shard's footer (file metadata), so a trainer can plan an epoch from
@@ -281,37 +351,58 @@ def bad_rows(batch: pa.RecordBatch | pa.Table, enc: Encoding, vocab_size: int
     batch = _one_batch(batch)
     if batch is None:
         return []
-    arrays = _arrays(batch, enc.k)
-    if arrays is None:
-        return _problems(batch, None, vocab_size, enc.logprob_step)
-    _, _, gaps, q = arrays
-    top = gaps.sum(-1, dtype=np.int64)  # ascending ids: the largest is the sum of the gaps
-    mass = np.exp(np.multiply(q, np.float32(-enc.logprob_step), dtype=np.float32)).sum(-1)
-    return _problems(batch, (*arrays[:3], top, mass), vocab_size, enc.logprob_step)
+    return _problems(batch, _arrays(batch, enc), vocab_size, enc)
 
 
-def _arrays(batch: pa.RecordBatch, k: int):
-    """(tokens, mask, (P, k) gaps, (P, k) codes) flattened, or None if the four list columns
-    disagree in length (then nothing per position can be checked or decoded)."""
-    lens = [np.diff(batch.column(c).offsets.to_numpy()) for c in
-            ("input_ids", "target_mask", "topk_id_gaps", "topk_logprobs_q")]
+@dataclass
+class _Flat:
+    """A batch's per-position arrays, flattened over its rows (P positions, S sampled ids)."""
+
+    tokens: np.ndarray  # (P,)
+    mask: np.ndarray  # (P,) bool
+    row_of: np.ndarray  # (P,) the row of each position
+    gaps: np.ndarray  # (P, k) top-k id gaps
+    q: np.ndarray  # (P, k) quantised log-probs
+    s_lens: np.ndarray | None = None  # (P,) sampled ids per position
+    s_gaps: np.ndarray | None = None  # (S,)
+    s_counts: np.ndarray | None = None  # (S,)
+
+
+def _arrays(batch: pa.RecordBatch, enc: Encoding) -> _Flat | None:
+    """The flattened arrays, or None if the list columns disagree in length (then nothing per
+    position can be checked or decoded)."""
+    lens = [np.diff(batch.column(c).offsets.to_numpy()) for c in enc.list_columns]
     if any((x != lens[0]).any() for x in lens[1:]):
         return None
-    return (batch.column("input_ids").flatten().to_numpy(zero_copy_only=False),
-            batch.column("target_mask").flatten().to_numpy(zero_copy_only=False).astype(bool),
-            batch.column("topk_id_gaps").flatten().flatten().to_numpy().reshape(-1, k),
-            batch.column("topk_logprobs_q").flatten().flatten().to_numpy().reshape(-1, k))
+    k, n = enc.k, batch.num_rows
+    tokens = batch.column("input_ids").flatten().to_numpy(zero_copy_only=False)
+    f = _Flat(tokens,
+              batch.column("target_mask").flatten().to_numpy(zero_copy_only=False).astype(bool),
+              np.repeat(np.arange(n), lens[0]),
+              *(batch.column(c).flatten().flatten().to_numpy().reshape(-1, k) if k else
+                np.zeros((len(tokens), 0), np.int64)
+                for c in ("topk_id_gaps", "topk_logprobs_q")))
+    if enc.draws:
+        ids = batch.column("sample_id_gaps").flatten()
+        counts = batch.column("sample_counts").flatten()
+        f.s_lens = np.diff(ids.offsets.to_numpy())
+        if (np.diff(counts.offsets.to_numpy()) != f.s_lens).any():
+            return None
+        f.s_gaps = ids.flatten().to_numpy()
+        f.s_counts = counts.flatten().to_numpy()
+    return f
 
 
-def _problems(batch: pa.RecordBatch, arrays, vocab_size: int, step: float
+def _problems(batch: pa.RecordBatch, f: _Flat | None, vocab_size: int, enc: Encoding
               ) -> list[tuple[str, str]]:
     """The checks, vectorised over the batch on whole arrays (positions without a target hold
     zeros, so the mask is applied after the reductions; copying masked rows out cost more):
-    the four list columns agree in length; input ids lie in [0, vocab); at every position with
-    a target the ids are strictly ascending (distinct) and in [0, vocab) — `top` is the largest
-    id — and the probabilities sum (`mass`) to at most exp(step / 2) (round-to-nearest can raise
-    each by that factor). Log-probs need no range check: uint16 codes decode to
-    [-65535 step, 0] by construction."""
+    the list columns agree in length; input ids lie in [0, vocab); at every position with a
+    target the top-k ids are strictly ascending (distinct) and in [0, vocab), and their
+    probabilities sum to at most exp(step / 2) (round-to-nearest can raise each by that
+    factor); sampled ids likewise ascending, distinct and in [0, vocab), counts >= 1 summing to
+    `draws` where the mask is true, and no samples where it is false. Log-probs need no range
+    check: uint16 codes decode to [-65535 step, 0] by construction."""
     n = batch.num_rows
     why: list[str | None] = [None] * n
 
@@ -319,46 +410,80 @@ def _problems(batch: pa.RecordBatch, arrays, vocab_size: int, step: float
         for i in np.unique(rows).tolist():
             why[i] = why[i] or reason
 
-    if arrays is None:
+    if f is None:
         why = ["column lengths differ"] * n
     else:
-        toks, m, gaps, top, mass = arrays
-        row_of = np.repeat(np.arange(n), np.diff(batch.column("input_ids").offsets.to_numpy()))
-        mark(row_of[(toks < 0) | (toks >= vocab_size)], f"input id outside [0, {vocab_size})")
-        mark(row_of[m & ((gaps[:, 0] < 0) | (top >= vocab_size))],
-             f"target id outside [0, {vocab_size})")
-        if gaps.shape[1] > 1:
-            mark(row_of[m & (gaps[:, 1:].min(-1) <= 0)],
-                 "repeated or unordered id within a position")
-        mark(row_of[m & (mass > np.exp(step / 2) + 1e-5)], "probabilities sum to more than 1")
+        m, row_of = f.mask, f.row_of
+        mark(row_of[(f.tokens < 0) | (f.tokens >= vocab_size)],
+             f"input id outside [0, {vocab_size})")
+        if enc.k:
+            top = f.gaps.sum(-1, dtype=np.int64)  # ascending ids: the largest is the gap sum
+            mark(row_of[m & ((f.gaps[:, 0] < 0) | (top >= vocab_size))],
+                 f"target id outside [0, {vocab_size})")
+            if enc.k > 1:
+                mark(row_of[m & (f.gaps[:, 1:].min(-1) <= 0)],
+                     "repeated or unordered id within a position")
+            mass = np.exp(np.multiply(f.q, np.float32(-enc.logprob_step), dtype=np.float32)
+                          ).sum(-1)
+            mark(row_of[m & (mass > np.exp(enc.logprob_step / 2) + 1e-5)],
+                 "probabilities sum to more than 1")
+        if enc.draws:
+            pos = np.repeat(np.arange(len(m)), f.s_lens)
+            first = np.ones(len(pos), bool)
+            first[1:] = pos[1:] != pos[:-1]
+            gaps = f.s_gaps.astype(np.int64)
+            top = np.bincount(pos, weights=gaps, minlength=len(m))
+            mark(row_of[pos[(first & (gaps < 0)) | (~first & (gaps <= 0))]],
+                 "sampled ids repeated, unordered or negative within a position")
+            mark(row_of[top >= vocab_size], f"sampled id outside [0, {vocab_size})")
+            total = np.bincount(pos, weights=f.s_counts, minlength=len(m))
+            mark(row_of[pos[f.s_counts == 0]], "a sampled id with count 0")
+            mark(row_of[total != np.where(m, enc.draws, 0)],
+                 f"sample counts do not sum to {enc.draws} where the mask is true (or a "
+                 "position without a target has samples)")
     ids = batch.column("row_id").to_pylist() if any(why) else []
     return [(ids[i], w) for i, w in enumerate(why) if w]
+
+
+def padded_samples(f: _Flat) -> tuple[np.ndarray, np.ndarray]:
+    """(P, U) sampled ids and counts (count 0 pads) from the flattened ragged columns."""
+    P = len(f.mask)
+    pos = np.repeat(np.arange(P), f.s_lens)
+    starts = np.zeros(P + 1, np.int64)
+    np.cumsum(f.s_lens, out=starts[1:])
+    cum = np.cumsum(f.s_gaps, dtype=np.int64)
+    base = np.where(starts[:-1] > 0, cum[np.maximum(starts[:-1] - 1, 0)] if len(cum) else 0, 0)
+    slot = np.arange(len(pos)) - starts[:-1][pos]
+    U = int(f.s_lens.max()) if P else 0
+    ids = np.zeros((P, U), np.int32)
+    counts = np.zeros((P, U), np.uint16)
+    ids[pos, slot] = cum - base[pos]
+    counts[pos, slot] = f.s_counts
+    return ids, counts
 
 
 def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding, vocab_size: int | None = None
            ) -> list[Row]:
     """One record batch (or table) -> rows, zero-copy reshapes to (T, k) where possible.
 
-    With `vocab_size`, the rows are checked first (the checks of `bad_rows`, on the arrays
-    decoding computes anyway) and BadRows is raised if any breaks the format."""
+    With `vocab_size`, the rows are checked first (the checks of `bad_rows`) and BadRows is
+    raised if any breaks the format."""
     batch = _one_batch(batch)
     if batch is None:
         return []
     cols = {name: batch.column(name) for name in batch.schema.names}
     offsets = cols["input_ids"].offsets.to_numpy()
     offsets = offsets - offsets[0]
-    arrays = _arrays(batch, enc.k)  # flatten() honours slicing, unlike .values
-    if arrays is None:
-        raise BadRows(_problems(batch, None, vocab_size or 0, enc.logprob_step))
-    toks, mask, gaps, q = arrays
-    cum = np.cumsum(gaps, axis=-1, dtype=np.int64)
-    lps = dequantise(q, enc.logprob_step)
+    f = _arrays(batch, enc)  # flatten() honours slicing, unlike .values
+    if f is None:
+        raise BadRows(_problems(batch, None, vocab_size or 0, enc))
     if vocab_size is not None:
-        bad = _problems(batch, (toks, mask, gaps, cum[:, -1], np.exp(lps).sum(-1)), vocab_size,
-                        enc.logprob_step)
+        bad = _problems(batch, f, vocab_size, enc)
         if bad:
             raise BadRows(bad)
-    ids, lps = to_rank_order(cum.astype(np.int32), lps)
+    ids, lps = to_rank_order(np.cumsum(f.gaps, axis=-1, dtype=np.int64).astype(np.int32),
+                             dequantise(f.q, enc.logprob_step))
+    s_ids, s_counts = padded_samples(f) if enc.draws else (None, None)
     responses = cols["response"].to_pylist() if "response" in cols else None
     rows = []
     for i, rid in enumerate(cols["row_id"].to_pylist()):
@@ -366,12 +491,13 @@ def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding, vocab_size: int | No
         rows.append(
             Row(
                 row_id=rid,
-                input_ids=toks[a:b],
+                input_ids=f.tokens[a:b],
                 topk_ids=ids[a:b],
                 topk_logprobs=lps[a:b],
-                target_mask=mask[a:b],
+                target_mask=f.mask[a:b],
                 response=responses[i] if responses else None,
+                sample_ids=s_ids[a:b] if enc.draws else None,
+                sample_counts=s_counts[a:b] if enc.draws else None,
             )
         )
     return rows
-

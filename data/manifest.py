@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from softlabels.data.atomic import write_text
-from softlabels.data.format import FORMAT_NAME, FORMAT_VERSION, FormatError
+from softlabels.data.format import FORMAT_NAME, FORMAT_VERSION, READS_VERSIONS, FormatError
 from softlabels.data.writer import ShardInfo
 
 MANIFEST = "manifest.json"
@@ -24,6 +24,8 @@ class Manifest:
     k: int
     logprob_step: float
     vocab_size: int
+    draws: int = 0  # sampled targets per position (generate --samples); 0: none
+    sample_temperature: float = 1.0
     provenance: dict = field(default_factory=dict)
     shards: list[ShardInfo] = field(default_factory=list)
     format: str = FORMAT_NAME
@@ -65,10 +67,11 @@ class Manifest:
             raise FormatError(f"{path} is not valid JSON ({e}); regenerate the dataset") from e
         if d.get("format") != FORMAT_NAME:
             raise FormatError(f"{path} is not a softlabels manifest")
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READS_VERSIONS:
             raise FormatError(
                 f"{directory} has format version {d.get('format_version')}, this softlabels "
-                f"reads version {FORMAT_VERSION}: use the matching release or regenerate it"
+                f"reads versions {', '.join(map(str, READS_VERSIONS))}: use the matching "
+                "release or regenerate it"
             )
         d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
         return cls(**d)

@@ -154,9 +154,11 @@ class SoftLabelReader:
                                   "regenerate or re-download the dataset")
         pf = pq.ParquetFile(path)
         enc = Encoding.from_schema(pf.schema_arrow)
-        if (enc.k, enc.logprob_step) != (self.manifest.k, self.manifest.logprob_step):
-            raise FormatError(f"{path} has k={enc.k}, step={enc.logprob_step}; the manifest says "
-                              f"k={self.manifest.k}, step={self.manifest.logprob_step}")
+        m = self.manifest
+        if (enc.k, enc.logprob_step, enc.draws) != (m.k, m.logprob_step, m.draws):
+            raise FormatError(f"{path} has k={enc.k}, step={enc.logprob_step}, draws={enc.draws};"
+                              f" the manifest says k={m.k}, step={m.logprob_step}, "
+                              f"draws={m.draws}")
         self._encodings[si] = enc
         self._file = (si, pf)
         return pf, enc

@@ -15,26 +15,33 @@ from softlabels.data.reader import SoftLabelReader
 TOKENIZER_DIR = "tokenizer"  # generate copies the teacher's tokenizer here
 
 
-def get_row(directory: str | os.PathLike, n: int) -> Row:
+def get_row(directory: str | os.PathLike, n: int) -> tuple[Row, int]:
+    """The row and the dataset's draws per position."""
     reader = SoftLabelReader(directory)
     if not 0 <= n < reader.manifest.rows:
         raise UserError(f"--row {n} is out of range: the dataset has {reader.manifest.rows} rows")
     for _, row in reader.rows(start=n):
-        return row
+        return row, reader.manifest.draws
     raise UserError(f"row {n} not found")  # unreachable unless shards changed under us
 
 
-def row_json(row: Row) -> dict:
-    targets = [
-        [[int(i), float(lp)] for i, lp in zip(ids, lps)] if m else None
-        for ids, lps, m in zip(row.topk_ids, row.topk_logprobs, row.target_mask)
-    ]
-    return {
+def row_json(row: Row, draws: int = 0) -> dict:
+    """`targets`: per position [[id, logprob], ...] in rank order (empty lists without top-k);
+    with samples also `sampled`: per position [[id, count], ...] ascending ids, and `draws`.
+    Positions without a target are null."""
+    d = {
         "row_id": row.row_id,
         "input_ids": row.input_ids.tolist(),
-        "targets": targets,
+        "targets": [[[int(i), float(lp)] for i, lp in zip(ids, lps)] if m else None
+                    for ids, lps, m in zip(row.topk_ids, row.topk_logprobs, row.target_mask)],
         "mask": row.target_mask.tolist(),
     }
+    if draws:
+        d["sampled"] = [[[int(i), int(c)] for i, c in zip(ids, cs) if c] if m else None
+                        for ids, cs, m in zip(row.sample_ids, row.sample_counts,
+                                              row.target_mask)]
+        d["draws"] = draws
+    return d
 
 
 def load_tokenizer(directory: str | os.PathLike):
@@ -46,7 +53,7 @@ def load_tokenizer(directory: str | os.PathLike):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # a dataset runs no code
 
 
-def render(row: Row, tok, top: int = 5) -> str:
+def render(row: Row, tok, top: int = 5, draws: int = 0) -> str:
     def text(i):
         return repr(tok.decode([int(i)])) if tok is not None else str(int(i))
 
@@ -61,23 +68,30 @@ def render(row: Row, tok, top: int = 5) -> str:
             for seg in np.split(np.arange(len(row.input_ids)), cuts):
                 label = "response:" if is_resp[seg[0]] else "prompt:  "
                 lines.append(f"{label} {tok.decode(row.input_ids[seg].tolist())!r}")
-    lines.append(f"{'t':>5} {'token':<16} top-{top} next tokens (probability)")
-    for t, (tid, ids, lps, m) in enumerate(
-        zip(row.input_ids, row.topk_ids, row.topk_logprobs, row.target_mask)
-    ):
+    what = f"top-{top} next tokens (probability)" if row.topk_ids.shape[1] else \
+        f"most drawn next tokens (count of {draws})"
+    lines.append(f"{'t':>5} {'token':<16} {what}")
+    for t, (tid, m) in enumerate(zip(row.input_ids, row.target_mask)):
         if not m:
             lines.append(f"{t:>5} {text(tid):<16} (context, no target)")
             continue
-        tail = 1 - float(np.exp(lps.astype(np.float64)).sum())
-        tops = "  ".join(f"{text(i)} {np.exp(lp):.3f}" for i, lp in zip(ids[:top], lps[:top]))
-        lines.append(f"{t:>5} {text(tid):<16} {tops}  | tail {max(tail, 0):.3f}")
+        ids, lps = row.topk_ids[t], row.topk_logprobs[t]
+        if len(ids):
+            tail = 1 - float(np.exp(lps.astype(np.float64)).sum())
+            tops = "  ".join(f"{text(i)} {np.exp(lp):.3f}" for i, lp in zip(ids[:top], lps[:top]))
+            lines.append(f"{t:>5} {text(tid):<16} {tops}  | tail {max(tail, 0):.3f}")
+        else:
+            cs = row.sample_counts[t]
+            order = np.argsort(-cs, kind="stable")[:top]
+            lines.append(f"{t:>5} {text(tid):<16} " + "  ".join(
+                f"{text(row.sample_ids[t][j])} {cs[j]}" for j in order if cs[j]))
     return "\n".join(lines)
 
 
 def main(args) -> int:
-    row = get_row(args.dir, args.row)
+    row, draws = get_row(args.dir, args.row)
     if args.json:
-        print(json.dumps(row_json(row)))
+        print(json.dumps(row_json(row, draws)))
     else:
-        print(render(row, load_tokenizer(args.dir), top=args.top))
+        print(render(row, load_tokenizer(args.dir), top=args.top, draws=draws))
     return 0

@@ -37,8 +37,9 @@ def verify(directory: str | os.PathLike) -> list[str]:
         try:
             pf = pq.ParquetFile(path)
             enc = Encoding.from_schema(pf.schema_arrow)
-            if (enc.k, enc.logprob_step) != (m.k, m.logprob_step):
-                problems.append(f"{where} k/step {enc.k}/{enc.logprob_step} != manifest")
+            if (enc.k, enc.logprob_step, enc.draws) != (m.k, m.logprob_step, m.draws):
+                problems.append(f"{where} k/step/draws {enc.k}/{enc.logprob_step}/{enc.draws} "
+                                "!= manifest")
                 continue
             rows = tokens = 0
             shard_problems = []

@@ -65,14 +65,17 @@ def write_shard(
     k: int,
     logprob_step: float = DEFAULT_LOGPROB_STEP,
     row_group_tokens: int = ROW_GROUP_TOKENS,
+    draws: int = 0,
+    sample_temperature: float = 1.0,
 ) -> ShardInfo:
     """Encode `rows` into `path` atomically; return its manifest entry."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        s = schema(k, logprob_step, any(r.response is not None for r in rows))
+        s = schema(k, logprob_step, any(r.response is not None for r in rows), draws,
+                   sample_temperature)
         with _writer(tmp, s.with_metadata({**s.metadata, **_encoded(row_counts(rows))})) as w:
             for group in _row_groups(rows, row_group_tokens):
-                w.write_batch(encode(group, k, logprob_step))
+                w.write_batch(encode(group, k, logprob_step, draws, sample_temperature))
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
     return ShardInfo(
@@ -130,6 +133,7 @@ def _writer(path: Path, s) -> pq.ParquetWriter:
         compression="zstd",
         compression_level=ZSTD_LEVEL,
         use_dictionary=["row_id"],
-        column_encoding={leaf: "BYTE_STREAM_SPLIT" for leaf in LEAF_COLUMNS.values()},
+        column_encoding={leaf: "BYTE_STREAM_SPLIT" for col, leaf in LEAF_COLUMNS.items()
+                         if col in s.names},
         write_statistics=["row_id"],
     )

@@ -35,7 +35,15 @@ def add_arguments(p) -> None:
     p.add_argument("--response-column", default=None, help="instruction data: response column")
     p.add_argument("--messages-column", default=None,
                    help="chat data: a [{role, content}, ...] column (targets on assistant turns)")
-    p.add_argument("--top-k", type=int, default=64, help="targets per token (default 64)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="the teacher's k most likely next tokens, stored per token (default 64; "
+                   "with --samples, none unless given)")
+    p.add_argument("--samples", type=int, default=0,
+                   help="N draws per token from the teacher's full distribution, stored as "
+                   "distinct ids + counts: unbiased targets for the student's whole softmax "
+                   "(~12-25 bytes/token at N=50); alone, or with --top-k for both")
+    p.add_argument("--sample-temperature", type=float, default=1.0,
+                   help="temperature of the distribution --samples draws from (default 1)")
     p.add_argument("--max-length", type=int, default=2048,
                    help="window length in tokens; longer records are split (default 2048)")
     p.add_argument("--stride", type=int, default=None,
@@ -59,7 +67,9 @@ def add_arguments(p) -> None:
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--n", type=int, default=1, help="responses per prompt")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0,
+                   help="seed of the responses and of --samples (each window draws from its "
+                   "own generator seeded by this and its row id)")
     c = p.add_argument_group("cluster")
     c.add_argument("--workers", type=int, default=None,
                    help="embedded cluster workers, one engine each (default: GPUs, or 1 on CPU)")
@@ -101,7 +111,7 @@ def _engine_extra(pairs: list[str]) -> tuple:
 
 
 def check_teacher(path: Path, k: int, trust_remote_code: bool = False,
-                  safetensors_only: bool = True):
+                  safetensors_only: bool = True, scoring: bool = True):
     """Return (config, tokenizer) of a usable teacher, or a one-line UserError.
 
     Nothing in the folder runs: no remote code unless asked, and weights only as safetensors
@@ -129,8 +139,12 @@ def check_teacher(path: Path, k: int, trust_remote_code: bool = False,
     except (OSError, ValueError) as e:
         raise UserError(f"teacher {path} has no loadable tokenizer ({e})") from e
     vocab = config.get_text_config().vocab_size
-    if not 1 <= k <= vocab:
+    if not 0 <= k <= vocab:
         raise UserError(f"--top-k {k} must be between 1 and the vocabulary size {vocab}")
+    if scoring:  # softlabels applies the output head itself
+        from softlabels.generate.head import check_architecture
+
+        check_architecture(config)
     return config, tok
 
 
@@ -182,10 +196,20 @@ def main(args) -> int:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.n, args.seed)
     elif args.prompt_column and not args.response_column:
         raise UserError("--prompt-column needs --response-column (or --generate-responses)")
+    if args.top_k is None:
+        args.top_k = 0 if args.samples else 64
+    if not 0 <= args.samples <= 65535 or args.sample_temperature <= 0:
+        raise UserError("--samples must be between 0 and 65535, --sample-temperature above 0")
+    if args.top_k == 0 and not args.samples:
+        raise UserError("--top-k 0 stores nothing: give --top-k K, --samples N, or both")
+    if args.samples and args.generate_responses:
+        raise UserError("--samples scores existing text; with --generate-responses the targets "
+                        "are the top-k of each sampled step: drop one of them")
     corpus = open_corpus(args.input, fields.columns)
     extra = _engine_extra(args.engine_arg)
     config, tok = check_teacher(teacher, args.top_k, args.trust_remote_code,
-                                safetensors_only="load_format" not in dict(extra))
+                                safetensors_only="load_format" not in dict(extra),
+                                scoring=not args.generate_responses)
     if args.max_length < 1 or args.unit_tokens < 1 or args.shard_tokens < 1:
         raise UserError("--max-length, --unit-tokens and --shard-tokens must be positive")
     if args.stride is not None and not 1 <= args.stride <= args.max_length:
@@ -237,6 +261,9 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
         max_length=args.max_length,
         unit_tokens=args.unit_tokens,
         logprob_step=args.logprob_step,
+        draws=args.samples,
+        sample_temperature=args.sample_temperature,
+        seed=args.seed,
         shard_tokens=args.shard_tokens,
         stride=0 if args.stride in (None, args.max_length) else args.stride,
         piece_bytes=PIECE_BYTES,
@@ -254,6 +281,9 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
         tensor_parallel_size=args.tensor_parallel_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_gib=args.kv_cache_gib,
+        seed=args.seed,
+        draws=args.samples,
+        sample_temperature=args.sample_temperature,
         extra=_engine_extra(args.engine_arg),
         trust_remote_code=args.trust_remote_code,
     )
@@ -279,12 +309,17 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
         k=args.top_k,
         logprob_step=args.logprob_step,
         vocab_size=config.get_text_config().vocab_size,
+        draws=args.samples,
+        sample_temperature=args.sample_temperature,
         shards=[shard_info(out, s) for s in plan.shards],
         provenance={
             "teacher": str(teacher.resolve()),
             "teacher_sha256": job.teacher_hash,
             "tokenizer_vocab_size": len(tok),
             "k": args.top_k,
+            "samples": args.samples,
+            "sample_temperature": args.sample_temperature,
+            "seed": args.seed,
             "max_length": args.max_length,
             "stride": args.stride or args.max_length,
             "vllm_version": _vllm_version(),

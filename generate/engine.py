@@ -1,12 +1,11 @@
-"""The teacher: one vLLM engine, asked for the top-k next-token log-probs at every position.
+"""The teacher: one vLLM engine per worker, and what it returns turned into targets.
 
-vLLM's prompt logprobs give, for prompt position i >= 1, the distribution that predicted token i;
-one generated step (max_tokens=1, logprobs=k) gives the distribution after the last token. So a
-window of T tokens gets T target positions, aligned as the format says: targets[t] predicts the
-token after input_ids[0..t].
+Scoring (`Teacher`): vLLM's pooling runner returns the final hidden state of every position of a
+window of T tokens; the teacher's output head (head.py) makes them T target positions, aligned as
+the format says: targets[t] predicts the token after input_ids[0..t].
 
-With flat_logprobs each position holds k+1 entries: entry 0 is the actual token (prompt) or the
-sampled one (generated step), entries 1..k the top-k in rank order, so one reshape does it.
+Responses (`Responder`, --generate-responses): vLLM's generate runner samples them, and each step's
+top-k come back with flat_logprobs (k+1 entries: the sampled token, then the top-k in rank order).
 """
 
 from __future__ import annotations
@@ -28,7 +27,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     max_num_batched_tokens: int | None = None
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE (whole GiB); ignored on GPUs
-    seed: int = 0
+    seed: int = 0  # with draws: window (seed, row id) draws its own uniforms
+    draws: int = 0  # --samples: draws per position from the teacher's distribution
+    sample_temperature: float = 1.0
     extra: tuple[tuple[str, object], ...] = field(default_factory=tuple)
     trust_remote_code: bool = False  # the teacher folder's own Python runs only when asked
 
@@ -65,67 +66,86 @@ def check_answers(prompts: list[list[int]], outs) -> None:
             raise EngineMismatch(f"result {i} answers another prompt (request {o.request_id})")
 
 
+def _build(cfg: EngineConfig, **kw):
+    """A vLLM engine for `cfg`; `kw` picks the runner (pooling for scoring, generate for
+    responses)."""
+    if on_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+    from vllm import LLM
+
+    return LLM(
+        model=cfg.teacher,
+        dtype=engine_dtype(cfg),
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        max_model_len=cfg.max_length + 1,
+        max_num_batched_tokens=cfg.max_num_batched_tokens or max(8192, cfg.max_length + 1),
+        enable_prefix_caching=False,
+        enforce_eager=on_cpu(),
+        seed=cfg.seed,
+        trust_remote_code=cfg.trust_remote_code,
+        # never unpickle weights, unless the user names another format (--engine-arg)
+        **{"load_format": "safetensors", **kw, **dict(cfg.extra)},
+    )
+
+
+def engine_dtype(cfg: EngineConfig) -> str:
+    return "float32" if cfg.dtype == "auto" and on_cpu() else cfg.dtype
+
+
 class Teacher:
-    """A vLLM engine built once per process and reused for every work unit."""
+    """Scores windows: vLLM's pooling runner returns every position's final hidden state, and
+    softlabels' copy of the teacher's output head (head.Head) turns them into targets.
+
+    Measured against vLLM's own prompt logprobs in the same run (bench/route.py): as exact, and
+    faster, since nothing per position passes through Python objects; so it is the only route."""
+
+    GROUP_TOKENS = 16384  # windows per encode call: bounds the hidden states held at once
 
     def __init__(self, cfg: EngineConfig):
-        if on_cpu():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
-        from vllm import LLM, SamplingParams
+        from vllm.config import PoolerConfig
 
-        dtype = cfg.dtype
-        if dtype == "auto" and on_cpu():
-            dtype = "float32"
-        batched = cfg.max_num_batched_tokens or max(8192, cfg.max_length + 1)
+        from softlabels.generate.head import Head
+
         self.cfg = cfg
-        self.llm = LLM(
-            model=cfg.teacher,
-            dtype=dtype,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            max_model_len=cfg.max_length + 1,
-            max_num_batched_tokens=batched,
-            max_logprobs=cfg.k,
-            skip_tokenizer_init=True,
-            enable_prefix_caching=False,
-            enforce_eager=on_cpu(),
-            seed=cfg.seed,
-            trust_remote_code=cfg.trust_remote_code,
-            # never unpickle weights, unless the user names another format (--engine-arg)
-            **{"load_format": "safetensors", **dict(cfg.extra)},
-        )
-        self.params = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            prompt_logprobs=cfg.k,
-            logprobs=cfg.k,
-            detokenize=False,
-            flat_logprobs=True,
-        )
+        self.llm = _build(cfg, runner="pooling", convert="embed", pooler_config=PoolerConfig(
+            task="token_embed", tok_pooling_type="ALL", use_activation=False))
+        dtype = self.llm.llm_engine.model_config.dtype
+        self.head = Head(cfg.teacher, dtype, "cpu" if on_cpu() else "cuda",
+                         cfg.trust_remote_code)
 
-    def topk(self, windows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per window of T tokens: (T, k) int32 ids and (T, k) float32 logprobs, rank order."""
+    def hidden(self, windows: list[list[int]]):
+        """Per window of T tokens, its (T, hidden) final hidden states, a group at a time."""
         from vllm.inputs import TokensPrompt
 
-        k = self.cfg.k
-        prompts = [TokensPrompt(prompt_token_ids=w) for w in windows]
-        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        check_answers(windows, outs)
-        result = []
-        for w, o in zip(windows, outs):
-            T = len(w)
-            ids = np.empty((T, k), np.int32)
-            lps = np.empty((T, k), np.float32)
-            if T > 1:
-                # Position 0 of prompt_logprobs is empty; position i predicted token i.
-                pl = o.prompt_logprobs
-                ids[:-1] = np.asarray(pl.token_ids, np.int32).reshape(T - 1, k + 1)[:, 1:]
-                lps[:-1] = np.asarray(pl.logprobs, np.float32).reshape(T - 1, k + 1)[:, 1:]
-            last = o.outputs[0].logprobs
-            n = len(last.token_ids)  # k+1, or k when the sampled token is itself counted once
-            ids[-1] = np.asarray(last.token_ids, np.int32)[n - k :]
-            lps[-1] = np.asarray(last.logprobs, np.float32)[n - k :]
-            result.append((ids, lps))
-        return result
+        group, tokens = [], 0
+        for w in windows + [None]:
+            if group and (w is None or tokens + len(w) > self.GROUP_TOKENS):
+                outs = self.llm.encode([TokensPrompt(prompt_token_ids=g) for g in group],
+                                       pooling_task="token_embed", use_tqdm=False)
+                check_answers(group, outs)
+                yield from (o.outputs.data for o in outs)
+                group, tokens = [], 0
+            if w is not None:
+                group.append(w)
+                tokens += len(w)
+
+    def targets(self, windows: list[list[int]], row_ids: list[str]) -> list:
+        """Per window: head.Targets (top-k in rank order; draws when cfg.draws)."""
+        from softlabels.generate.head import window_seed
+
+        c = self.cfg
+        return [self.head.targets(h, c.k, c.draws, c.sample_temperature,
+                                  window_seed(c.seed, rid) if c.draws else None)
+                for h, rid in zip(self.hidden(windows), row_ids)]
+
+
+class Responder:
+    """Writes responses (--generate-responses) with vLLM's generate runner; the top-k of each
+    sampled step come back with it."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.llm = _build(cfg, max_logprobs=cfg.k, skip_tokenizer_init=True)
 
     def respond(self, prompts: list[list[int]], records: list[int], s: Sampling):
         """Sample responses; per prompt, n of (response ids, (R, k) ids, (R, k) logprobs).

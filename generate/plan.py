@@ -47,6 +47,9 @@ class Job:
     max_length: int
     unit_tokens: int
     logprob_step: float
+    draws: int = 0  # --samples
+    sample_temperature: float = 1.0
+    seed: int = 0  # of the samples and of teacher-written responses
     shard_tokens: int = 0  # units are concatenated into shards of up to this many tokens
     stride: int = 0  # new positions per later window; 0: max_length (no overlap)
     piece_bytes: int = 0  # how the corpus is cut for planning (inputs.PIECE_BYTES)

@@ -21,10 +21,10 @@ from softlabels.data.atomic import fsync_dir, write_text
 from softlabels.data.errors import UserError
 from softlabels.data.format import Row
 from softlabels.data.writer import ShardInfo, concat_shards, sha256_file, write_shard
-from softlabels.generate.engine import EngineConfig, Sampling, Teacher, on_cpu
+from softlabels.generate.engine import EngineConfig, Responder, Sampling, Teacher, on_cpu
 from softlabels.generate.plan import STATE_DIR, Job, PiecePlan, Shard, Unit, plan_piece, read_unit
 
-_TEACHER: list[Teacher] = []  # this worker process's engine (one at a time)
+_TEACHER: list[Teacher | Responder] = []  # this worker process's engine (one at a time)
 _TOKENIZER: dict = {}  # this worker process's tokenizer, by teacher path
 
 
@@ -175,10 +175,11 @@ def _drop_teacher() -> None:
         gc.collect()
 
 
-def _teacher(task: UnitTask) -> Teacher:
+def _teacher(task: UnitTask) -> Teacher | Responder:
     """The process's engine for this task's config; a different config replaces the old engine
     (two engines would hold two KV caches, and a long-lived worker serves one job at a time)."""
-    if _TEACHER and _TEACHER[0].cfg == task.engine:
+    kind = Responder if task.sampling else Teacher
+    if _TEACHER and _TEACHER[0].cfg == task.engine and isinstance(_TEACHER[0], kind):
         return _TEACHER[0]
     if task.engine.tensor_parallel_size > 1:  # refuse before dropping a working engine
         _check_tensor_parallel(task.engine.tensor_parallel_size)
@@ -200,7 +201,7 @@ def _teacher(task: UnitTask) -> Teacher:
         torch.set_num_threads(len(cpus))
     if task.engine.tensor_parallel_size > 1:
         _bind_ranks(task.engine.tensor_parallel_size)
-    _TEACHER.append(Teacher(task.engine))
+    _TEACHER.append(kind(task.engine))
     return _TEACHER[0]
 
 
@@ -267,9 +268,14 @@ def run_unit(task: UnitTask) -> dict:
             rows = _responses(task, teacher, row_ids, windows)
         else:
             rows = [
-                Row(rid, np.asarray(w, np.int32), ids, lps, np.asarray(m, bool))
-                for rid, w, m, (ids, lps) in zip(row_ids, windows, masks, teacher.topk(windows))
+                Row(rid, np.asarray(w, np.int32), t.topk_ids, t.topk_logprobs,
+                    np.asarray(m, bool), sample_ids=t.sample_ids, sample_counts=t.sample_counts)
+                for rid, w, m, t in zip(row_ids, windows, masks,
+                                        teacher.targets(windows, row_ids))
             ]
+            if task.engine.draws:  # positions without a target store no samples
+                for r in rows:
+                    r.sample_counts[~r.target_mask] = 0
     except BaseException:
         # An engine that raised may still hold this unit's requests, whose results would come
         # back paired with the next unit's windows: never reuse it.
@@ -277,7 +283,8 @@ def run_unit(task: UnitTask) -> dict:
         raise
     t2 = time.perf_counter()
     path = unit_path(out, task.unit)
-    info = write_shard(path, rows, task.engine.k, task.logprob_step)
+    info = write_shard(path, rows, task.engine.k, task.logprob_step,
+                       draws=task.engine.draws, sample_temperature=task.engine.sample_temperature)
     # The record names the file this attempt committed (see _matches).
     record = {**asdict(info), "identity": _identity(path)}
     write_text(done_path(out, task.unit), json.dumps(record))

@@ -18,6 +18,7 @@ import torch
 
 from softlabels.data.format import Row
 from softlabels.data.reader import RowIndex
+from softlabels.train_student.losses import NEG
 
 
 @dataclass
@@ -25,15 +26,47 @@ class Batch:
     input_ids: torch.Tensor  # (B, L) long, right-padded
     attention_mask: torch.Tensor  # (B, L)
     pos: torch.Tensor  # (N,) flat indices into (B*L) of positions with a target
-    ids: torch.Tensor  # (N, k) teacher top-k ids, -1 where the student cannot produce the id
-    lp: torch.Tensor  # (N, k) teacher log-probs (T=1)
+    ids: torch.Tensor  # (N, S) teacher target ids, -1 for a slot with no target
+    lp: torch.Tensor  # (N, S) their teacher log-probs (T=1), or log(count / draws)
     labels: torch.Tensor  # (N,) next token, -1 at a window's last position
 
     def to(self, device) -> Batch:
         return Batch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
-def collate(rows: list[Row], student_vocab: int) -> Batch:
+TARGETS = ("topk", "samples", "both")
+
+
+def targets_of(row: Row, t: np.ndarray, targets: str) -> tuple[np.ndarray, np.ndarray]:
+    """(n, S) ids and log-probs at positions t of what the loss trains on (-1 / NEG: no slot).
+
+    topk: the stored top-k. samples: the drawn ids with log(count / N), most drawn first: an
+    unbiased estimate of the whole distribution, summing to 1. both: the top-k exactly, and the
+    mass outside it (1 - sum) shared among the drawn ids outside the top-k by their counts, also
+    unbiased; where every draw fell in the top-k that mass stays unassigned (the residual)."""
+    if targets == "topk":
+        return row.topk_ids[t].astype(np.int64), row.topk_logprobs[t].astype(np.float32)
+    counts = row.sample_counts[t].astype(np.float64)
+    sids = row.sample_ids[t].astype(np.int64)
+    if targets == "both":
+        top = row.topk_ids[t].astype(np.int64)
+        counts = np.where((sids[:, :, None] == top[:, None, :]).any(-1), 0.0, counts)
+    order = np.argsort(-counts, -1, kind="stable")
+    counts, sids = np.take_along_axis(counts, order, -1), np.take_along_axis(sids, order, -1)
+    total = counts.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lp = np.log(counts / total)
+    if targets == "both":
+        tlp = row.topk_logprobs[t].astype(np.float64)
+        rest = np.log(np.clip(-np.expm1(np.logaddexp.reduce(tlp, -1, keepdims=True)), 1e-30,
+                              None))
+        sids = np.concatenate([top, sids], -1)
+        lp = np.concatenate([tlp, lp + rest], -1)
+    absent = ~np.isfinite(lp)
+    return np.where(absent, -1, sids), np.where(absent, NEG, lp).astype(np.float32)
+
+
+def collate(rows: list[Row], student_vocab: int, targets: str = "topk") -> Batch:
     B, L = len(rows), max(len(r.input_ids) for r in rows)
     input_ids = np.zeros((B, L), np.int64)
     attn = np.zeros((B, L), np.int64)
@@ -44,12 +77,16 @@ def collate(rows: list[Row], student_vocab: int) -> Batch:
         attn[b, :T] = 1
         t = np.flatnonzero(r.target_mask)
         pos.append(b * L + t)
-        ids.append(r.topk_ids[t])
-        lps.append(r.topk_logprobs[t])
+        i, lp = targets_of(r, t, targets)
+        ids.append(i)
+        lps.append(lp)
         nxt = np.append(r.input_ids[1:], -1).astype(np.int64)
         labels.append(nxt[t])
-    ids = np.concatenate(ids).astype(np.int64)
-    lp = np.concatenate(lps).astype(np.float32)
+    width = max(x.shape[1] for x in ids)  # rows decoded apart can hold fewer distinct draws
+    ids = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-1)
+                          for x in ids])
+    lp = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=NEG)
+                         for x in lps])
     # A teacher id the student cannot produce (teacher's padded vocab) is no target (-1): the
     # loss leaves the slot out and counts its teacher mass in the tail.
     ids[ids >= student_vocab] = -1

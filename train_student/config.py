@@ -10,16 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from softlabels.data.errors import UserError
+from softlabels.train_student.batches import TARGETS
 from softlabels.train_student.losses import (
     LABEL_RESIDUAL_LOSS,
     LOSSES,
     RESIDUALS,
     TAIL_TEMPERATURE,
 )
+
+# The default CE mix per kind of targets: the best measured (BENCHMARKS.md, "Stored targets").
+DEFAULT_CE = {"topk": 0.5, "samples": 0.0, "both": 0.0}
+SAMPLED_ONLY_FORWARD_KL = ("sampled targets estimate the teacher's whole distribution for the "
+                           "student's full softmax: train them with --loss forward_kl, "
+                           "--temperature 1 (they were drawn at the dataset's sample "
+                           "temperature) and a residual other than none")
 
 
 def opt(default, help: str, **argparse_kw):
@@ -35,7 +43,14 @@ class TrainConfig:
     output: str = opt(None, "where the trained student goes")
     loss: str = opt("forward_kl", "divergence on the teacher's top-k + tail", choices=LOSSES)
     beta: float = opt(0.5, "JSD's mixing weight / skew KL's alpha")
-    ce_weight: float = opt(0.5, "loss = (1 - w) KD + w CE on the hard next tokens (1 = CE only)")
+    targets: str = opt("auto", "stored targets to train on: topk, samples (the draws, an "
+                               "unbiased estimate of the full distribution), both (the top-k "
+                               "exactly, the mass outside it shared among the draws outside it); "
+                               "auto: what the dataset carries, both if both",
+                       choices=("auto", *TARGETS))
+    ce_weight: float | None = opt(None, "loss = (1 - w) KD + w CE on the hard next tokens (1 = "
+                                        "CE only); default: the best measured for the targets "
+                                        f"({', '.join(f'{k} {v}' for k, v in DEFAULT_CE.items())})")
     temperature: float = opt(1.0, "softmax temperature of both sides")
     # The defaults (label residual, ce_weight 0.5) are the best stored-top-k recipe measured
     # (BENCHMARKS.md, "Where the mass outside the top-k goes"): better than CE-only on the mean of
@@ -77,17 +92,17 @@ class TrainConfig:
                   if not getattr(self, n)]
         if self.loss not in LOSSES:
             errors.append(f"--loss {self.loss!r}: choose from {', '.join(LOSSES)}")
-        if not 0.0 <= self.ce_weight <= 1.0:
+        if self.ce_weight is not None and not 0.0 <= self.ce_weight <= 1.0:
             errors.append("--ce-weight must be in [0, 1]")
         if not 0.0 < self.beta < 1.0:
             errors.append("--beta must be in (0, 1)")
         if self.temperature <= 0:
             errors.append("--temperature must be > 0")
-        elif self.residual != "none" and self.temperature != 1.0 and self.ce_weight < 1.0:
+        elif self.residual != "none" and self.temperature != 1.0 and self.ce_weight != 1.0:
             errors.append(TAIL_TEMPERATURE)
         if self.residual not in RESIDUALS:
             errors.append(f"--residual {self.residual!r}: choose from {', '.join(RESIDUALS)}")
-        elif self.residual == "label" and self.loss != "forward_kl" and self.ce_weight < 1.0:
+        elif self.residual == "label" and self.loss != "forward_kl" and self.ce_weight != 1.0:
             errors.append(LABEL_RESIDUAL_LOSS)
         if self.batch_tokens < 1 or self.grad_accum < 1 or self.chunk < 1:
             errors.append("--batch-tokens, --grad-accum and --chunk must be >= 1")
@@ -101,6 +116,25 @@ class TrainConfig:
             errors.append("--save-adapter needs --lora-r")
         if errors:
             raise UserError("; ".join(errors))
+
+    def for_dataset(self, k: int, draws: int) -> TrainConfig:
+        """This config with `auto` targets and the default CE weight chosen for a dataset of
+        top-k `k` and `draws` samples per position, or a one-line UserError."""
+        targets = self.targets
+        if targets == "auto":
+            targets = "both" if k and draws else "samples" if draws else "topk"
+        if targets != "topk" and not draws:
+            raise UserError(f"--targets {targets}: {self.data} has no sampled targets (generate "
+                            "it with --samples N)")
+        if targets != "samples" and not k:
+            raise UserError(f"--targets {targets}: {self.data} has no top-k (generated with "
+                            "--samples only): use --targets samples")
+        ce = DEFAULT_CE[targets] if self.ce_weight is None else self.ce_weight
+        if targets != "topk" and ce < 1.0 and (self.loss != "forward_kl" or
+                                               self.temperature != 1.0 or
+                                               self.residual == "none"):
+            raise UserError(SAMPLED_ONLY_FORWARD_KL)
+        return replace(self, targets=targets, ce_weight=ce)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"

@@ -1,7 +1,9 @@
 """`softlabels eval`: how close a model is to the teacher, on a held-out soft-label dataset.
 
 ce/ppl: cross-entropy on the real next tokens; kl: KL(teacher || model) on the stored top-k with
-the tail bucket, at T=1; top1_agreement: the model's argmax equals the teacher's top-1.
+the tail bucket, at T=1; top1_agreement: the model's argmax equals the teacher's top-1. On a
+dataset of samples only, kl and top-1 use the draws (count / N, and the most drawn id): an
+estimate, whose KL is biased upward by the sampling noise.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
     lm_head = model.get_output_embeddings()
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     sums = torch.zeros(5, dtype=torch.float64)  # ce, ce tokens, kl, top1 hits, kd tokens
+    targets = "topk" if reader.manifest.k else "samples"
     for _, rows in chunks(reader.rows(), batch_tokens):
-        b = collate(rows, vocab).to(device)
+        b = collate(rows, vocab, targets).to(device)
         h = model.get_decoder()(input_ids=b.input_ids,
                                 attention_mask=b.attention_mask).last_hidden_state
         h = h.reshape(-1, h.shape[-1])[b.pos]

@@ -33,7 +33,9 @@ def _rows(path: str, shuffle: bool, seed: int):
     while True:  # a stream: the Trainer's max_steps decides when to stop
         for _, r in SoftLabelReader(path, shuffle=shuffle, seed=seed).rows(epoch=epoch):
             yield {"row_id": r.row_id, "input_ids": r.input_ids, "target_mask": r.target_mask,
-                   "topk_ids": r.topk_ids, "topk_logprobs": r.topk_logprobs}
+                   "topk_ids": r.topk_ids, "topk_logprobs": r.topk_logprobs,
+                   **({"sample_ids": r.sample_ids, "sample_counts": r.sample_counts}
+                      if r.sample_ids is not None else {})}
         epoch += 1
 
 
@@ -42,7 +44,8 @@ def soft_label_dataset(path, shuffle: bool = True, seed: int = 0):
 
     Rows are decoded and checked by this package's reader, one row group in memory at a time, so
     a dataset of any size streams; it repeats epoch after epoch (set `max_steps`). Examples are
-    numpy arrays: `input_ids` (T,), `target_mask` (T,), `topk_ids`/`topk_logprobs` (T, k).
+    numpy arrays: `input_ids` (T,), `target_mask` (T,), `topk_ids`/`topk_logprobs` (T, k), and
+    on a dataset generated with --samples `sample_ids`/`sample_counts` (T, U).
     """
     import datasets
 
@@ -55,10 +58,13 @@ class SoftLabelCollator:
     """Examples of `soft_label_dataset` -> the tensors `DistillationTrainer.compute_loss` reads."""
 
     vocab_size: int  # the student's output size: teacher ids beyond it carry no target
+    targets: str = "topk"  # or samples / both (batches.targets_of), for datasets with samples
 
     def __call__(self, examples: list[dict]) -> dict:
         b = collate([Row(e["row_id"], e["input_ids"], e["topk_ids"], e["topk_logprobs"],
-                         e["target_mask"]) for e in examples], self.vocab_size)
+                         e["target_mask"], sample_ids=e.get("sample_ids"),
+                         sample_counts=e.get("sample_counts")) for e in examples],
+                    self.vocab_size, self.targets)
         return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "pos": b.pos,
                 "ids": b.ids, "lp": b.lp, "labels": b.labels,
                 # The Trainer counts num_items_in_batch over shift_labels != -100: one per

@@ -120,7 +120,7 @@ def step_batches(reader, cfg, plan: EpochPlan, epoch: int, m0: int, p: int, voca
         mine = []
         for g in group:
             pos, weight = plan.rows(g, p)
-            mine.append((collate(reader.read(epoch, pos), vocab), weight))
+            mine.append((collate(reader.read(epoch, pos), vocab, cfg.targets), weight))
         yield group, mine
 
 
@@ -170,6 +170,7 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     n_proc = accelerator.num_processes
     reader = SoftLabelReader(cfg.data, shuffle=True, seed=cfg.seed)
+    cfg = cfg.for_dataset(reader.manifest.k, reader.manifest.draws)
     model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code)
     vocab = model.get_output_embeddings().weight.shape[0]
     if cfg.gradient_checkpointing:
