@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from softlabels.data.format import DEFAULT_LOGPROB_STEP
 from softlabels.data.manifest import Manifest
@@ -82,6 +83,78 @@ def test_targets_match_transformers_reference(generated, tiny_teacher):
                             r.topk_logprobs[clear], tol)
         checked += clear.sum()
     assert checked > 0.9 * sum(len(r.input_ids) for r in rows)
+
+
+DRAWS = 64
+
+
+@pytest.fixture(scope="module")
+def sharp_teacher(tmp_path_factory, tiny_teacher):
+    """The tiny teacher with its head scaled x50: a peaked distribution in which many ids have
+    next to no mass (log-prob below -30), so drawing one of them would show."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("sharp")
+    shutil.copytree(tiny_teacher, path, dirs_exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50)
+    model.save_pretrained(path)
+    return path
+
+
+def _full_logprobs(model_dir, token_lists) -> list[np.ndarray]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+                for ids in token_lists]
+
+
+def test_samples_follow_the_teacher_and_not_the_units_or_batching(tmp_path, sharp_teacher,
+                                                                  corpus, dask_cluster):
+    """--samples N: the drawn ids agree with an independent transformers forward (counts sum to
+    N, nothing the teacher gives ~0 mass, and the mean log-prob of the draws equals the
+    teacher's expected log-prob within sampling error). The draws do not depend on the unit size,
+    on --top-k, or on how vLLM batches the windows (byte-identical shards)."""
+    def gen(out, *extra):
+        softlabels("generate", "--teacher", sharp_teacher, "--input", corpus[0], "--output",
+                   out, "--samples", DRAWS, "--max-length", MAXLEN, "--scheduler",
+                   dask_cluster, *extra)
+        assert verify(out) == []
+        return read_dataset(out)
+
+    both = gen(tmp_path / "a", "--top-k", K, *SIZES)
+    alone = gen(tmp_path / "b", "--unit-tokens", 300)  # samples only, other units
+    assert Manifest.load(tmp_path / "b").k == 0 and Manifest.load(tmp_path / "b").draws == DRAWS
+    assert both.keys() == alone.keys()
+    for rid, r in both.items():
+        o = alone[rid]
+        assert np.array_equal(r.sample_ids[r.sample_counts > 0], o.sample_ids[o.sample_counts > 0])
+        assert np.array_equal(r.sample_counts[r.sample_counts > 0],
+                              o.sample_counts[o.sample_counts > 0])
+    gen(tmp_path / "c", "--top-k", K, *SIZES, "--max-num-batched-tokens", 512)
+    assert [s.sha256 for s in Manifest.load(tmp_path / "c").shards] == \
+        [s.sha256 for s in Manifest.load(tmp_path / "a").shards]
+
+    rows = sorted(both.values(), key=lambda r: (r.record, r.window))[:8]
+    refs = _full_logprobs(sharp_teacher, [r.input_ids.tolist() for r in rows])
+    got = want = var = 0.0
+    for r, lp in zip(rows, refs):
+        assert (lp.min(-1) < -30).all()  # the test can see a draw of a ~0-mass id
+        counts = r.sample_counts.astype(np.float64)
+        assert (counts.sum(-1) == DRAWS).all()
+        drawn = np.take_along_axis(lp, r.sample_ids.astype(np.int64), -1)
+        assert (drawn[counts > 0] > -20).all()
+        p = np.exp(lp)
+        mean = (p * lp).sum(-1)  # the expected log-prob of one draw
+        got += (counts / DRAWS * drawn).sum()
+        want += mean.sum()
+        var += (((p * lp**2).sum(-1) - mean**2) / DRAWS).sum()
+    assert abs(got - want) < 4 * var**0.5, (got, want, var**0.5)
 
 
 def test_embedded_cluster_gives_the_same_dataset(tmp_path, tiny_teacher, corpus, generated):
@@ -221,14 +294,14 @@ def test_trained_student_loads_in_vllm(tmp_path, generated, corpus, dask_cluster
 def _leave_a_stale_request_then_run(task):
     """Runs on the Dask worker: a request left queued in the engine, as after an exception in
     the middle of a generate call, then the unit."""
-    from vllm import SamplingParams
+    from vllm import PoolingParams
     from vllm.inputs import TokensPrompt
 
     from softlabels.generate import work
 
     teacher = work._teacher(task)
     teacher.llm.llm_engine.add_request("-1", TokensPrompt(prompt_token_ids=[5, 6, 7]),
-                                       SamplingParams(max_tokens=1))
+                                       PoolingParams(task="token_embed"))
     try:
         work.run_unit(task)
         return "no error", len(work._TEACHER)

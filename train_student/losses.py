@@ -1,4 +1,9 @@
-"""Distillation losses on sparse (top-k) teacher targets, computed a chunk of positions at a time.
+"""Distillation losses on sparse teacher targets, computed a chunk of positions at a time.
+
+The targets are (ids, log-probs) per position: the stored top-k, or the draws of a dataset
+generated with --samples turned into log(count / N) (batches.targets_of). Draws sum to 1, so their
+residual is ~0 and forward KL against the student's full softmax is the Sparse Logit Sampling
+estimator: unbiased for full KD's gradient.
 
 The stored top-k leave the teacher's other mass (1 - sum p) unsaid; `residual` says where it goes:
 - "tail" (default): a (k+1)-th bucket for all other tokens on both sides (student: 1 - sum q over
@@ -31,9 +36,10 @@ RESIDUALS = ("tail", "label", "none")
 NEG = -1e4  # log-prob of an absent bucket: exp() is 0, and 0 * NEG stays finite
 
 
-def log_tail(logp: torch.Tensor) -> torch.Tensor:
-    """log(1 - sum(exp(logp))) over the last dim, stable; (N, k) -> (N, 1)."""
-    lse = torch.logsumexp(logp, -1, keepdim=True).clamp(max=-1e-6)  # quantisation can reach 0
+def log_tail(logp: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """log(1 - sum(exp(logp))) over the last dim, stable; (N, k) -> (N, 1). The mass is kept
+    above about `floor` (quantisation can make the sum reach 1, and log(0) has no gradient)."""
+    lse = torch.logsumexp(logp, -1, keepdim=True).clamp(max=-floor)
     return torch.log(-torch.expm1(lse)).clamp(min=NEG)
 
 
@@ -54,7 +60,7 @@ def teacher_buckets(lp: torch.Tensor, temperature: float, residual: str = "tail"
         return torch.log_softmax(lp / temperature, -1)
     if temperature != 1.0:
         raise ValueError(TAIL_TEMPERATURE)
-    lt = log_tail(lp)
+    lt = log_tail(lp, 1e-9)  # data, no gradient: sampled targets sum to 1 and leave ~0 here
     if residual == "tail":
         return torch.cat([lp, lt], -1)
     at = (ids == labels[:, None]) & (labels >= 0)[:, None]  # the label's top-k slot, if any
