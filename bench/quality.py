@@ -57,19 +57,19 @@ def train_stored(demo: Path, data: Path, out: Path, steps: int, extra: list) -> 
     return time.perf_counter() - t
 
 
-def train_online(demo: Path, data: Path, out: Path, steps: int) -> float:
+def train_online(demo: Path, data: Path, out: Path, steps: int, seed: int = 0) -> float:
     """Online KD: every step runs the teacher on the batch; full-vocabulary forward KL."""
     import torch
 
     from softlabels.data.reader import SoftLabelReader
-    from softlabels.train_student.batches import collate, global_batches
+    from softlabels.train_student.batches import EpochPlan, collate
     from softlabels.train_student.config import TrainConfig
     from softlabels.train_student.student import load_student
     from softlabels.train_student.train import lr_at
 
     t0 = time.perf_counter()
     cfg = TrainConfig(student=str(demo / "student.json"), data=str(data), output=str(out),
-                      max_steps=steps, batch_tokens=4096, lr=3e-3, warmup=10)
+                      max_steps=steps, batch_tokens=4096, lr=3e-3, warmup=10, seed=seed)
     torch.manual_seed(cfg.seed)
     from transformers import AutoModelForCausalLM
 
@@ -83,8 +83,9 @@ def train_online(demo: Path, data: Path, out: Path, steps: int) -> float:
     reader = SoftLabelReader(data, shuffle=True, seed=cfg.seed)
     step, epoch = 0, 0
     while step < steps:
-        for _, (chunk,) in global_batches(reader, epoch, 0, cfg.batch_tokens, 1):
-            b = collate(chunk, student.config.vocab_size)
+        plan = EpochPlan.make(reader.index(epoch), cfg.batch_tokens, 1)
+        for m in range(plan.micro_batches):  # the trainer's batches, in its order
+            b = collate(reader.read(epoch, plan.rows(m, 0)[0]), student.config.vocab_size)
             with torch.no_grad():
                 t_lp = torch.log_softmax(teacher(input_ids=b.input_ids,
                                                  attention_mask=b.attention_mask).logits, -1)

@@ -360,3 +360,106 @@ def test_footer_counts_that_lie_are_caught(tmp_path, real_rows):
     assert any("footer row counts differ" in p for p in verify(tmp_path))
     with pytest.raises(FormatError, match=rf"row {rows[1].row_id}: tokens/targets"):
         list(SoftLabelReader(tmp_path))
+
+
+def _with_samples(rows, draws, seed=0):
+    """The rows with `draws` draws per target position from their own top-k (renormalised)."""
+    from softlabels.generate.head import unique_counts
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in rows:
+        p = np.exp(r.topk_logprobs.astype(np.float64))
+        drawn = np.stack([r.topk_ids[t][rng.choice(K, draws, p=p[t] / p[t].sum())]
+                          for t in range(len(p))])
+        ids, counts = unique_counts(drawn)
+        counts[~r.target_mask] = 0
+        out.append(Row(r.row_id, r.input_ids, r.topk_ids, r.topk_logprobs, r.target_mask,
+                       sample_ids=ids, sample_counts=counts))
+    return out
+
+
+@pytest.mark.parametrize("k", [0, K])
+def test_samples_round_trip_verify_inspect_and_load_dataset(tmp_path, real_rows, k):
+    """Draws (alone, k = 0, or with the top-k) come back exactly through the reader, pass verify,
+    show in `inspect --json` as [[id, count], ...], and decode by the documented rule from
+    `datasets.load_dataset` without this package."""
+    import datasets
+
+    rows, vocab = real_rows
+    rows = _with_samples(rows, 20)
+    info = write_shard(tmp_path / "shard-00000.parquet", rows, k, draws=20, row_group_tokens=100)
+    publish(tmp_path, Manifest(k=k, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab,
+                               draws=20, shards=[info]))
+    assert verify(tmp_path) == []
+
+    def pairs(ids, counts):
+        return sorted((int(i), int(c)) for i, c in zip(ids, counts) if c)
+
+    back = {r.row_id: r for r in SoftLabelReader(tmp_path)}
+    for r in rows:
+        b = back[r.row_id]
+        for t in range(len(r.input_ids)):
+            assert pairs(b.sample_ids[t], b.sample_counts[t]) == pairs(r.sample_ids[t],
+                                                                         r.sample_counts[t])
+        assert b.topk_ids.shape == (len(r.input_ids), k)
+    p = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(tmp_path),
+                        "--row", "2", "--json"], capture_output=True, text=True, cwd=REPO)
+    got = json.loads(p.stdout)
+    r = next(x for x in rows if x.row_id == got["row_id"])
+    assert got["draws"] == 20
+    assert [s and sorted(map(tuple, s)) for s in got["sampled"]] == \
+        [pairs(i, c) if m else None for i, c, m in zip(r.sample_ids, r.sample_counts,
+                                                        r.target_mask)]
+    ds = datasets.load_dataset(str(tmp_path), split="train", cache_dir=str(tmp_path / ".hf"))
+    for ex in ds:
+        r = next(x for x in rows if x.row_id == ex["row_id"])
+        for t, (g, c) in enumerate(zip(ex["sample_id_gaps"], ex["sample_counts"])):
+            assert pairs(np.cumsum(g), c) == (pairs(r.sample_ids[t], r.sample_counts[t])
+                                              if r.target_mask[t] else [])
+
+
+def test_bad_samples_are_flagged(real_rows):
+    rows, vocab = real_rows
+    good = _with_samples(rows[:1], 20)[0]
+    enc = Encoding(K, DEFAULT_LOGPROB_STEP, draws=20)
+    assert bad_rows(encode([good], K, draws=20), enc, vocab) == []
+    short = Row("1:0", good.input_ids, good.topk_ids, good.topk_logprobs, good.target_mask,
+                sample_ids=good.sample_ids, sample_counts=good.sample_counts.copy())
+    short.sample_counts[0, np.flatnonzero(short.sample_counts[0])[0]] -= 1
+    with pytest.raises(FormatError, match="sum to 20"):
+        encode([short], K, draws=20)  # the writer refuses it ...
+    batch = encode([good], K, draws=20)
+    assert "sum to 21" in bad_rows(batch, Encoding(K, DEFAULT_LOGPROB_STEP, draws=21), vocab)[0][1]
+    top = int(good.sample_ids[good.sample_counts > 0].max())
+    alone = Row("2:0", np.zeros_like(good.input_ids), np.zeros((len(good.input_ids), 0)),
+                np.zeros((len(good.input_ids), 0)), good.target_mask,
+                sample_ids=good.sample_ids, sample_counts=good.sample_counts)
+    assert bad_rows(encode([alone], 0, draws=20), Encoding(0, DEFAULT_LOGPROB_STEP, 20), top) \
+        == [("2:0", f"sampled id outside [0, {top})")]
+
+
+def test_version_1_datasets_are_still_read(tmp_path, real_rows):
+    """A dataset written before samples existed (format version 1: top-k only, no draws keys)."""
+    import pyarrow as pa
+
+    rows, vocab = real_rows
+    make_dataset(tmp_path, rows, vocab, shards=1)
+    shard = tmp_path / "shard-00000.parquet"
+    t = pq.read_table(shard)
+    meta = {k: v for k, v in t.schema.metadata.items() if b"draws" not in k
+            and b"sample_temperature" not in k}
+    meta[b"softlabels.format_version"] = b"1"
+    pq.write_table(pa.Table.from_batches(t.to_batches(), t.schema.with_metadata(meta)), shard)
+    from softlabels.data.writer import sha256_file
+
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    d["format_version"] = 1
+    for key in ("draws", "sample_temperature"):
+        d.pop(key)
+    d["shards"][0]["sha256"], d["shards"][0]["bytes"] = sha256_file(shard), shard.stat().st_size
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    assert verify(tmp_path) == []
+    back = {r.row_id: r for r in SoftLabelReader(tmp_path)}
+    assert back.keys() == {r.row_id for r in rows}
+    assert all(back[r.row_id].sample_ids is None for r in rows)
