@@ -3,8 +3,8 @@
 A teacher trained 5x longer than the demo's (cached under --cache), a student ~14x smaller than
 it, the same rows, steps and schedule for every row of the table, several seeds (mean ± std):
   CE only; stored top-k (k = 8, 64) with the tail bucket, with and without CE; top-64 with the
-  ground-truth residual, with and without CE; sampled targets (N = 12, 50), with and without CE;
-  top-64 + 50 draws; online full-vocabulary KD with the teacher in the loop.
+  ground-truth residual, with and without CE; sampled targets (N = 12, 25, 50), with and without
+  CE; top-k + draws (8 + 12, 64 + 50); online full-vocabulary KD with the teacher in the loop.
 One `softlabels generate --top-k 64 --samples 50` run makes the targets; the other datasets are
 cut from it exactly: top-8 is the first 8 of the top-64, N = 12 is 12 of the 50 draws taken
 without replacement (which are 12 independent draws from the teacher).
@@ -143,8 +143,9 @@ def main() -> None:
                  "--output", data[split], "--top-k", 64, "--samples", 50, "--max-length", 256])
     full = data["train"]
     sets = {"k64": derive(full, cache / "k64", 64, 0), "k8": derive(full, cache / "k8", 8, 0),
-            "n50": derive(full, cache / "n50", 0, 50), "n12": derive(full, cache / "n12", 0, 12),
-            "k64+n50": full}
+            "n50": derive(full, cache / "n50", 0, 50), "n25": derive(full, cache / "n25", 0, 25),
+            "n12": derive(full, cache / "n12", 0, 12),
+            "k8+n12": derive(full, cache / "k8n12", 8, 12), "k64+n50": full}
     heldout = derive(data["heldout"], cache / "heldout-k64", 64, 0)
     tail, label = ["--residual", "tail"], ["--residual", "label"]
     recipes = {  # every option spelled out: defaults change
@@ -158,6 +159,8 @@ def main() -> None:
         "sampled N=12": ("n12", ["--targets", "samples", "--ce-weight", 0]),
         "sampled N=50": ("n50", ["--targets", "samples", "--ce-weight", 0]),
         "sampled N=50 + 0.5 CE": ("n50", ["--targets", "samples", "--ce-weight", 0.5]),
+        "sampled N=25": ("n25", ["--targets", "samples", "--ce-weight", 0]),
+        "top-8 + 12 draws": ("k8+n12", ["--targets", "both", *label, "--ce-weight", 0]),
         "top-64 + 50 draws": ("k64+n50", ["--targets", "both", *label, "--ce-weight", 0]),
         "online full KD": (None, []),
     }

@@ -42,6 +42,12 @@ class Manifest:
         }
     )
 
+    def __post_init__(self):
+        if self.draws and "samples" not in self.targets:
+            self.targets = {**self.targets, "samples": (
+                f"sample_counts / {self.draws} estimates the teacher's probability of each "
+                f"sample id: draws from softmax(logits / {self.sample_temperature:g})")}
+
     @property
     def rows(self) -> int:
         return sum(s.rows for s in self.shards)

@@ -23,7 +23,8 @@ def _verify(args) -> int:
     from softlabels.data.manifest import Manifest
 
     m = Manifest.load(args.dir)
-    print(f"{args.dir}: OK ({len(m.shards)} shards, {m.rows} rows, {m.tokens} tokens, k={m.k})")
+    print(f"{args.dir}: OK ({len(m.shards)} shards, {m.rows} rows, {m.tokens} tokens, k={m.k}, "
+          f"draws={m.draws})")
     return 0
 
 

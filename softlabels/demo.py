@@ -169,16 +169,19 @@ def main(args) -> int:
 
     k = str(args.top_k)
     print("\n# 2. teacher inference with vLLM on an embedded Dask cluster")
-    for split, path in [("train", train_split), ("heldout", heldout)]:
+    # train: the top-64 and 50 draws per token (the best stored targets measured, BENCHMARKS.md
+    # "Stored targets"); held-out: the top-64, which eval reads
+    for split, path, extra in [("train", train_split, ["--samples", "50"]),
+                               ("heldout", heldout, [])]:
         run(["softlabels", "generate", "--teacher", teacher, "--input", path, "--output",
-             out / f"targets-{split}", "--top-k", k, "--max-length", "256"], stages,
+             out / f"targets-{split}", "--top-k", k, *extra, "--max-length", "256"], stages,
             f"generate_{split}")
     print("\n# 3. verify")
     run(["softlabels", "verify", out / "targets-train"], stages, "verify")
 
-    print("\n# 4. students: distilled from the stored targets (KD + CE on the real next tokens,\n"
-          "#    which teaches the order within the teacher's tail), and CE-only: same steps,\n"
-          "#    same tokens")
+    print("\n# 4. students: distilled from the stored targets with the default recipe (forward KL\n"
+          "#    on the exact top-64, the mass outside it shared among the draws that fell\n"
+          "#    outside it), and CE-only: same steps, same tokens")
     write_text(out / "student.json", json.dumps(STUDENT_CONFIG, indent=2) + "\n")
     common = ["--student", out / "student.json", "--data", out / "targets-train",
               "--max-steps", str(args.student_steps), "--batch-tokens", "4096",
