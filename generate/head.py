@@ -7,7 +7,7 @@ final transform (soft-capping, scaling), and turns a chunk of positions at a tim
 normaliser, the top-k and N draws, so at most (chunk, vocab) logits exist at once.
 
 Draws are reproducible whatever the batching: each window draws its uniforms from its own
-generator, seeded by (seed, row id), and inverts the cumulative distribution in float64. The
+generator, seeded by (seed, row id), and inverts the cumulative distribution (`draw`). The
 hidden states of a window do not depend on the other windows in vLLM's batch (measured: bitwise
 equal), so neither do the draws.
 """
@@ -33,7 +33,7 @@ TRANSFORMS = {
     "cohere": "scale",  # x * logit_scale
     "granite": "divide",  # x / logits_scaling
 }
-CHUNK_BYTES = 256 << 20  # one chunk's (positions, vocab) float64 cumulative distribution
+CHUNK_BYTES = 256 << 20  # per chunk: its (positions, vocab) float32 logits and exponentials
 
 
 @dataclass
