@@ -43,10 +43,15 @@ class Manifest:
     )
 
     def __post_init__(self):
-        if self.draws and "samples" not in self.targets:
-            self.targets = {**self.targets, "samples": (
+        t = dict(self.targets)
+        if not self.k:  # no top-k columns: their order and tail describe nothing here
+            t.pop("order", None)
+            t.pop("missing_mass", None)
+        if self.draws and "samples" not in t:
+            t["samples"] = (
                 f"sample_counts / {self.draws} estimates the teacher's probability of each "
-                f"sample id: draws from softmax(logits / {self.sample_temperature:g})")}
+                f"sample id: draws from softmax(logits / {self.sample_temperature:g})")
+        self.targets = t
 
     @property
     def rows(self) -> int:

@@ -392,6 +392,8 @@ def test_samples_round_trip_verify_inspect_and_load_dataset(tmp_path, real_rows,
     publish(tmp_path, Manifest(k=k, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab,
                                draws=20, shards=[info]))
     assert verify(tmp_path) == []
+    described = Manifest.load(tmp_path).targets
+    assert "samples" in described and ("missing_mass" in described) == (k > 0)
 
     def pairs(ids, counts):
         return sorted((int(i), int(c)) for i, c in zip(ids, counts) if c)
