@@ -7,7 +7,7 @@ Reads the datasets `bench/targets.py` left in its cache and prints:
   3. the order-0 entropy of the gaps and counts (what an entropy coder with no context needs), and
      of the gaps after renumbering ids by frequency (what a remapped vocabulary would give);
   4. distinct ids per position at N=50 against the teacher's entropy at that position (from the
-     top-64 + tail of the same run): the number that sets the size.
+     top-64 + tail of the same windows): the number that sets the size.
 
     python bench/draw_bytes.py [--cache .cache/bench-targets]
 """
@@ -74,7 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench-targets")
     a = ap.parse_args()
-    n50, full = a.cache / "n50", a.cache / "train-k64-n50"
+    n50, k64 = a.cache / "n50", a.cache / "k64"  # the same windows, row for row
     m = Manifest.load(n50)
     tokens = m.tokens
     shard = n50 / m.shards[0].file
@@ -83,15 +83,18 @@ def main() -> None:
     columns(shard, tokens)
     encodings(shard, tokens)
 
+    by_row = {}
+    for r in SoftLabelReader(k64):
+        lp = r.topk_logprobs[r.target_mask].astype(np.float64)
+        tail = np.clip(1 - np.exp(lp).sum(-1), 1e-12, 1)
+        by_row[r.row_id] = -(np.exp(lp) * lp).sum(-1) - tail * np.log(tail)  # tail: one bucket
     ids, counts, entropy = [], [], []
-    for r in SoftLabelReader(full):
+    for r in SoftLabelReader(n50):
         mask = r.target_mask
         for i, c in zip(r.sample_ids[mask], r.sample_counts[mask]):
             ids.append(i[c > 0])
             counts.append(c[c > 0])
-        lp = r.topk_logprobs[mask].astype(np.float64)
-        tail = np.clip(1 - np.exp(lp).sum(-1), 1e-12, 1)
-        entropy.append(-(np.exp(lp) * lp).sum(-1) - tail * np.log(tail))  # tail as one bucket
+        entropy.append(by_row[r.row_id])
     entropy = np.concatenate(entropy)
     distinct = np.array([len(i) for i in ids])
     gaps = np.concatenate([np.diff(i, prepend=0) for i in ids])

@@ -16,7 +16,8 @@ def render(m: Manifest) -> str:
     what = " and ".join(
         ([f"the teacher's top-{m.k} next-token log-probabilities"] if m.k else [])
         + ([f"{m.draws} draws from its next-token distribution (temperature "
-            f"{m.sample_temperature:g}), as distinct ids and counts"] if m.draws else []))
+            f"{m.sample_temperature:g}{', outside the top-k' * m.tail_draws}), as distinct ids "
+            "and counts"] if m.draws else []))
     columns, decoding = [], []
     if m.k:
         columns += [
@@ -37,7 +38,9 @@ def render(m: Manifest) -> str:
         decoding.append(
             "per position, `ids = cumsum(sample_id_gaps[t])`, drawn `sample_counts[t]` times "
             f"each out of {m.draws}: `count / {m.draws}` is an unbiased estimate of the "
-            "teacher's probability of each id.")
+            "teacher's probability of each id" + (
+                " given that it is outside the top-k: multiply by the tail mass. A position "
+                "whose top-k holds all the mass has no draws." if m.tail_draws else "."))
     return f"""---
 configs:
   - config_name: default

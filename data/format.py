@@ -24,6 +24,9 @@ the teacher's distribution, ascending and gap-coded like the top-k, with how oft
     sample_counts:   list<list<uint16>>  their counts, summing to N at every position with a target
 
 A dataset carries top-k, samples, or both (`k` 0 means no top-k columns; `draws` 0 no samples).
+With both (version 3), the N draws come from the teacher's distribution *outside* the top-k
+(renormalised): the top-k is exact, and every draw goes where the estimate is needed. A position
+whose top-k holds all the mass has no draws. Version 2 drew from the whole distribution.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import pyarrow as pa
 from softlabels.data.errors import UserError
 
 FORMAT_NAME = "softlabels"
-FORMAT_VERSION = 2
-READS_VERSIONS = (1, 2)  # version 1 is version 2 with top-k only
+FORMAT_VERSION = 3
+# version 1: top-k only; version 2: with top-k, the draws come from the whole distribution
+READS_VERSIONS = (1, 2, 3)
 DEFAULT_LOGPROB_STEP = 1 / 16
 # Log-probabilities below this are clipped (vLLM can return -inf for impossible tokens).
 MIN_LOGPROB = -1000.0
@@ -49,7 +53,9 @@ DECODING_RULE = (
     "rank order. Positions where target_mask[t] is false carry no target (zeros). targets[t] "
     "predicts the token after input_ids[0..t]. Samples (if softlabels.draws > 0): per position "
     "ids = cumsum(sample_id_gaps[t]), drawn sample_counts[t] times each out of draws draws from "
-    "the teacher's distribution at softlabels.sample_temperature; empty where target_mask is false."
+    "the teacher's distribution at softlabels.sample_temperature; empty where target_mask is "
+    "false. With top-k (k > 0, format version 3) the draws are from the distribution outside "
+    "the top-k, renormalised, and empty where the top-k holds all the mass."
 )
 
 
@@ -140,6 +146,12 @@ class Encoding:
     logprob_step: float
     draws: int = 0
     sample_temperature: float = 1.0
+    version: int = FORMAT_VERSION
+
+    @property
+    def tail_draws(self) -> bool:
+        """Whether the draws come from outside the top-k (see the module docstring)."""
+        return tail_draws(self.version, self.k, self.draws)
 
     @property
     def list_columns(self) -> tuple[str, ...]:
@@ -161,7 +173,12 @@ class Encoding:
             )
         return cls(k=int(meta["softlabels.k"]), logprob_step=float(meta["softlabels.logprob_step"]),
                    draws=int(meta.get("softlabels.draws", 0)),
-                   sample_temperature=float(meta.get("softlabels.sample_temperature", 1.0)))
+                   sample_temperature=float(meta.get("softlabels.sample_temperature", 1.0)),
+                   version=version)
+
+
+def tail_draws(version: int, k: int, draws: int) -> bool:
+    return version >= 3 and k > 0 and draws > 0
 
 
 def quantise(logprobs: np.ndarray, step: float) -> np.ndarray:
@@ -196,8 +213,17 @@ def check_row(row: Row, k: int, draws: int = 0) -> None:
         ids, counts = row.sample_ids, row.sample_counts
         if ids is None or counts is None or ids.shape != counts.shape or len(ids) != T:
             problems.append(f"samples missing or not shaped ({T}, U)")
-        elif (counts.sum(-1) != np.where(row.target_mask, draws, 0)).any():
-            problems.append(f"sample counts do not sum to {draws} where the mask is true")
+        else:
+            total = counts.sum(-1)
+            ok = total == np.where(row.target_mask, draws, 0)
+            if k:  # a position whose top-k holds all the mass has no draws
+                ok |= total == 0
+            if not ok.all():
+                problems.append(f"sample counts do not sum to {draws} where the mask is true")
+            if k and row.topk_ids.shape == (T, k) and (
+                    (ids[:, :, None] == row.topk_ids[:, None, :]).any(-1) & (counts > 0)).any():
+                problems.append("a draw is in the top-k (with a top-k, draws come from outside "
+                                "it)")
     if row.target_mask.shape != (T,):
         problems.append(f"target_mask shaped {row.target_mask.shape}, expected ({T},)")
     if T == 0:
@@ -438,11 +464,31 @@ def _problems(batch: pa.RecordBatch, f: _Flat | None, vocab_size: int, enc: Enco
             mark(row_of[top >= vocab_size], f"sampled id outside [0, {vocab_size})")
             total = np.bincount(pos, weights=f.s_counts, minlength=len(m))
             mark(row_of[pos[f.s_counts == 0]], "a sampled id with count 0")
-            mark(row_of[total != np.where(m, enc.draws, 0)],
-                 f"sample counts do not sum to {enc.draws} where the mask is true (or a "
-                 "position without a target has samples)")
+            wrong = total != np.where(m, enc.draws, 0)
+            if enc.tail_draws:  # a position whose top-k holds all the mass has no draws
+                wrong &= total != 0
+            mark(row_of[wrong], f"sample counts do not sum to {enc.draws} where the mask is true "
+                                "(or a position without a target has samples)")
+            if enc.tail_draws:
+                mark(row_of[pos[_in_topk(f, pos, first, gaps)]],
+                     "a draw is in the top-k (with a top-k, draws come from outside it)")
     ids = batch.column("row_id").to_pylist() if any(why) else []
     return [(ids[i], w) for i, w in enumerate(why) if w]
+
+
+def _in_topk(f: _Flat, pos: np.ndarray, first: np.ndarray, gaps: np.ndarray) -> np.ndarray:
+    """(S,) whether each sampled id is also in its position's top-k: keys position << 32 | id
+    are ascending in both lists, so one searchsorted answers all (the stable sort is a pass over
+    keys already in order; it only matters for rows the other checks reject)."""
+    cum = np.cumsum(gaps)
+    start = np.flatnonzero(first)
+    sid = cum - np.repeat(cum[start] - gaps[start], np.diff(np.append(start, len(cum))))
+    top = np.cumsum(f.gaps, -1, dtype=np.int64)[f.mask]
+    tkey = np.sort(((np.flatnonzero(f.mask)[:, None] << 32) | top).ravel(), kind="stable")
+    skey = (pos.astype(np.int64) << 32) | sid
+    if not len(tkey):
+        return np.zeros(len(skey), bool)
+    return tkey[np.minimum(np.searchsorted(tkey, skey), len(tkey) - 1)] == skey
 
 
 def padded_samples(f: _Flat) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from softlabels.data.atomic import write_text
-from softlabels.data.format import FORMAT_NAME, FORMAT_VERSION, READS_VERSIONS, FormatError
+from softlabels.data.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    READS_VERSIONS,
+    FormatError,
+    tail_draws,
+)
 from softlabels.data.writer import ShardInfo
 
 MANIFEST = "manifest.json"
@@ -50,8 +56,15 @@ class Manifest:
         if self.draws and "samples" not in t:
             t["samples"] = (
                 f"sample_counts / {self.draws} estimates the teacher's probability of each "
-                f"sample id: draws from softmax(logits / {self.sample_temperature:g})")
+                f"sample id: draws from softmax(logits / {self.sample_temperature:g})" + (
+                    " outside the top-k, renormalised (none where the top-k holds all the mass)"
+                    if self.tail_draws else ""))
         self.targets = t
+
+    @property
+    def tail_draws(self) -> bool:
+        """Whether the draws come from outside the top-k (format 3 with both)."""
+        return tail_draws(self.format_version, self.k, self.draws)
 
     @property
     def rows(self) -> int:

@@ -159,6 +159,9 @@ class SoftLabelReader:
             raise FormatError(f"{path} has k={enc.k}, step={enc.logprob_step}, draws={enc.draws};"
                               f" the manifest says k={m.k}, step={m.logprob_step}, "
                               f"draws={m.draws}")
+        if enc.tail_draws != m.tail_draws:
+            raise FormatError(f"{path} is format {enc.version}, the manifest {m.format_version}: "
+                              "their draws mean different things; regenerate the dataset")
         self._encodings[si] = enc
         self._file = (si, pf)
         return pf, enc

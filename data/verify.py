@@ -41,6 +41,10 @@ def verify(directory: str | os.PathLike) -> list[str]:
                 problems.append(f"{where} k/step/draws {enc.k}/{enc.logprob_step}/{enc.draws} "
                                 "!= manifest")
                 continue
+            if enc.tail_draws != m.tail_draws:
+                problems.append(f"{where} format {enc.version} != manifest {m.format_version} "
+                                "(their draws mean different things)")
+                continue
             rows = tokens = 0
             shard_problems = []
             counted = []

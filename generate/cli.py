@@ -42,7 +42,8 @@ def add_arguments(p) -> None:
                    help="N draws per token from the teacher's full distribution, stored as "
                    "distinct ids + counts: unbiased targets for the student's whole softmax "
                    "(37 bytes/token at N=50, 15 at N=12, for the benchmark's teacher); alone, "
-                   "or with --top-k for both")
+                   "or with --top-k for both: then the top-k is exact and the draws come from "
+                   "outside it")
     p.add_argument("--sample-temperature", type=float, default=1.0,
                    help="temperature of the distribution --samples draws from (default 1)")
     p.add_argument("--max-length", type=int, default=2048,

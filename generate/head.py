@@ -39,7 +39,9 @@ CHUNK_BYTES = 256 << 20  # per chunk: its (positions, vocab) float32 logits and 
 @dataclass
 class Targets:
     """One window's targets: (T, k) top-k in rank order, and the draws as (T, U) unique ids
-    ascending with their counts (count 0 pads a position with fewer than U unique ids)."""
+    ascending with their counts (count 0 pads a position with fewer than U unique ids). With a
+    top-k the draws come from outside it (format 3): stratified, the head exact and every draw
+    spent on the tail, where the estimate is needed."""
 
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
@@ -103,6 +105,7 @@ class Head:
         ids = np.zeros((T, k), np.int32)
         lps = np.zeros((T, k), np.float32)
         drawn = np.zeros((T, draws), np.int64)
+        no_tail = np.zeros(T, bool)  # with a top-k: positions where it holds all the mass
         if draws:
             gen = torch.Generator().manual_seed(seed)
             u = torch.rand((T, draws), generator=gen, dtype=torch.float64)
@@ -118,10 +121,14 @@ class Head:
                 lps[a:b] = (v - v[:, :1] - e.sum(-1, keepdim=True).log()).cpu().numpy()
             if draws:
                 weights = e if temperature == 1 else torch.exp(x.div_(temperature))
+                if k:  # the top-k is stored exactly: draw where the estimate is needed
+                    weights.scatter_(-1, i, 0.0)
+                    no_tail[a:b] = (weights.sum(-1) == 0).cpu().numpy()
                 drawn[a:b] = draw(weights, u[a:b].to(weights.device)).cpu().numpy()
         t = Targets(ids, lps)
         if draws:
             t.sample_ids, t.sample_counts = unique_counts(drawn)
+            t.sample_counts[no_tail] = 0
         return t
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -363,15 +364,20 @@ def test_footer_counts_that_lie_are_caught(tmp_path, real_rows):
 
 
 def _with_samples(rows, draws, seed=0):
-    """The rows with `draws` draws per target position from their own top-k (renormalised)."""
+    """The rows with `draws` draws per target position from ids outside their top-k (as format 3
+    stores them beside a top-k), Zipf-weighted so that some repeat."""
     from softlabels.generate.head import unique_counts
 
     rng = np.random.default_rng(seed)
     out = []
+
+    def outside(top):
+        ids = np.setdiff1d(np.arange(4 * K), top)
+        w = 1 / np.arange(1, len(ids) + 1)
+        return ids[rng.choice(len(ids), draws, p=w / w.sum())]
+
     for r in rows:
-        p = np.exp(r.topk_logprobs.astype(np.float64))
-        drawn = np.stack([r.topk_ids[t][rng.choice(K, draws, p=p[t] / p[t].sum())]
-                          for t in range(len(p))])
+        drawn = np.stack([outside(top) for top in r.topk_ids])
         ids, counts = unique_counts(drawn)
         counts[~r.target_mask] = 0
         out.append(Row(r.row_id, r.input_ids, r.topk_ids, r.topk_logprobs, r.target_mask,
@@ -394,6 +400,7 @@ def test_samples_round_trip_verify_inspect_and_load_dataset(tmp_path, real_rows,
     assert verify(tmp_path) == []
     described = Manifest.load(tmp_path).targets
     assert "samples" in described and ("missing_mass" in described) == (k > 0)
+    assert Manifest.load(tmp_path).tail_draws == (k > 0)
 
     def pairs(ids, counts):
         return sorted((int(i), int(c)) for i, c in zip(ids, counts) if c)
@@ -439,29 +446,57 @@ def test_bad_samples_are_flagged(real_rows):
                 sample_ids=good.sample_ids, sample_counts=good.sample_counts)
     assert bad_rows(encode([alone], 0, draws=20), Encoding(0, DEFAULT_LOGPROB_STEP, 20), top) \
         == [("2:0", f"sampled id outside [0, {top})")]
+    # beside a top-k (format 3) a draw of a top-k id is refused; format 2 drew from everything
+    inside = Row("3:0", good.input_ids, good.topk_ids, good.topk_logprobs, good.target_mask,
+                 sample_ids=good.sample_ids.copy(), sample_counts=good.sample_counts.copy())
+    t = int(np.flatnonzero(good.target_mask)[0])
+    n = int((good.sample_counts[t] > 0).sum())  # unique_counts puts the padding last
+    ids = good.sample_ids[t, :n].copy()
+    ids[0] = good.topk_ids[t, 0]
+    order = np.argsort(ids)
+    inside.sample_ids[t, :n], inside.sample_counts[t, :n] = ids[order], \
+        good.sample_counts[t, :n][order]
+    with pytest.raises(FormatError, match="in the top-k"):
+        encode([inside], K, draws=20)
+    # ... and the reader too: good's top-k columns beside inside's sample columns
+    no_k = np.zeros((len(good.input_ids), 0))
+    top_k, samples = encode([good], K, draws=20), encode([Row(
+        "3:0", good.input_ids, no_k, no_k, good.target_mask, sample_ids=inside.sample_ids,
+        sample_counts=inside.sample_counts)], 0, draws=20)
+    spliced = pa.RecordBatch.from_arrays(
+        [samples.column(c) if c.startswith("sample") else top_k.column(c)
+         for c in top_k.schema.names], schema=top_k.schema)
+    assert bad_rows(spliced, enc, vocab) == [
+        (good.row_id, "a draw is in the top-k (with a top-k, draws come from outside it)")]
+    assert bad_rows(spliced, Encoding(K, DEFAULT_LOGPROB_STEP, draws=20, version=2), vocab) == []
 
 
-def test_version_1_datasets_are_still_read(tmp_path, real_rows):
-    """A dataset written before samples existed (format version 1: top-k only, no draws keys)."""
-    import pyarrow as pa
-
-    rows, vocab = real_rows
-    make_dataset(tmp_path, rows, vocab, shards=1)
-    shard = tmp_path / "shard-00000.parquet"
-    t = pq.read_table(shard)
-    meta = {k: v for k, v in t.schema.metadata.items() if b"draws" not in k
-            and b"sample_temperature" not in k}
-    meta[b"softlabels.format_version"] = b"1"
-    pq.write_table(pa.Table.from_batches(t.to_batches(), t.schema.with_metadata(meta)), shard)
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_versions_are_still_read(tmp_path, real_rows, version):
+    """Version 1: top-k only, no draws keys. Version 2: draws beside a top-k came from the whole
+    distribution (version 3's from outside the top-k), which the manifest tells the trainer."""
     from softlabels.data.writer import sha256_file
 
+    rows, vocab = real_rows
+    draws = 20 if version == 2 else 0
+    if draws:
+        rows = _with_samples(rows, draws)
+    make_dataset(tmp_path, rows, vocab, shards=1, draws=draws)
+    shard = tmp_path / "shard-00000.parquet"
+    t = pq.read_table(shard)
+    meta = {k: v for k, v in t.schema.metadata.items() if version > 1 or (
+        b"draws" not in k and b"sample_temperature" not in k)}
+    meta[b"softlabels.format_version"] = str(version).encode()
+    pq.write_table(pa.Table.from_batches(t.to_batches(), t.schema.with_metadata(meta)), shard)
     d = json.loads((tmp_path / "manifest.json").read_text())
-    d["format_version"] = 1
-    for key in ("draws", "sample_temperature"):
-        d.pop(key)
+    d["format_version"], d["draws"] = version, draws
+    if version == 1:
+        for key in ("draws", "sample_temperature"):
+            d.pop(key)
     d["shards"][0]["sha256"], d["shards"][0]["bytes"] = sha256_file(shard), shard.stat().st_size
     (tmp_path / "manifest.json").write_text(json.dumps(d))
     assert verify(tmp_path) == []
     back = {r.row_id: r for r in SoftLabelReader(tmp_path)}
     assert back.keys() == {r.row_id for r in rows}
-    assert all(back[r.row_id].sample_ids is None for r in rows)
+    assert all((back[r.row_id].sample_ids is None) == (version == 1) for r in rows)
+    assert not Manifest.load(tmp_path).tail_draws  # (train then allows --targets samples)

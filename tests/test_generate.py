@@ -117,9 +117,10 @@ def _full_logprobs(model_dir, token_lists) -> list[np.ndarray]:
 def test_samples_follow_the_teacher_and_not_the_units_or_batching(tmp_path, sharp_teacher,
                                                                   corpus, dask_cluster):
     """--samples N: the drawn ids agree with an independent transformers forward (counts sum to
-    N, nothing the teacher gives ~0 mass, and the mean log-prob of the draws equals the
-    teacher's expected log-prob within sampling error). The draws do not depend on the unit size,
-    on --top-k, or on how vLLM batches the windows (byte-identical shards)."""
+    N, nothing the teacher gives ~0 mass, and the mean log-prob of the draws equals its expected
+    value within sampling error): alone, from the whole distribution; with --top-k, from the
+    distribution outside the top-k (format 3), never one of its ids. The draws do not depend on
+    the unit size or on how vLLM batches the windows (byte-identical shards)."""
     def gen(out, *extra):
         softlabels("generate", "--teacher", sharp_teacher, "--input", corpus[0], "--output",
                    out, "--samples", DRAWS, "--max-length", MAXLEN, "--scheduler",
@@ -128,33 +129,44 @@ def test_samples_follow_the_teacher_and_not_the_units_or_batching(tmp_path, shar
         return read_dataset(out)
 
     both = gen(tmp_path / "a", "--top-k", K, *SIZES)
-    alone = gen(tmp_path / "b", "--unit-tokens", 300)  # samples only, other units
-    assert Manifest.load(tmp_path / "b").k == 0 and Manifest.load(tmp_path / "b").draws == DRAWS
-    assert both.keys() == alone.keys()
+    other_units = gen(tmp_path / "b", "--top-k", K, "--unit-tokens", 300)
+    assert both.keys() == other_units.keys()
     for rid, r in both.items():
-        o = alone[rid]
+        o = other_units[rid]
         assert np.array_equal(r.sample_ids[r.sample_counts > 0], o.sample_ids[o.sample_counts > 0])
         assert np.array_equal(r.sample_counts[r.sample_counts > 0],
                               o.sample_counts[o.sample_counts > 0])
     gen(tmp_path / "c", "--top-k", K, *SIZES, "--max-num-batched-tokens", 512)
     assert [s.sha256 for s in Manifest.load(tmp_path / "c").shards] == \
         [s.sha256 for s in Manifest.load(tmp_path / "a").shards]
+    alone = gen(tmp_path / "d")  # samples only
+    assert Manifest.load(tmp_path / "d").k == 0 and Manifest.load(tmp_path / "d").draws == DRAWS
+    assert Manifest.load(tmp_path / "a").tail_draws and not Manifest.load(tmp_path / "d").tail_draws
 
-    rows = sorted(both.values(), key=lambda r: (r.record, r.window))[:8]
-    refs = _full_logprobs(sharp_teacher, [r.input_ids.tolist() for r in rows])
-    got = want = var = 0.0
-    for r, lp in zip(rows, refs):
-        assert (lp.min(-1) < -30).all()  # the test can see a draw of a ~0-mass id
-        counts = r.sample_counts.astype(np.float64)
-        assert (counts.sum(-1) == DRAWS).all()
-        drawn = np.take_along_axis(lp, r.sample_ids.astype(np.int64), -1)
-        assert (drawn[counts > 0] > -20).all()
-        p = np.exp(lp)
-        mean = (p * lp).sum(-1)  # the expected log-prob of one draw
-        got += (counts / DRAWS * drawn).sum()
-        want += mean.sum()
-        var += (((p * lp**2).sum(-1) - mean**2) / DRAWS).sum()
-    assert abs(got - want) < 4 * var**0.5, (got, want, var**0.5)
+    for data, outside_topk in ((alone, False), (both, True)):
+        rows = sorted(data.values(), key=lambda r: (r.record, r.window))[:8]
+        refs = _full_logprobs(sharp_teacher, [r.input_ids.tolist() for r in rows])
+        got = want = var = 0.0
+        for r, lp in zip(rows, refs):
+            assert (lp.min(-1) < -30).all()  # the test can see a draw of a ~0-mass id
+            counts = r.sample_counts.astype(np.float64)
+            assert (counts.sum(-1) == DRAWS).all()
+            drawn = np.take_along_axis(lp, r.sample_ids.astype(np.int64), -1)
+            p = np.exp(lp)
+            if outside_topk:  # the teacher's distribution without its top-k, renormalised
+                top = np.argsort(-lp, -1)[:, :K]
+                assert not ((r.sample_ids[:, :, None] == top[:, None, :]).any(-1)
+                            & (counts > 0)).any()
+                np.put_along_axis(p, top, 0.0, -1)
+                p /= p.sum(-1, keepdims=True)
+            with np.errstate(divide="ignore"):  # nothing with ~0 mass where it was drawn from
+                assert (np.log(np.take_along_axis(p, r.sample_ids.astype(np.int64), -1))
+                        [counts > 0] > -20).all()
+            mean = (p * lp).sum(-1)  # the expected log-prob of one draw
+            got += (counts / DRAWS * drawn).sum()
+            want += mean.sum()
+            var += (((p * lp**2).sum(-1) - mean**2) / DRAWS).sum()
+        assert abs(got - want) < 4 * var**0.5, (outside_topk, got, want, var**0.5)
 
 
 def test_embedded_cluster_gives_the_same_dataset(tmp_path, tiny_teacher, corpus, generated):

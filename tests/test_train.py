@@ -186,6 +186,10 @@ def test_sampled_targets_refuse_what_they_cannot_estimate(tmp_path):
         TrainConfig(**base, targets="both").for_dataset(k=0, draws=50)
     chosen = [TrainConfig(**base).for_dataset(k, d) for k, d in ((8, 0), (0, 50), (8, 50))]
     assert [c.targets for c in chosen] == ["topk", "samples", "both"]
+    # draws beside a top-k: from the whole distribution in format 2, from outside it in 3
+    assert TrainConfig(**base, targets="samples").for_dataset(8, 50).targets == "samples"
+    with pytest.raises(UserError, match="outside its top-k"):
+        TrainConfig(**base, targets="samples").for_dataset(8, 50, tail_draws=True)
 
 
 def test_forward_kl_with_tail_is_zero_only_at_the_teacher():

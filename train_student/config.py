@@ -117,15 +117,19 @@ class TrainConfig:
         if errors:
             raise UserError("; ".join(errors))
 
-    def for_dataset(self, k: int, draws: int) -> TrainConfig:
+    def for_dataset(self, k: int, draws: int, tail_draws: bool = False) -> TrainConfig:
         """This config with `auto` targets and the default CE weight chosen for a dataset of
-        top-k `k` and `draws` samples per position, or a one-line UserError."""
+        top-k `k` and `draws` samples per position (drawn outside the top-k if `tail_draws`),
+        or a one-line UserError."""
         targets = self.targets
         if targets == "auto":
             targets = "both" if k and draws else "samples" if draws else "topk"
         if targets != "topk" and not draws:
             raise UserError(f"--targets {targets}: {self.data} has no sampled targets (generate "
                             "it with --samples N)")
+        if targets == "samples" and tail_draws:
+            raise UserError(f"--targets samples: the draws of {self.data} come from outside its "
+                            "top-k, so alone they miss its head: use --targets both (or auto)")
         if targets != "samples" and not k:
             raise UserError(f"--targets {targets}: {self.data} has no top-k (generated with "
                             "--samples only): use --targets samples")

@@ -58,7 +58,9 @@ class SoftLabelCollator:
     """Examples of `soft_label_dataset` -> the tensors `DistillationTrainer.compute_loss` reads."""
 
     vocab_size: int  # the student's output size: teacher ids beyond it carry no target
-    targets: str = "topk"  # or samples / both (batches.targets_of), for datasets with samples
+    # or samples / both (batches.targets_of) for datasets with samples; samples alone only where
+    # the draws are from the whole distribution (not Manifest.tail_draws)
+    targets: str = "topk"
 
     def __call__(self, examples: list[dict]) -> dict:
         b = collate([Row(e["row_id"], e["input_ids"], e["topk_ids"], e["topk_logprobs"],

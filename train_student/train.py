@@ -170,7 +170,8 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     n_proc = accelerator.num_processes
     reader = SoftLabelReader(cfg.data, shuffle=True, seed=cfg.seed)
-    cfg = cfg.for_dataset(reader.manifest.k, reader.manifest.draws)
+    m = reader.manifest
+    cfg = cfg.for_dataset(m.k, m.draws, m.tail_draws)
     model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code)
     vocab = model.get_output_embeddings().weight.shape[0]
     if cfg.gradient_checkpointing:
