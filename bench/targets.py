@@ -144,11 +144,22 @@ def main() -> None:
                  "--output", out, "--max-length", 256, *flags])
         return out
 
-    k64, n50 = generate("k64", "train", "--top-k", 64), generate("n50", "train", "--samples", 50)
-    sets = {"k64": k64, "k8": derive(k64, cache / "k8", 8, 0), "n50": n50,
-            "n25": derive(n50, cache / "n25", 0, 25), "n12": derive(n50, cache / "n12", 0, 12),
-            "k8+t12": generate("k8t12", "train", "--top-k", 8, "--samples", 12),
-            "k64+t50": generate("k64t50", "train", "--top-k", 64, "--samples", 50)}
+    made: dict[str, Path] = {}
+
+    def dataset(name: str) -> Path:
+        """A recipe's training set, generated or cut on first use (so --only makes no other)."""
+        if name not in made:
+            made[name] = {
+                "k64": lambda: generate("k64", "train", "--top-k", 64),
+                "k8": lambda: derive(dataset("k64"), cache / "k8", 8, 0),
+                "n50": lambda: generate("n50", "train", "--samples", 50),
+                "n25": lambda: derive(dataset("n50"), cache / "n25", 0, 25),
+                "n12": lambda: derive(dataset("n50"), cache / "n12", 0, 12),
+                "k8+t12": lambda: generate("k8t12", "train", "--top-k", 8, "--samples", 12),
+                "k64+t50": lambda: generate("k64t50", "train", "--top-k", 64, "--samples", 50),
+            }[name]()
+        return made[name]
+
     heldout = generate("heldout-k64", "heldout", "--top-k", 64)
     tail, label = ["--residual", "tail"], ["--residual", "label"]
     recipes = {  # every option spelled out: defaults change
@@ -169,27 +180,26 @@ def main() -> None:
                                                      "--ce-weight", 0]),
         "online full KD": (None, []),
     }
-    if a.only:
-        recipes = {k: v for k, v in recipes.items() if k in a.only}
+    run_now = {k: v for k, v in recipes.items() if not a.only or k in a.only}
     results_path = cache / f"results-{a.steps}.json"
     res = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for seed in a.seeds:
-        for name, (ds, extra) in recipes.items():
+        for name, (ds, extra) in run_now.items():
             key = f"{name} | seed {seed}"
             if key in res:
                 continue
             out = cache / "runs" / f"{name.replace(' ', '_')}-{a.steps}-{seed}"
             t = time.perf_counter()
             if ds is None:
-                train_online(cache, sets["k64"], out, a.steps, seed=seed)
+                train_online(cache, dataset("k64"), out, a.steps, seed=seed)
             else:
-                run(["train", "--student", cache / "student.json", "--data", sets[ds],
+                run(["train", "--student", cache / "student.json", "--data", dataset(ds),
                      "--output", out, "--max-steps", a.steps, "--batch-tokens", 4096,
                      "--lr", "3e-3", "--warmup", 10, "--seed", seed, "--report-to",
                      "tensorboard", *extra])
             wall = time.perf_counter() - t
             res[key] = {**exact_eval(tdir, out, heldout), "wall_s": wall,
-                        "bytes_per_token": bytes_per_token(sets[ds]) if ds else None}
+                        "bytes_per_token": bytes_per_token(dataset(ds)) if ds else None}
             results_path.write_text(json.dumps(res, indent=1))
             print(key, res[key], file=sys.stderr)
     table(res, recipes, a, exact_eval(tdir, tdir, heldout)["ce"])
@@ -198,8 +208,8 @@ def main() -> None:
 def table(res: dict, recipes: dict, a, teacher_ce: float) -> None:
     rows = {name: [res[f"{name} | seed {s}"] for s in a.seeds if f"{name} | seed {s}" in res]
             for name in recipes}
-    ce0 = np.mean([r["ce"] for r in rows["CE only"]])
-    online = np.mean([r["ce"] for r in rows.get("online full KD", [])] or [np.nan])
+    ce0, online = (np.mean([r["ce"] for r in rows[name]] or [np.nan])
+                   for name in ("CE only", "online full KD"))
     print(f"{a.steps} steps x 4096 tokens, seeds {a.seeds}; teacher held-out CE "
           f"{teacher_ce:.4f}\n")
     print("| recipe | held-out CE | share of online KD's gain | exact KL(teacher‖student) | "
