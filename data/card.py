@@ -24,11 +24,20 @@ def render(m: Manifest) -> str:
             f"| topk_id_gaps | list<int32[{m.k}]> | teacher's top-{m.k} ids per position, "
             "ascending, gap-coded |",
             f"| topk_logprobs_q | list<uint16[{m.k}]> | their quantised log-probs, same order |"]
+        if m.exact:
+            columns.append("| tail_mass_q | list<uint16> | the teacher's exact mass outside "
+                           "the top-k per position, log-coded |")
         decoding.append(
-            f"per position, `ids = cumsum(topk_id_gaps[t])`, `logprobs = -{m.logprob_step!r} * "
-            "topk_logprobs_q[t]`: natural-log probabilities at temperature 1 over the full "
-            f"vocabulary ({m.vocab_size} tokens), in id order (sort by descending logprob for "
-            "rank order); the tail mass is `1 - sum(exp(logprobs))`.")
+            f"Top-k: per position, `ids = cumsum(topk_id_gaps[t])`, `logprobs = "
+            f"-{m.logprob_step!r} * topk_logprobs_q[t]`: natural-log probabilities at "
+            f"temperature 1 over the full vocabulary ({m.vocab_size} tokens), in id order "
+            "(sort by descending logprob for rank order); the mass outside them is " + (
+                f"`tail = exp(-{m.tail_step!r} * q)` if `q = tail_mass_q[t]` < 32768, else "
+                f"`1 - exp(-{m.tail_step!r} * (q - 32768))`: exact (the smaller of the tail and "
+                "the top-k's mass is log-coded, so both have a relative error of at most half the "
+                "step; `1 - sum(exp(logprobs))` does not: rounding the top-k loses the tail at "
+                "confident positions)." if m.exact else
+                "`1 - sum(exp(logprobs))`."))
     if m.draws:
         columns += [
             "| sample_id_gaps | list<list<int32>> | distinct drawn ids per position, ascending, "
@@ -36,11 +45,17 @@ def render(m: Manifest) -> str:
             "| sample_counts | list<list<uint16>> | how often each was drawn; they sum to "
             f"{m.draws} |"]
         decoding.append(
-            "per position, `ids = cumsum(sample_id_gaps[t])`, drawn `sample_counts[t]` times "
-            f"each out of {m.draws}: `count / {m.draws}` is an unbiased estimate of the "
-            "teacher's probability of each id" + (
+            "Samples: per position, `ids = cumsum(sample_id_gaps[t])`, drawn "
+            f"`sample_counts[t]` times each out of {m.draws}: `count / {m.draws}` is an "
+            "unbiased estimate of the teacher's probability of each id" + (
                 " given that it is outside the top-k: multiply by the tail mass. A position "
                 "whose top-k holds all the mass has no draws." if m.tail_draws else "."))
+    if m.exact:
+        columns.append("| label_logprob_q | list<uint16> | the teacher's log-prob of the next "
+                       "token per position |")
+        decoding.append(f"Label: per position, `label_logprob = -{m.label_step!r} * "
+                        "label_logprob_q[t]` is the teacher's log-prob of `input_ids[t+1]` "
+                        "(0 is stored where the mask is false and at the last position).")
     return f"""---
 configs:
   - config_name: default
@@ -67,7 +82,7 @@ Per token, {what}, stored so a student can be trained without running the teache
 | target_mask | list<bool> | false where a position carries no target |
 {chr(10).join(columns)}
 
-**Decoding**: {" Samples: ".join(decoding)} `targets[t]` predicts the token after
+**Decoding**: {" ".join(decoding)} `targets[t]` predicts the token after
 `input_ids[0..t]`. The same rule is in every shard's Arrow schema metadata and in
 `manifest.json`.
 

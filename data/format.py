@@ -27,6 +27,22 @@ A dataset carries top-k, samples, or both (`k` 0 means no top-k columns; `draws`
 With both (version 3), the N draws come from the teacher's distribution *outside* the top-k
 (renormalised): the top-k is exact, and every draw goes where the estimate is needed. A position
 whose top-k holds all the mass has no draws. Version 2 drew from the whole distribution.
+
+What quantisation cannot give back (version 4), one uint16 per position each:
+
+    tail_mass_q:      the teacher's exact mass outside the top-k, from the unquantised logits
+                      (only with a top-k): the smaller of tail and 1 - tail, log-coded, the top
+                      bit saying which:  q = round(-log(tail) / tail_step)  if tail < 1/2,
+                                         q = 2**15 + round(-log(1 - tail) / tail_step)  else
+    label_logprob_q:  q = round(-log p(next token) / label_step)   the teacher's log-prob of the
+                      token that follows in the row (the "main path")
+
+Why: 1 - sum(decoded top-k) has an *absolute* error of about step/2 times the top-k's mass, so a
+confident position (top-1 above exp(-step/2) = 0.969) decodes to a tail of 0 and a target summing
+to more than 1. A log-coded mass has a *relative* error of at most tail_step/2; coding the smaller
+side keeps both the tail and the top-k's total exact, from one-hot to flat positions. The label's
+log-prob is what cross-tokenizer losses need from every position (the top-k holds the next
+token at only ~70 % of positions), and it makes the label residual exact.
 """
 
 from __future__ import annotations
@@ -39,10 +55,15 @@ import pyarrow as pa
 from softlabels.data.errors import UserError
 
 FORMAT_NAME = "softlabels"
-FORMAT_VERSION = 3
-# version 1: top-k only; version 2: with top-k, the draws come from the whole distribution
-READS_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+# version 1: top-k only; 2: with top-k, the draws come from the whole distribution; 3: no exact
+# tail mass or label log-prob
+READS_VERSIONS = (1, 2, 3, 4)
 DEFAULT_LOGPROB_STEP = 1 / 16
+# Steps of the two version-4 columns, chosen by measurement (BENCHMARKS.md, "Confident teachers"):
+# relative error of the tail mass and of the label's probability at most exp(step / 2) - 1.
+TAIL_STEP = 1 / 32
+LABEL_STEP = 1 / 16
 # Log-probabilities below this are clipped (vLLM can return -inf for impossible tokens).
 MIN_LOGPROB = -1000.0
 
@@ -55,7 +76,11 @@ DECODING_RULE = (
     "ids = cumsum(sample_id_gaps[t]), drawn sample_counts[t] times each out of draws draws from "
     "the teacher's distribution at softlabels.sample_temperature; empty where target_mask is "
     "false. With top-k (k > 0, format version 3) the draws are from the distribution outside "
-    "the top-k, renormalised, and empty where the top-k holds all the mass."
+    "the top-k, renormalised, and empty where the top-k holds all the mass. Version 4: "
+    "tail[t] = exp(-tail_step * q) if q < 32768 else 1 - exp(-tail_step * (q - 32768)), q = "
+    "tail_mass_q[t], is the teacher's exact mass outside the top-k (with k > 0); "
+    "label_logprob[t] = -label_step * label_logprob_q[t] is its log-prob of "
+    "input_ids[t+1] (0 stored where the mask is false and at the last position)."
 )
 
 
@@ -78,6 +103,9 @@ class Row:
     response: str | None = None  # teacher-written response text (--generate-responses)
     sample_ids: np.ndarray | None = None  # (T, U) int32 distinct drawn ids, ascending
     sample_counts: np.ndarray | None = None  # (T, U) uint16 their counts; 0 pads a position
+    # version 4 (None when read from older versions):
+    tail_logprob: np.ndarray | None = None  # (T,) float32 log of the mass outside the top-k
+    label_logprob: np.ndarray | None = None  # (T,) float32 log p(input_ids[t+1]); NaN: none
 
     @property
     def record(self) -> int:
@@ -106,11 +134,14 @@ def schema(k: int, logprob_step: float = DEFAULT_LOGPROB_STEP,
         "softlabels.logprob_step": repr(float(logprob_step)),
         "softlabels.draws": str(draws),
         "softlabels.sample_temperature": repr(float(sample_temperature)),
+        "softlabels.tail_step": repr(TAIL_STEP),
+        "softlabels.label_step": repr(LABEL_STEP),
         "softlabels.decoding": DECODING_RULE,
     }
     topk = [
         pa.field("topk_id_gaps", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
         pa.field("topk_logprobs_q", pa.list_(pa.list_(pa.uint16(), k)), nullable=False),
+        pa.field("tail_mass_q", pa.list_(pa.uint16()), nullable=False),
     ] if k else []
     samples = [
         pa.field("sample_id_gaps", pa.list_(pa.list_(pa.int32())), nullable=False),
@@ -123,6 +154,7 @@ def schema(k: int, logprob_step: float = DEFAULT_LOGPROB_STEP,
             pa.field("target_mask", pa.list_(pa.bool_()), nullable=False),
         ]
         + topk + samples
+        + [pa.field("label_logprob_q", pa.list_(pa.uint16()), nullable=False)]
         + ([pa.field("response", pa.string())] if with_response else []),
         metadata=meta,
     )
@@ -133,8 +165,10 @@ LEAF_COLUMNS = {
     "input_ids": "input_ids.list.element",
     "topk_id_gaps": "topk_id_gaps.list.element.list.element",
     "topk_logprobs_q": "topk_logprobs_q.list.element.list.element",
+    "tail_mass_q": "tail_mass_q.list.element",
     "sample_id_gaps": "sample_id_gaps.list.element.list.element",
     "sample_counts": "sample_counts.list.element.list.element",
+    "label_logprob_q": "label_logprob_q.list.element",
 }
 
 
@@ -147,6 +181,8 @@ class Encoding:
     draws: int = 0
     sample_temperature: float = 1.0
     version: int = FORMAT_VERSION
+    tail_step: float = TAIL_STEP  # version 4
+    label_step: float = LABEL_STEP  # version 4
 
     @property
     def tail_draws(self) -> bool:
@@ -154,10 +190,24 @@ class Encoding:
         return tail_draws(self.version, self.k, self.draws)
 
     @property
+    def exact(self) -> bool:
+        """Whether the file stores the exact tail mass and the label's log-prob (version 4)."""
+        return self.version >= 4
+
+    @property
     def list_columns(self) -> tuple[str, ...]:
         """The per-position list columns a row of this encoding has, each with T entries."""
-        return (("input_ids", "target_mask") + ("topk_id_gaps", "topk_logprobs_q") * bool(self.k)
-                + ("sample_id_gaps", "sample_counts") * bool(self.draws))
+        topk = ("topk_id_gaps", "topk_logprobs_q") + ("tail_mass_q",) * self.exact
+        return (("input_ids", "target_mask") + topk * bool(self.k)
+                + ("sample_id_gaps", "sample_counts") * bool(self.draws)
+                + ("label_logprob_q",) * self.exact)
+
+    def matches(self, m) -> bool:
+        """Whether a manifest (or another Encoding) describes the same numbers: k, the steps,
+        the draws, and what the columns mean (format 3's draws, format 4's exact columns)."""
+        steps = ("k", "logprob_step", "draws") + ("tail_step", "label_step") * self.exact
+        return (all(getattr(self, a) == getattr(m, a) for a in steps)
+                and (self.tail_draws, self.exact) == (m.tail_draws, m.exact))
 
     @classmethod
     def from_schema(cls, s: pa.Schema) -> Encoding:
@@ -174,7 +224,9 @@ class Encoding:
         return cls(k=int(meta["softlabels.k"]), logprob_step=float(meta["softlabels.logprob_step"]),
                    draws=int(meta.get("softlabels.draws", 0)),
                    sample_temperature=float(meta.get("softlabels.sample_temperature", 1.0)),
-                   version=version)
+                   version=version,
+                   tail_step=float(meta.get("softlabels.tail_step", TAIL_STEP)),
+                   label_step=float(meta.get("softlabels.label_step", LABEL_STEP)))
 
 
 def tail_draws(version: int, k: int, draws: int) -> bool:
@@ -192,6 +244,28 @@ def quantise(logprobs: np.ndarray, step: float) -> np.ndarray:
 
 def dequantise(q: np.ndarray, step: float) -> np.ndarray:
     return (-step * q.astype(np.float64)).astype(np.float32)
+
+
+TAIL_FLAG = 1 << 15  # tail_mass_q: set when the code is the top-k's mass (the tail is >= 1/2)
+
+
+def encode_tail(log_tail: np.ndarray, step: float) -> np.ndarray:
+    """(P,) log of the mass outside the top-k -> uint16: the smaller of tail and 1 - tail,
+    log-coded (15 bits, clipped at -(2**15 - 1) steps), the top bit set for 1 - tail."""
+    lt = np.minimum(np.asarray(log_tail, np.float64), 0.0)
+    flat = lt >= np.log(0.5)
+    with np.errstate(divide="ignore"):
+        small = np.where(flat, np.log(-np.expm1(lt)), lt)  # log of the smaller mass, <= log 1/2
+    q = np.minimum(np.rint(-small / step), TAIL_FLAG - 1)  # -inf (no mass) -> the largest code
+    return np.where(flat, TAIL_FLAG + q, q).astype(np.uint16)
+
+
+def decode_tail(q: np.ndarray, step: float) -> np.ndarray:
+    """uint16 codes -> float32 log of the mass outside the top-k (see encode_tail)."""
+    q = np.asarray(q)
+    small = -step * (q & (TAIL_FLAG - 1)).astype(np.float64)
+    with np.errstate(divide="ignore"):  # the top-k's mass coded as 1: no tail, log 0
+        return np.where(q & TAIL_FLAG, np.log1p(-np.exp(small)), small).astype(np.float32)
 
 
 def to_rank_order(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -226,6 +300,14 @@ def check_row(row: Row, k: int, draws: int = 0) -> None:
                                 "it)")
     if row.target_mask.shape != (T,):
         problems.append(f"target_mask shaped {row.target_mask.shape}, expected ({T},)")
+    if k and (row.tail_logprob is None or row.tail_logprob.shape != (T,)):
+        problems.append(f"tail_logprob missing or not shaped ({T},)")
+    if row.label_logprob is None or row.label_logprob.shape != (T,):
+        problems.append(f"label_logprob missing or not shaped ({T},)")
+    elif row.target_mask.shape == (T,) and np.isnan(
+            row.label_logprob[:-1][row.target_mask[:-1].astype(bool)]).any():
+        problems.append("label_logprob missing (NaN) at a position with a target and a next "
+                        "token")
     if T == 0:
         problems.append("empty row")
     if problems:
@@ -259,6 +341,14 @@ def encode(rows: list[Row], k: int, logprob_step: float = DEFAULT_LOGPROB_STEP,
         flat = pa.array(np.concatenate(chunks).reshape(-1), type=typ)
         return pa.ListArray.from_arrays(pa_offsets, pa.FixedSizeListArray.from_arrays(flat, k))
 
+    def flat(chunks):
+        return pa.ListArray.from_arrays(pa_offsets, pa.array(np.concatenate(chunks), pa.uint16()))
+
+    # one value per position; 0 where there is none (no target; no next token for the label)
+    tails = [np.where(m, encode_tail(r.tail_logprob, TAIL_STEP), 0)
+             for r, m in zip(rows, mask)] if k else []
+    labels = [quantise(np.where(_has_label(m), r.label_logprob, 0.0), LABEL_STEP)
+              for r, m in zip(rows, mask)]
     with_response = any(r.response is not None for r in rows)
     s = schema(k, logprob_step, with_response, draws, sample_temperature)
     return pa.RecordBatch.from_arrays(
@@ -267,11 +357,20 @@ def encode(rows: list[Row], k: int, logprob_step: float = DEFAULT_LOGPROB_STEP,
             pa.ListArray.from_arrays(pa_offsets, pa.array(np.concatenate(toks), pa.int32())),
             pa.ListArray.from_arrays(pa_offsets, pa.array(np.concatenate(mask), pa.bool_())),
         ]
-        + ([nested(gaps, pa.int32()), nested(qs, pa.uint16())] if k else [])
+        + ([nested(gaps, pa.int32()), nested(qs, pa.uint16()), flat(tails)] if k else [])
         + (_encode_samples(rows, pa_offsets) if draws else [])
+        + [flat(labels)]
         + ([pa.array([r.response for r in rows], pa.string())] if with_response else []),
         schema=s,
     )
+
+
+def _has_label(mask: np.ndarray) -> np.ndarray:
+    """(T,) positions of one row that carry the label's log-prob: a target and a next token."""
+    out = mask.astype(bool).copy()
+    if len(out):
+        out[-1] = False
+    return out
 
 
 def _encode_samples(rows: list[Row], offsets: pa.Array) -> list[pa.Array]:
@@ -392,6 +491,15 @@ class _Flat:
     s_lens: np.ndarray | None = None  # (P,) sampled ids per position
     s_gaps: np.ndarray | None = None  # (S,)
     s_counts: np.ndarray | None = None  # (S,)
+    tail_q: np.ndarray | None = None  # (P,) version 4, with a top-k
+    label_q: np.ndarray | None = None  # (P,) version 4
+
+    @property
+    def has_label(self) -> np.ndarray:
+        """(P,) positions with a target and a next token in their row (not a row's last)."""
+        last = np.ones(len(self.row_of), bool)
+        last[:-1] = self.row_of[1:] != self.row_of[:-1]
+        return self.mask & ~last
 
 
 def _arrays(batch: pa.RecordBatch, enc: Encoding) -> _Flat | None:
@@ -416,6 +524,10 @@ def _arrays(batch: pa.RecordBatch, enc: Encoding) -> _Flat | None:
             return None
         f.s_gaps = ids.flatten().to_numpy()
         f.s_counts = counts.flatten().to_numpy()
+    if enc.exact:
+        f.label_q = batch.column("label_logprob_q").flatten().to_numpy()
+        if k:
+            f.tail_q = batch.column("tail_mass_q").flatten().to_numpy()
     return f
 
 
@@ -453,6 +565,8 @@ def _problems(batch: pa.RecordBatch, f: _Flat | None, vocab_size: int, enc: Enco
                           ).sum(-1)
             mark(row_of[m & (mass > np.exp(enc.logprob_step / 2) + 1e-5)],
                  "probabilities sum to more than 1")
+        if enc.exact:
+            _check_exact(f, enc, mark)
         if enc.draws:
             pos = np.repeat(np.arange(len(m)), f.s_lens)
             first = np.ones(len(pos), bool)
@@ -474,6 +588,35 @@ def _problems(batch: pa.RecordBatch, f: _Flat | None, vocab_size: int, enc: Enco
                      "a draw is in the top-k (with a top-k, draws come from outside it)")
     ids = batch.column("row_id").to_pylist() if any(why) else []
     return [(ids[i], w) for i, w in enumerate(why) if w]
+
+
+def _check_exact(f: _Flat, enc: Encoding, mark) -> None:
+    """Version 4's columns: nothing stored where there is no value; the top-k and the tail sum to
+    1 within their rounding (each decoded value is within a factor exp(step / 2) of the truth);
+    the label's log-prob equals its top-k entry within both roundings, or, outside the top-k,
+    is at most the tail."""
+    m, has, row_of = f.mask, f.has_label, f.row_of
+    stray = ~has & (f.label_q != 0)
+    if f.tail_q is not None:
+        stray |= ~m & (f.tail_q != 0)
+    mark(row_of[stray], "a tail or label value stored where the position has none")
+    if not enc.k:
+        return
+    s, ts, ls = enc.logprob_step, enc.tail_step, enc.label_step
+    lp = dequantise(f.q, s).astype(np.float64)  # (P, k)
+    log_tail = decode_tail(f.tail_q, ts).astype(np.float64)
+    total = np.exp(lp).sum(-1) + np.exp(log_tail)
+    mark(row_of[m & (np.abs(total - 1) > np.expm1(max(s, ts) / 2) + 1e-5)],
+         "the top-k and the tail mass do not sum to 1")
+    ids = np.cumsum(f.gaps, -1, dtype=np.int64)
+    nxt = np.append(f.tokens[1:], -1).astype(np.int64)  # the next token (within a row: `has`)
+    at = ids == nxt[:, None]
+    inside = at.any(-1)
+    label = -ls * f.label_q.astype(np.float64)
+    topk_value = np.where(at, lp, 0.0).sum(-1)
+    off = np.where(inside, np.abs(label - topk_value) > (s + ls) / 2 + 1e-5,
+                   label > log_tail + (ls + ts) / 2 + 1e-5)
+    mark(row_of[has & off], "the label's log-prob disagrees with the top-k or the tail")
 
 
 def _in_topk(f: _Flat, pos: np.ndarray, first: np.ndarray, gaps: np.ndarray) -> np.ndarray:
@@ -530,6 +673,11 @@ def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding, vocab_size: int | No
     ids, lps = to_rank_order(np.cumsum(f.gaps, axis=-1, dtype=np.int64).astype(np.int32),
                              dequantise(f.q, enc.logprob_step))
     s_ids, s_counts = padded_samples(f) if enc.draws else (None, None)
+    tail = label = None
+    if enc.exact:
+        label = np.where(f.has_label, dequantise(f.label_q, enc.label_step), np.nan)
+        if enc.k:
+            tail = decode_tail(f.tail_q, enc.tail_step)
     responses = cols["response"].to_pylist() if "response" in cols else None
     rows = []
     for i, rid in enumerate(cols["row_id"].to_pylist()):
@@ -544,6 +692,8 @@ def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding, vocab_size: int | No
                 response=responses[i] if responses else None,
                 sample_ids=s_ids[a:b] if enc.draws else None,
                 sample_counts=s_counts[a:b] if enc.draws else None,
+                tail_logprob=tail[a:b] if tail is not None else None,
+                label_logprob=label[a:b] if label is not None else None,
             )
         )
     return rows

@@ -16,7 +16,9 @@ from softlabels.data.atomic import write_text
 from softlabels.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    LABEL_STEP,
     READS_VERSIONS,
+    TAIL_STEP,
     FormatError,
     tail_draws,
 )
@@ -32,6 +34,8 @@ class Manifest:
     vocab_size: int
     draws: int = 0  # sampled targets per position (generate --samples); 0: none
     sample_temperature: float = 1.0
+    tail_step: float = TAIL_STEP  # version 4: quantisation of the tail and label columns
+    label_step: float = LABEL_STEP
     provenance: dict = field(default_factory=dict)
     shards: list[ShardInfo] = field(default_factory=list)
     format: str = FORMAT_NAME
@@ -43,7 +47,12 @@ class Manifest:
             "temperature": 1.0,
             "normalised_over": "full vocabulary",
             "order": "descending probability",
-            "missing_mass": "tail = 1 - sum(exp(topk_logprobs))",
+            "missing_mass": f"tail = exp(-{TAIL_STEP!r} * q) if q = tail_mass_q < 32768, "
+                            f"else 1 - exp(-{TAIL_STEP!r} * (q - 32768)); exact (from the "
+                            "unquantised logits)",
+            "label_logprob": f"-{LABEL_STEP!r} * label_logprob_q: the teacher's log-prob of "
+                             "input_ids[t+1], exact; none where the mask is false or at a "
+                             "row's last position",
             "alignment": "targets[t] predicts the token after input_ids[0..t]",
         }
     )
@@ -65,6 +74,12 @@ class Manifest:
     def tail_draws(self) -> bool:
         """Whether the draws come from outside the top-k (format 3 with both)."""
         return tail_draws(self.format_version, self.k, self.draws)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the shards store the exact tail mass and the label's log-prob (version 4);
+        older datasets give the tail only as 1 - sum(decoded top-k) and no label log-prob."""
+        return self.format_version >= 4
 
     @property
     def rows(self) -> int:

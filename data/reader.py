@@ -155,13 +155,11 @@ class SoftLabelReader:
         pf = pq.ParquetFile(path)
         enc = Encoding.from_schema(pf.schema_arrow)
         m = self.manifest
-        if (enc.k, enc.logprob_step, enc.draws) != (m.k, m.logprob_step, m.draws):
-            raise FormatError(f"{path} has k={enc.k}, step={enc.logprob_step}, draws={enc.draws};"
-                              f" the manifest says k={m.k}, step={m.logprob_step}, "
-                              f"draws={m.draws}")
-        if enc.tail_draws != m.tail_draws:
-            raise FormatError(f"{path} is format {enc.version}, the manifest {m.format_version}: "
-                              "their draws mean different things; regenerate the dataset")
+        if not enc.matches(m):
+            raise FormatError(f"{path} (format {enc.version}, k={enc.k}, step={enc.logprob_step},"
+                              f" draws={enc.draws}) does not match the manifest (format "
+                              f"{m.format_version}, k={m.k}, step={m.logprob_step}, "
+                              f"draws={m.draws}); regenerate the dataset")
         self._encodings[si] = enc
         self._file = (si, pf)
         return pf, enc

@@ -27,14 +27,22 @@ def get_row(directory: str | os.PathLike, n: int) -> tuple[Row, int]:
 
 def row_json(row: Row, draws: int = 0) -> dict:
     """`targets`: per position [[id, logprob], ...] in rank order (empty lists without top-k);
-    with samples also `sampled`: per position [[id, count], ...] ascending ids, and `draws`.
-    Positions without a target are null."""
+    `tail_mass`: the teacher's probability outside the stored top-k; `label_logprob`: its
+    log-prob of the next token; with samples also `sampled`: per position [[id, count], ...]
+    ascending ids, and `draws`. Positions without a value are null (`tail_mass` and
+    `label_logprob` are all null for datasets older than format 4, which lack them)."""
+    n = len(row.input_ids)
+    tail = np.exp(row.tail_logprob) if row.tail_logprob is not None else [None] * n
+    label = row.label_logprob if row.label_logprob is not None else np.full(n, np.nan)
     d = {
         "row_id": row.row_id,
         "input_ids": row.input_ids.tolist(),
         "targets": [[[int(i), float(lp)] for i, lp in zip(ids, lps)] if m else None
                     for ids, lps, m in zip(row.topk_ids, row.topk_logprobs, row.target_mask)],
         "mask": row.target_mask.tolist(),
+        "tail_mass": [float(x) if m and x is not None else None
+                      for x, m in zip(tail, row.target_mask)],
+        "label_logprob": [None if np.isnan(x) else float(x) for x in label],
     }
     if draws:
         d["sampled"] = [[[int(i), int(c)] for i, c in zip(ids, cs) if c] if m else None
@@ -77,9 +85,12 @@ def render(row: Row, tok, top: int = 5, draws: int = 0) -> str:
             continue
         ids, lps = row.topk_ids[t], row.topk_logprobs[t]
         if len(ids):
-            tail = 1 - float(np.exp(lps.astype(np.float64)).sum())
+            if row.tail_logprob is not None:
+                tail = f"tail {np.exp(row.tail_logprob[t]):.3g}"
+            else:  # format < 4: only what the rounded top-k leave
+                tail = f"tail ~{max(1 - float(np.exp(lps.astype(np.float64)).sum()), 0):.3f}"
             tops = "  ".join(f"{text(i)} {np.exp(lp):.3f}" for i, lp in zip(ids[:top], lps[:top]))
-            lines.append(f"{t:>5} {text(tid):<16} {tops}  | tail {max(tail, 0):.3f}")
+            lines.append(f"{t:>5} {text(tid):<16} {tops}  | {tail}")
         else:
             cs = row.sample_counts[t]
             order = np.argsort(-cs, kind="stable")[:top]

@@ -37,13 +37,10 @@ def verify(directory: str | os.PathLike) -> list[str]:
         try:
             pf = pq.ParquetFile(path)
             enc = Encoding.from_schema(pf.schema_arrow)
-            if (enc.k, enc.logprob_step, enc.draws) != (m.k, m.logprob_step, m.draws):
-                problems.append(f"{where} k/step/draws {enc.k}/{enc.logprob_step}/{enc.draws} "
-                                "!= manifest")
-                continue
-            if enc.tail_draws != m.tail_draws:
-                problems.append(f"{where} format {enc.version} != manifest {m.format_version} "
-                                "(their draws mean different things)")
+            if not enc.matches(m):
+                problems.append(f"{where} format {enc.version}, k/step/draws "
+                                f"{enc.k}/{enc.logprob_step}/{enc.draws} != manifest "
+                                f"{m.format_version}, {m.k}/{m.logprob_step}/{m.draws}")
                 continue
             rows = tokens = 0
             shard_problems = []

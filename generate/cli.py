@@ -204,6 +204,11 @@ def main(args) -> int:
         raise UserError("--samples must be between 0 and 65535, --sample-temperature above 0")
     if args.top_k == 0 and not args.samples:
         raise UserError("--top-k 0 stores nothing: give --top-k K, --samples N, or both")
+    if args.top_k and args.samples and args.sample_temperature != 1.0:
+        raise UserError("--sample-temperature with --top-k: the draws beside a top-k share the "
+                        "teacher's mass outside it at temperature 1, so they must come from "
+                        "temperature 1 too; drop --sample-temperature, or use --samples alone "
+                        "(its targets are then the teacher at that temperature)")
     if args.samples and args.generate_responses:
         raise UserError("--samples scores existing text; with --generate-responses the targets "
                         "are the top-k of each sampled step: drop one of them")
@@ -332,6 +337,8 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
             "skipped_prompts_too_long": plan.too_long,
             "records": plan.records,
             "empty_records_skipped": plan.empty_records,
+            "context_windows_skipped": plan.context_windows,
+            "records_without_targets": plan.untargeted,
             "job_id": job.id(),
             "command": shlex.join(["softlabels", *sys.argv[1:]]),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -455,6 +462,12 @@ class _Run:
             tqdm.write(f"{len(plan.too_long)} prompts leave no room for a response within "
                        f"--max-length and are skipped: records {plan.too_long[:20]}"
                        + (" ..." if len(plan.too_long) > 20 else ""), file=sys.stderr)
+        if plan.context_windows:
+            tqdm.write(f"{plan.context_windows} windows hold context only (no target position) "
+                       "and are not scored"
+                       + (f"; records with no target at all: {plan.untargeted[:20]}"
+                          + (" ..." if len(plan.untargeted) > 20 else "")
+                          if plan.untargeted else ""), file=sys.stderr)
         return plan
 
     def _release(self, units, published) -> None:

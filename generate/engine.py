@@ -130,13 +130,14 @@ class Teacher:
                 tokens += len(w)
 
     def targets(self, windows: list[list[int]], row_ids: list[str]) -> list:
-        """Per window: head.Targets (top-k in rank order; draws when cfg.draws)."""
+        """Per window: head.Targets (top-k in rank order, the exact tail, the log-prob of each
+        next token within the window; draws when cfg.draws)."""
         from softlabels.generate.head import window_seed
 
         c = self.cfg
-        return [self.head.targets(h, c.k, c.draws, c.sample_temperature,
+        return [self.head.targets(h, c.k, np.append(w[1:], -1), c.draws, c.sample_temperature,
                                   window_seed(c.seed, rid) if c.draws else None)
-                for h, rid in zip(self.hidden(windows), row_ids)]
+                for h, w, rid in zip(self.hidden(windows), windows, row_ids)]
 
 
 class Responder:
@@ -148,10 +149,13 @@ class Responder:
         self.llm = _build(cfg, max_logprobs=cfg.k, skip_tokenizer_init=True)
 
     def respond(self, prompts: list[list[int]], records: list[int], s: Sampling):
-        """Sample responses; per prompt, n of (response ids, (R, k) ids, (R, k) logprobs).
+        """Sample responses; per prompt, n of (response ids, (R, k) ids, (R, k) logprobs, (R,)
+        log of the mass outside the top-k, (R,) log-prob of each sampled token).
 
         The logprobs of each sampled step are the teacher's raw distribution (temperature 1,
-        before top-p) that predicted that response token: one pass gives text and targets.
+        before top-p) that predicted that response token: one pass gives text and targets. vLLM
+        returns the top-k's float32 log-probs, not their complement, so the tail is 1 - their
+        sum in float64: exact to ~1e-6 absolute (the scoring route sums it from the logits).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -178,6 +182,10 @@ class Responder:
                 # each step lists the sampled token, then the top-k: keep the last k entries
                 take = (np.asarray(lp.end_indices)[:, None] - k + np.arange(k)[None, :])
                 assert len(starts) == R
-                samples.append((list(c.token_ids), ids[take], vals[take]))
+                top = vals[take].astype(np.float64)
+                with np.errstate(divide="ignore"):
+                    tail = np.log(np.clip(-np.expm1(np.logaddexp.reduce(top, -1)), 0, None))
+                samples.append((list(c.token_ids), ids[take], vals[take],
+                                tail.astype(np.float32), vals[starts]))
             result.append(samples)
         return result

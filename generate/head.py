@@ -24,33 +24,50 @@ import torch
 
 from softlabels.data.errors import UserError
 
-# model_type -> the transform after the head's matmul. A family missing here is refused: its
-# head might scale or cap logits in a way these targets would silently miss.
+# model_type -> (the transform after the head's matmul, the config attribute of its factor). A
+# family missing here is refused: its head might scale or cap logits in a way these targets would
+# silently miss. Each entry was read off its *ForCausalLM.forward in transformers 5.19
+# (models/<family>/modeling_<family>.py, the line `logits = self.lm_head(...)` and the one after):
+# plain lm_head for the first group; gemma2/gemma3/gemma3n cap (`final_logit_softcapping`);
+# cohere/cohere2 multiply by `logit_scale`, falcon_h1 by `lm_head_multiplier`; granite and
+# granitemoe(hybrid) divide by `logits_scaling`.
+PLAIN = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+         "gemma", "olmo2", "gpt2", "gpt_neox",
+         # the large teachers distilled from today
+         "deepseek_v2", "deepseek_v3",  # DeepSeek-V3 / R1, Kimi-K2 (model_type deepseek_v3)
+         "gpt_oss", "llama4_text", "glm4", "glm4_moe", "qwen3_next", "ministral", "ministral3",
+         "olmo3", "smollm3", "exaone4", "ernie4_5", "ernie4_5_moe", "seed_oss")
 TRANSFORMS = {
-    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                     "phi3", "gemma", "olmo2", "gpt2", "gpt_neox"), "none"),
-    **dict.fromkeys(("gemma2", "gemma3", "gemma3_text"), "softcap"),  # cap * tanh(x / cap)
-    "cohere": "scale",  # x * logit_scale
-    "granite": "divide",  # x / logits_scaling
+    **{t: ("none", None) for t in PLAIN},
+    **{t: ("softcap", "final_logit_softcapping")  # cap * tanh(x / cap)
+       for t in ("gemma2", "gemma3", "gemma3_text", "gemma3n_text")},
+    "cohere": ("scale", "logit_scale"),  # x * factor
+    "cohere2": ("scale", "logit_scale"),
+    "falcon_h1": ("scale", "lm_head_multiplier"),
+    **{t: ("divide", "logits_scaling") for t in ("granite", "granitemoe", "granitemoehybrid")},
 }
 CHUNK_BYTES = 256 << 20  # per chunk: its (positions, vocab) float32 logits and exponentials
 
 
 @dataclass
 class Targets:
-    """One window's targets: (T, k) top-k in rank order, and the draws as (T, U) unique ids
-    ascending with their counts (count 0 pads a position with fewer than U unique ids). With a
-    top-k the draws come from outside it (format 3): stratified, the head exact and every draw
-    spent on the tail, where the estimate is needed."""
+    """One window's targets: (T, k) top-k in rank order; (T,) the exact log of the mass outside
+    the top-k and the log-prob of the next token (NaN where it is not known); and the draws as
+    (T, U) unique ids ascending with their counts (count 0 pads a position with fewer than U
+    unique ids). With a top-k the draws come from outside it (format 3): stratified, the head
+    exact and every draw spent on the tail, where the estimate is needed."""
 
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
+    tail_logprob: np.ndarray
+    label_logprob: np.ndarray
     sample_ids: np.ndarray | None = None
     sample_counts: np.ndarray | None = None
 
 
-def check_architecture(config) -> str:
-    """The transform of this teacher's head, or a one-line UserError for an unknown family."""
+def check_architecture(config) -> tuple[str, str | None]:
+    """(transform, factor attribute) of this teacher's head, or a one-line UserError for an
+    unknown family."""
     model_type = config.get_text_config().model_type
     if model_type not in TRANSFORMS:
         raise UserError(
@@ -73,17 +90,15 @@ class Head:
 
         config = AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code)
         text = config.get_text_config()
-        self.transform = check_architecture(config)
-        self.factor = {"none": None, "softcap": getattr(text, "final_logit_softcapping", None),
-                       "scale": getattr(text, "logit_scale", None),
-                       "divide": getattr(text, "logits_scaling", None)}[self.transform]
+        self.transform, attr = check_architecture(config)
+        self.factor = getattr(text, attr, None) if attr else None
         weight, self.bias = _load_head(Path(teacher), config, trust_remote_code)
         self.weight = weight.to(device=device, dtype=dtype)
         if self.bias is not None:
             self.bias = self.bias.to(device=device, dtype=dtype)
         self.device = device
         self.vocab = self.weight.shape[0]
-        self.chunk = max(16, CHUNK_BYTES // (8 * self.vocab))
+        self.chunk = max(16, CHUNK_BYTES // (12 * self.vocab))  # logits, exp, exp outside
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.linear(h.to(self.device, self.weight.dtype), self.weight,
@@ -98,34 +113,51 @@ class Head:
         return x
 
     @torch.inference_mode()
-    def targets(self, h: torch.Tensor, k: int, draws: int = 0, temperature: float = 1.0,
-                seed: int | None = None) -> Targets:
-        """(T, hidden) final hidden states of one window -> its Targets."""
+    def targets(self, h: torch.Tensor, k: int, labels: np.ndarray, draws: int = 0,
+                temperature: float = 1.0, seed: int | None = None) -> Targets:
+        """(T, hidden) final hidden states of one window and (T,) the token each position
+        predicts (-1: unknown) -> its Targets. Every number comes from the same float32 logits:
+        the normaliser, the top-k, the mass outside them (summed from the exponentials outside
+        them, never as 1 - sum, which cancels at confident positions), the label's log-prob and
+        the draws."""
+        if k and draws and temperature != 1:
+            raise ValueError("draws beside a top-k come from the teacher at temperature 1")
         T = h.shape[0]
         ids = np.zeros((T, k), np.int32)
         lps = np.zeros((T, k), np.float32)
+        tail = np.zeros(T, np.float32)
+        label = np.full(T, np.nan, np.float32)
         drawn = np.zeros((T, draws), np.int64)
         no_tail = np.zeros(T, bool)  # with a top-k: positions where it holds all the mass
         if draws:
             gen = torch.Generator().manual_seed(seed)
             u = torch.rand((T, draws), generator=gen, dtype=torch.float64)
+        known = torch.from_numpy(np.asarray(labels) >= 0)
+        lab = torch.from_numpy(np.asarray(labels, np.int64)).clamp(min=0)
         for a in range(0, T, self.chunk):
             b = min(T, a + self.chunk)
             x = self.logits(h[a:b])
+            x.sub_(x.max(-1, keepdim=True).values)  # <= 0: exp() cannot overflow
+            e = torch.exp(x)  # (P, V) unnormalised probabilities
+            log_z = e.sum(-1).log()  # (P,)
+            at_label = x.gather(-1, lab[a:b, None].to(x.device))[:, 0] - log_z
+            label[a:b] = torch.where(known[a:b].to(x.device), at_label, np.nan).cpu().numpy()
+            weights = e if temperature == 1 else torch.exp(x / temperature)
             if k:
                 v, i = x.topk(k, -1)
                 ids[a:b] = i.cpu().numpy()
-            x = x.sub_(x.max(-1, keepdim=True).values)  # <= 0: exp() cannot overflow
-            e = torch.exp(x)
-            if k:
-                lps[a:b] = (v - v[:, :1] - e.sum(-1, keepdim=True).log()).cpu().numpy()
+                lps[a:b] = (v - log_z[:, None]).cpu().numpy()
+                outside = e.scatter(-1, i, 0.0)  # the mass the top-k leave, summed exactly
+                rest, top = outside.sum(-1), e.gather(-1, i).sum(-1)
+                # the log of the smaller side, without cancellation: log(rest) - log(z) loses a
+                # small top-k mass (a flat position), log1p(-top / z) a small tail
+                tail[a:b] = torch.where(rest < top, rest.log() - log_z,
+                                        torch.log1p(-top / e.sum(-1))).cpu().numpy()
+                weights = outside  # the top-k is stored exactly: draw where the estimate is needed
+                no_tail[a:b] = (rest == 0).cpu().numpy()
             if draws:
-                weights = e if temperature == 1 else torch.exp(x.div_(temperature))
-                if k:  # the top-k is stored exactly: draw where the estimate is needed
-                    weights.scatter_(-1, i, 0.0)
-                    no_tail[a:b] = (weights.sum(-1) == 0).cpu().numpy()
                 drawn[a:b] = draw(weights, u[a:b].to(weights.device)).cpu().numpy()
-        t = Targets(ids, lps)
+        t = Targets(ids, lps, tail, label)
         if draws:
             t.sample_ids, t.sample_counts = unique_counts(drawn)
             t.sample_counts[no_tail] = 0
@@ -172,7 +204,9 @@ def unique_counts(drawn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_head(teacher: Path, config, trust_remote_code: bool):
     """(weight, bias or None) of the output layer, read from the safetensors files alone: the
-    parameter names come from the architecture instantiated on the meta device."""
+    parameter names come from the architecture instantiated on the meta device, and each file key
+    is renamed as transformers renames it when loading (`embed_out` is `lm_head` in GPT-NeoX,
+    `language_model.model.*` is `model.language_model.*` in Gemma 3's wrapper, ...)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -188,15 +222,35 @@ def _load_head(teacher: Path, config, trust_remote_code: bool):
     else:
         with safe_open(teacher / "model.safetensors", "pt") as f:
             where = dict.fromkeys(f.keys(), "model.safetensors")
+    loaded_as = _loaded_names(model, list(where))
     found = {}
     for part, candidates in names.items():
         for n in candidates:
-            if n in where:
-                with safe_open(teacher / where[n], "pt") as f:
-                    found[part] = f.get_tensor(n)
+            key = next((k for k in where if loaded_as.get(k, k) == n), None)
+            if key is not None:
+                with safe_open(teacher / where[key], "pt") as f:
+                    found[part] = f.get_tensor(key)
                 break
         else:
             if candidates:
                 raise UserError(f"{teacher}: the output head's {part} ({candidates[0]}) is not "
                                 "in its safetensors files")
     return found["weight"], found.get("bias")
+
+
+def _loaded_names(model, keys: list[str]) -> dict[str, str]:
+    """{file key: the parameter name transformers loads it as}, by transformers' own renaming
+    rules (transformers >= 5; before them, file keys are parameter names)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+        return {}
+    rules = get_model_conversion_mapping(model)
+    renames = [r for r in rules if isinstance(r, WeightRenaming)]
+    converters = [r for r in rules if isinstance(r, WeightConverter)]
+    return {k: rename_source_key(k, renames, converters)[0] for k in keys}

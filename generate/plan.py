@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from softlabels.data.atomic import atomic_path, write_text
 from softlabels.data.errors import UserError
-from softlabels.data.format import row_id
+from softlabels.data.format import FORMAT_VERSION, row_id
 
 STATE_DIR = ".softlabels"
 PLAN_SCHEMA = pa.schema([("row_id", pa.string()), ("input_ids", pa.list_(pa.int32())),
@@ -55,10 +55,22 @@ class Job:
     piece_bytes: int = 0  # how the corpus is cut for planning (inputs.PIECE_BYTES)
     fields: str = "text"  # which columns mean what (records.Fields)
     sampling: str = ""  # teacher-written responses: the sampling settings, else ""
-    engine: str = ""  # what else changes the numbers: dtype, engine args, vLLM version, code
+    engine: str = ""  # what else changes the numbers: dtype, engine args, vLLM version
+    # the code that writes the numbers: a job resumed by another version would mix two formats
+    format_version: int = FORMAT_VERSION
+    softlabels: str = field(default_factory=lambda: softlabels_version())
 
     def id(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+def softlabels_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("softlabels")
+    except PackageNotFoundError:  # run from a checkout without installing it
+        return "unknown"
 
 
 @dataclass
@@ -80,6 +92,8 @@ class PiecePlan:
     tokens: int
     too_long: list[int]
     units: list[Unit]
+    context_windows: int = 0  # windows with no target position: never sent to the teacher
+    untargeted: list[int] = field(default_factory=list)  # records with no target at all
 
     @classmethod
     def load(cls, out: Path, piece: int) -> PiecePlan | None:
@@ -109,6 +123,8 @@ class Plan:
     empty_records: int
     tokens: int
     too_long: list = field(default_factory=list)  # prompts that leave no room to respond
+    context_windows: int = 0  # windows with no target position (never scored)
+    untargeted: list = field(default_factory=list)  # records none of whose tokens has a target
 
     @classmethod
     def load(cls, out: Path) -> Plan | None:
@@ -132,10 +148,19 @@ def claim(out: Path, job: Job) -> None:
         raise UserError(f"{out} holds a job planned by an older softlabels; finish it with that "
                         "version, or use a new --output folder")
     if path.is_file():
-        if json.loads(path.read_text()).get("id") != job.id():
-            raise UserError(f"{out} holds a different job (teacher, input or settings differ); "
-                            "use a new --output folder, or delete this one to start over")
-        return
+        held = json.loads(path.read_text())
+        if held.get("id") == job.id():
+            return
+        old = held.get("job", {})
+        made_by = (old.get("softlabels", "before 0.3"), old.get("format_version", "3 or older"))
+        if made_by != (job.softlabels, job.format_version):
+            raise UserError(
+                f"{out} holds a job started by softlabels {made_by[0]} (format {made_by[1]}); "
+                f"this is softlabels {job.softlabels} (format {job.format_version}), whose units "
+                "would not mix with it: finish it with that version, or use a new --output "
+                "folder (or delete this one to start over)")
+        raise UserError(f"{out} holds a different job (teacher, input or settings differ); "
+                        "use a new --output folder, or delete this one to start over")
     write_text(path, json.dumps({"id": job.id(), "job": asdict(job)}, indent=1) + "\n")
 
 
@@ -214,8 +239,14 @@ def plan_piece(corpus, piece, tokenizer, job: Job, out: Path, fields,
             for ids, mask in encode_batch(values):
                 if not ids:
                     result.empty_records += 1
+                elif not any(mask):  # e.g. a chat whose assistant turns are empty
+                    result.untargeted.append(record)
                 for wi, (a, t, b) in enumerate(windows(len(ids), job.max_length, job.stride)):
-                    add(w, row_id(record, wi), ids[a:b], [False] * (t - a) + mask[t:b], b - a)
+                    m = [False] * (t - a) + mask[t:b]
+                    if any(m):
+                        add(w, row_id(record, wi), ids[a:b], m, b - a)
+                    else:  # context only (a long prompt): nothing for the teacher to score
+                        result.context_windows += 1
                 record += 1
 
     with atomic_path(_piece_path(out, piece.index, ".parquet")) as tmp, \
@@ -244,11 +275,13 @@ def finish_plan(out: Path, job: Job, pieces: list[PiecePlan]) -> Plan:
     records = sum(p.records for p in pieces)
     empty = sum(p.empty_records for p in pieces)
     too_long = [r for p in pieces for r in p.too_long]
+    untargeted = [r for p in pieces for r in p.untargeted]
     tokens = sum(p.tokens for p in pieces)
     if tokens == 0:
         raise UserError(
             f"input has no usable records ({records} records, {empty} empty, {len(too_long)} "
-            "prompts too long): check the input path, the column options and --max-length"
+            f"prompts too long, {len(untargeted)} with no target position): check the input "
+            "path, the column options and --max-length"
         )
     shards: list[Shard] = []
     for u in units:  # consecutive units, up to shard_tokens per shard (at least one unit)
@@ -256,7 +289,8 @@ def finish_plan(out: Path, job: Job, pieces: list[PiecePlan]) -> Plan:
             shards.append(Shard(f"shard-{len(shards):05d}-{job.id()[:8]}.parquet", [], 0))
         shards[-1].units.append(u.name)
         shards[-1].tokens += u.tokens
-    plan = Plan(job.id(), units, shards, records, empty, tokens, too_long)
+    plan = Plan(job.id(), units, shards, records, empty, tokens, too_long,
+                sum(p.context_windows for p in pieces), untargeted)
     write_text(out / STATE_DIR / "plan.json", json.dumps(asdict(plan)) + "\n")
     return plan
 

@@ -244,15 +244,19 @@ def _responses(task: UnitTask, teacher: Teacher, row_ids, prompts) -> list[Row]:
     rows = []
     for rec, prompt, samples in zip(records, prompts,
                                     teacher.respond(prompts, records, task.sampling)):
-        for i, (resp, ids, lps) in enumerate(samples):
+        for i, (resp, ids, lps, tail, label) in enumerate(samples):
             P, R = len(prompt), len(resp)
             topk_ids = np.zeros((P + R, k), np.int32)
             topk_lps = np.zeros((P + R, k), np.float32)
+            tails = np.zeros(P + R, np.float32)
+            labels = np.full(P + R, np.nan, np.float32)
             mask = np.zeros(P + R, bool)
-            topk_ids[P - 1 : P + R - 1], topk_lps[P - 1 : P + R - 1] = ids, lps
-            mask[P - 1 : P + R - 1] = True
+            at = slice(P - 1, P + R - 1)  # position t predicts token t + 1: the response
+            topk_ids[at], topk_lps[at], tails[at], labels[at] = ids, lps, tail, label
+            mask[at] = True
             rows.append(Row(f"{rec}:{i}", np.asarray(prompt + resp, np.int32), topk_ids,
-                            topk_lps, mask, tok.decode(resp, skip_special_tokens=True)))
+                            topk_lps, mask, tok.decode(resp, skip_special_tokens=True),
+                            tail_logprob=tails, label_logprob=labels))
     return rows
 
 
@@ -269,7 +273,8 @@ def run_unit(task: UnitTask) -> dict:
         else:
             rows = [
                 Row(rid, np.asarray(w, np.int32), t.topk_ids, t.topk_logprobs,
-                    np.asarray(m, bool), sample_ids=t.sample_ids, sample_counts=t.sample_counts)
+                    np.asarray(m, bool), sample_ids=t.sample_ids, sample_counts=t.sample_counts,
+                    tail_logprob=t.tail_logprob, label_logprob=t.label_logprob)
                 for rid, w, m, t in zip(row_ids, windows, masks,
                                         teacher.targets(windows, row_ids))
             ]

@@ -16,19 +16,43 @@ def corpus_texts(n: int, offset: int = 0) -> list[str]:
     return pq.read_table(CORPUS).column("text").to_pylist()[offset : offset + n]
 
 
-def reference_topk(model_dir, token_lists, k):
-    """Top-k log-probs of a plain transformers fp32 forward: [(T, k) ids, (T, k) logprobs]."""
+def reference_targets(model_dir, token_lists, k):
+    """What the teacher stores, from a plain transformers fp32 forward (float64 after the head),
+    per window: (T, k) top-k ids and log-probs, (T,) log of the mass outside the top-k (summed
+    outside it, not 1 - sum) and (T,) log-prob of the next token (NaN at the last position)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for ids in token_lists:
-            logits = model(torch.tensor([ids])).logits[0].float()
+            logits = model(torch.tensor([ids])).logits[0].double()
             lp = torch.log_softmax(logits, -1)
             v, i = lp.topk(k, -1)
-            out.append((i.numpy().astype(np.int32), v.numpy()))
+            tail = torch.logsumexp(lp.scatter(-1, i, -torch.inf), -1)
+            label = np.full(len(ids), np.nan, np.float32)
+            label[:-1] = lp[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+            out.append((i.numpy().astype(np.int32), v.float().numpy(),
+                        tail.float().numpy(), label))
     return out
+
+
+def reference_topk(model_dir, token_lists, k):
+    """[(T, k) ids, (T, k) logprobs] of `reference_targets`."""
+    return [(i, v) for i, v, _, _ in reference_targets(model_dir, token_lists, k)]
+
+
+def reference_rows(model_dir, token_lists, k, masks=None) -> list:
+    """Rows "<i>:0" of these windows with the teacher's exact targets (`reference_targets`)."""
+    from softlabels.data.format import Row
+
+    rows = []
+    for n, (ids, (i, v, tail, label)) in enumerate(
+            zip(token_lists, reference_targets(model_dir, token_lists, k))):
+        mask = np.ones(len(ids), bool) if masks is None else masks[n]
+        rows.append(Row(f"{n}:0", np.asarray(ids, np.int32), i, v, mask, tail_logprob=tail,
+                        label_logprob=label))
+    return rows
 
 
 def dask_env() -> dict:

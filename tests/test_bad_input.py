@@ -162,3 +162,52 @@ def test_windows_tile_every_record_once():
             assert [p for _, t, b in w for p in range(t, b)] == list(range(n))
             assert all(0 <= a <= t < b <= a + L for a, t, b in w)
             assert all(t - a == (L - (S or L) if i else 0) for i, (a, t, _) in enumerate(w))
+
+
+def test_sample_temperature_beside_a_top_k_is_refused(tmp_path, tiny_teacher):
+    """Draws beside a top-k share the teacher's mass outside it at temperature 1: drawn at
+    another temperature the trainer could not state their target, so generate refuses it before
+    the teacher runs; draws alone at another temperature are the teacher at that temperature."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+    p = generate(tiny_teacher, tmp_path / "in.jsonl", tmp_path / "out", "--samples", 8,
+                 "--sample-temperature", 2)
+    assert_one_line_error(p, "--sample-temperature with --top-k", "--samples alone")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_another_version_is_refused(tmp_path, tiny_teacher):
+    """A job interrupted under an older softlabels (another format) cannot be finished by this
+    one, whose units would not concatenate with it: refused in one line saying what to do."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+    state = tmp_path / "out" / ".softlabels"
+    state.mkdir(parents=True)
+    (state / "job.json").write_text(json.dumps({"id": "0" * 64, "job": {"k": 4}}))  # format 3
+    p = generate(tiny_teacher, tmp_path / "in.jsonl", tmp_path / "out")
+    assert_one_line_error(p, "started by softlabels before 0.3 (format 3 or older)",
+                          "finish it with that version", "new --output")
+    assert sorted(x.name for x in state.iterdir()) == ["job.json", "lock"]  # nothing planned
+
+
+def test_windows_of_context_only_are_never_planned(tmp_path, tiny_teacher):
+    """A prompt longer than --max-length fills whole windows with context (no target): they are
+    counted, never planned for the teacher; a record with no target at all is named."""
+    from transformers import AutoTokenizer
+
+    from softlabels.generate.inputs import open_corpus
+    from softlabels.generate.plan import Job, make_plan, read_unit
+    from softlabels.generate.records import Fields
+
+    long = " ".join(["In the beginning God created the heaven and the earth."] * 6)
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for prompt, response in ((long, "And it was so."), ("Hello", "World"), ("Hi", "")):
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    fields = Fields(text=None, prompt="prompt", response="response")
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    job = Job("t", "i", k=4, max_length=16, unit_tokens=1000, logprob_step=1 / 16)
+    plan = make_plan(open_corpus(tmp_path / "in.jsonl", fields.columns), tok, job,
+                     tmp_path / "out", fields)
+    assert plan.context_windows >= 3  # the long prompt's first windows
+    masks = [m for u in plan.units for m in read_unit(tmp_path / "out", u)[2]]
+    assert masks and all(any(m) for m in masks)
+    # no template: the empty response is its EOS alone, a target: nothing is untargeted here
+    assert plan.untargeted == []

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,41 +20,40 @@ from softlabels.data.card import publish
 from softlabels.data.format import (
     DEFAULT_LOGPROB_STEP,
     FORMAT_VERSION,
+    LABEL_STEP,
+    TAIL_STEP,
     Encoding,
     FormatError,
     Row,
     bad_rows,
     decode,
+    decode_tail,
     dequantise,
     encode,
+    encode_tail,
     quantise,
-    row_id,
 )
 from softlabels.data.manifest import Manifest
 from softlabels.data.reader import SoftLabelReader
 from softlabels.data.verify import verify
 from softlabels.data.writer import write_shard
-from tests.helpers import REPO, assert_same_targets, corpus_texts, reference_topk
+from tests.helpers import REPO, assert_same_targets, corpus_texts, reference_rows
 
 K = 8
 
 
 @pytest.fixture(scope="module")
 def real_rows(tiny_teacher):
-    """Rows whose targets are the top-k of a real forward pass of the tiny teacher."""
+    """Rows whose targets are those of a real forward pass of the tiny teacher (top-k, exact tail,
+    label log-probs)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     token_lists = [tok(t).input_ids[: 40 + 17 * i] for i, t in enumerate(corpus_texts(6))]
     token_lists.append(token_lists[0][:1])  # a one-token row
-    ref = reference_topk(tiny_teacher, token_lists, K)
-    rows = []
-    for i, (ids, (tid, lp)) in enumerate(zip(token_lists, ref)):
-        mask = np.ones(len(ids), bool)
-        if i == 2:
-            mask[:5] = False  # context-only prefix
-        rows.append(Row(row_id(i, 0), np.array(ids, np.int32), tid, lp, mask))
-    return rows, len(tok)
+    masks = [np.arange(len(ids)) >= (5 if i == 2 else 0)  # row 2: a context-only prefix
+             for i, ids in enumerate(token_lists)]
+    return reference_rows(tiny_teacher, token_lists, K, masks), len(tok)
 
 
 def make_dataset(path, rows, vocab, shards=2, **kw):
@@ -60,22 +61,32 @@ def make_dataset(path, rows, vocab, shards=2, **kw):
         write_shard(path / f"shard-{s:05d}.parquet", rows[s::shards], K, **kw)
         for s in range(shards)
     ]
-    m = Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab, shards=infos)
+    m = Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab, shards=infos,
+                 draws=kw.get("draws", 0))
     publish(path, m)
     return m
 
 
 def test_pinned_encoding_of_one_position():
     # ids 7, 3, 12 with logprobs -0.1, -1.0, -0.0 (not in rank order, to show re-sorting):
-    # stored by ascending id 3, 7, 12 -> gaps 3, 4, 5; q = round(-lp * 16) -> 16, 2, 0
-    row = Row("0:0", np.array([5], np.int32), np.array([[7, 3, 12]], np.int32),
-              np.array([[-0.1, -1.0, -0.0]], np.float32), np.array([True]))
+    # stored by ascending id 3, 7, 12 -> gaps 3, 4, 5; q = round(-lp * 16) -> 16, 2, 0.
+    # Tails: log 0.01 -> round(4.605 * 32) = 147; 0.9 (>= 1/2: the top-k's 0.1 is coded) ->
+    # 2**15 + round(2.303 * 32) = 32842. Labels at 1/16: -0.5 -> 8; none at the last position.
+    row = Row("0:0", np.array([5, 3], np.int32), np.array([[7, 3, 12], [1, 2, 4]], np.int32),
+              np.array([[-0.1, -1.0, -0.0], [-3.0, -3.1, -3.2]], np.float32),
+              np.array([True, True]), tail_logprob=np.log([0.01, 0.9]).astype(np.float32),
+              label_logprob=np.array([-0.5, np.nan], np.float32))
     b = encode([row], 3, 1 / 16)
-    assert b.column("topk_id_gaps").to_pylist() == [[[3, 4, 5]]]
-    assert b.column("topk_logprobs_q").to_pylist() == [[[16, 2, 0]]]
+    assert b.column("topk_id_gaps").to_pylist() == [[[3, 4, 5], [1, 1, 2]]]
+    assert b.column("topk_logprobs_q").to_pylist() == [[[16, 2, 0], [48, 50, 51]]]
+    assert b.column("tail_mass_q").to_pylist() == [[147, 32842]]
+    assert b.column("label_logprob_q").to_pylist() == [[8, 0]]
     (got,) = decode(b, Encoding(3, 1 / 16))
-    np.testing.assert_array_equal(got.topk_ids, [[12, 7, 3]])  # rank order again
-    np.testing.assert_allclose(got.topk_logprobs, [[0.0, -0.125, -1.0]])
+    np.testing.assert_array_equal(got.topk_ids[0], [12, 7, 3])  # rank order again
+    np.testing.assert_allclose(got.topk_logprobs[0], [0.0, -0.125, -1.0])
+    np.testing.assert_allclose(np.exp(got.tail_logprob), [np.exp(-147 / 32),
+                                                          1 - np.exp(-74 / 32)], rtol=1e-6)
+    np.testing.assert_allclose(got.label_logprob, [-0.5, np.nan])
     # -inf and NaN clip to the floor instead of wrapping around
     q = quantise(np.array([[-1.0, -np.inf, np.nan]]), 1 / 16)
     np.testing.assert_allclose(dequantise(q, 1 / 16), [[-1.0, -1000.0, -1000.0]])
@@ -83,7 +94,8 @@ def test_pinned_encoding_of_one_position():
 
 def test_duplicate_ids_are_refused():
     row = Row("4:1", np.array([5], np.int32), np.array([[7, 7]], np.int32),
-              np.array([[-0.1, -1.0]], np.float32), np.array([True]))
+              np.array([[-0.1, -1.0]], np.float32), np.array([True]),
+              tail_logprob=np.array([-3.0], np.float32), label_logprob=np.array([np.nan]))
     with pytest.raises(FormatError, match="row 4:1: .*same token id twice"):
         encode([row], 2)
 
@@ -108,8 +120,7 @@ def test_encode_sorts_positions_by_probability(real_rows):
     rows, _ = real_rows
     r = rows[0]
     perm = np.random.default_rng(0).permutation(K)
-    shuffled = Row(r.row_id, r.input_ids, r.topk_ids[:, perm], r.topk_logprobs[:, perm],
-                   r.target_mask)
+    shuffled = replace(r, topk_ids=r.topk_ids[:, perm], topk_logprobs=r.topk_logprobs[:, perm])
 
     a = decode(encode([r], K), Encoding(K, DEFAULT_LOGPROB_STEP))[0]
     b = decode(encode([shuffled], K), Encoding(K, DEFAULT_LOGPROB_STEP))[0]
@@ -155,8 +166,8 @@ def test_reader_shuffle_parts_and_start(tmp_path, real_rows):
 
 def test_failed_write_leaves_nothing(tmp_path, real_rows):
     rows, _ = real_rows
-    bad = Row("9:0", rows[0].input_ids, rows[0].topk_ids[:, :3], rows[0].topk_logprobs[:, :3],
-              rows[0].target_mask)
+    bad = replace(rows[0], row_id="9:0", topk_ids=rows[0].topk_ids[:, :3],
+                  topk_logprobs=rows[0].topk_logprobs[:, :3])
     with pytest.raises(FormatError, match="row 9:0"):
         write_shard(tmp_path / "shard-00000.parquet", [rows[1], bad], K, row_group_tokens=1)
     assert os.listdir(tmp_path) == []
@@ -173,7 +184,8 @@ rng = np.random.default_rng(0)
 rows = [Row(f"{{i}}:0", rng.integers(0, 30000, 2048, dtype=np.int32),
             (np.arange(64) * 400 + rng.integers(0, 400, (2048, 1))).astype(np.int32),
             -np.sort(rng.exponential(3, (2048, 64)), -1).astype(np.float32) - 0.1,
-            np.ones(2048, bool)) for i in range(60)]
+            np.ones(2048, bool), tail_logprob=np.full(2048, -5, np.float32),
+            label_logprob=np.full(2048, -1, np.float32)) for i in range(60)]
 print("ready", flush=True)
 write_shard({str(tmp_path / "shard-00000.parquet")!r}, rows, 64, row_group_tokens=2048)
 """
@@ -212,8 +224,8 @@ def test_verify_catches_each_kind_of_damage(tmp_path, real_rows):
 def test_verify_catches_bad_values_and_counts(tmp_path, real_rows):
     rows, vocab = real_rows
     r = rows[0]
-    too_much = Row("0:0", r.input_ids, r.topk_ids, np.zeros_like(r.topk_logprobs), r.target_mask)
-    out_of_vocab = Row("1:0", r.input_ids, r.topk_ids + vocab, r.topk_logprobs, r.target_mask)
+    too_much = replace(r, row_id="0:0", topk_logprobs=np.zeros_like(r.topk_logprobs))
+    out_of_vocab = replace(r, row_id="1:0", topk_ids=r.topk_ids + vocab)
     info = write_shard(tmp_path / "shard-00000.parquet", [too_much, out_of_vocab, rows[1]], K)
     info.rows += 1  # the manifest lies about the count
     publish(tmp_path, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab,
@@ -260,6 +272,14 @@ def test_datasets_load_dataset_reads_the_folder(tmp_path, real_rows):
             got = dict(zip(ids[t].tolist(), lp[t].tolist()))
             assert want.keys() == got.keys()
             assert max(abs(want[i] - got[i]) for i in want) <= DEFAULT_LOGPROB_STEP / 2 + 1e-6
+        q = np.array(ex["tail_mass_q"], np.int64)  # the tail by the card's rule
+        tail = np.where(q < 32768, np.exp(-TAIL_STEP * q),
+                        -np.expm1(-TAIL_STEP * np.maximum(q - 32768, 0)))
+        np.testing.assert_allclose(tail[mk], np.exp(r.tail_logprob[mk].astype(np.float64)),
+                                   rtol=np.expm1(TAIL_STEP / 2) + 1e-6)
+        label = -LABEL_STEP * np.array(ex["label_logprob_q"], np.float64)
+        has = mk & (np.arange(len(mk)) < len(mk) - 1)
+        np.testing.assert_allclose(label[has], r.label_logprob[has], atol=LABEL_STEP / 2 + 1e-6)
 
 
 def test_inspect_json(tmp_path, real_rows):
@@ -277,6 +297,14 @@ def test_inspect_json(tmp_path, real_rows):
     pairs = np.array(got["targets"][t])
     assert_same_targets(r.topk_ids[t:t + 1], r.topk_logprobs[t:t + 1], pairs[None, :, 0],
                         pairs[None, :, 1], DEFAULT_LOGPROB_STEP / 2 + 1e-6)
+    # version 4: the exact tail and the label's log-prob per position, null where none
+    assert got["tail_mass"][:5] == [None] * 5 and got["label_logprob"][:5] == [None] * 5
+    assert got["label_logprob"][-1] is None  # no next token in the row
+    tail = np.array(got["tail_mass"][5:])
+    np.testing.assert_allclose(tail, np.exp(r.tail_logprob[5:].astype(np.float64)),
+                               rtol=np.expm1(TAIL_STEP / 2) + 1e-6)
+    np.testing.assert_allclose(got["label_logprob"][5:-1], r.label_logprob[5:-1],
+                               atol=LABEL_STEP / 2 + 1e-6)
     p = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(tmp_path),
                         "--row", "99"], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2 and "out of range" in p.stderr and "Traceback" not in p.stderr
@@ -322,18 +350,26 @@ def test_bad_rows_flags_each_rule(real_rows):
     dup = r.topk_ids.copy()
     dup[3, 1] = dup[3, 0]
     cases = {
-        "ok": Row("0:0", r.input_ids, r.topk_ids, r.topk_logprobs, r.target_mask),
-        "mass": Row("1:0", r.input_ids, r.topk_ids, np.full_like(r.topk_logprobs, -0.5),
-                    r.target_mask),
-        "input": Row("2:0", np.where(np.arange(len(r.input_ids)) == 4, vocab, r.input_ids),
-                     r.topk_ids, r.topk_logprobs, r.target_mask),
+        "ok": replace(r, row_id="0:0"),
+        "mass": replace(r, row_id="1:0", topk_logprobs=np.full_like(r.topk_logprobs, -0.5)),
+        "input": replace(r, row_id="2:0",
+                         input_ids=np.where(np.arange(len(r.input_ids)) == 4, vocab, r.input_ids)),
+        # version 4: the tail must complete the top-k to 1, the label agree with both
+        "tail": replace(r, row_id="4:0", tail_logprob=np.where(np.arange(len(r.input_ids)) == 6,
+                                                               np.log(0.9), r.tail_logprob)),
+        # the next token is the top-1, whose stored log-prob the label's must equal
+        "label": replace(r, row_id="5:0", input_ids=np.where(
+            np.arange(len(r.input_ids)) == 7, r.topk_ids[6, 0], r.input_ids),
+            label_logprob=np.where(np.arange(len(r.input_ids)) == 6, r.topk_logprobs[6, 0] - 0.5,
+                                   r.label_logprob)),
     }
     batch = encode(list(cases.values()), K)
     got = dict(bad_rows(batch, enc, vocab))
-    assert set(got) == {"1:0", "2:0"}
+    assert set(got) == {"1:0", "2:0", "4:0", "5:0"}
     assert "sum to more than 1" in got["1:0"] and "input id outside" in got["2:0"]
+    assert "do not sum to 1" in got["4:0"] and "label's log-prob disagrees" in got["5:0"]
     with pytest.raises(FormatError, match="same token id twice"):  # encode refuses duplicates
-        encode([Row("3:0", r.input_ids, dup, r.topk_logprobs, r.target_mask)], K)
+        encode([replace(r, row_id="3:0", topk_ids=dup)], K)
     # the same rows checked one by one agree with the batch
     for rid, row in cases.items():
         one = dict(bad_rows(encode([row], K), enc, vocab))
@@ -380,8 +416,7 @@ def _with_samples(rows, draws, seed=0):
         drawn = np.stack([outside(top) for top in r.topk_ids])
         ids, counts = unique_counts(drawn)
         counts[~r.target_mask] = 0
-        out.append(Row(r.row_id, r.input_ids, r.topk_ids, r.topk_logprobs, r.target_mask,
-                       sample_ids=ids, sample_counts=counts))
+        out.append(replace(r, sample_ids=ids, sample_counts=counts))
     return out
 
 
@@ -433,22 +468,22 @@ def test_bad_samples_are_flagged(real_rows):
     good = _with_samples(rows[:1], 20)[0]
     enc = Encoding(K, DEFAULT_LOGPROB_STEP, draws=20)
     assert bad_rows(encode([good], K, draws=20), enc, vocab) == []
-    short = Row("1:0", good.input_ids, good.topk_ids, good.topk_logprobs, good.target_mask,
-                sample_ids=good.sample_ids, sample_counts=good.sample_counts.copy())
+    short = replace(good, row_id="1:0", sample_counts=good.sample_counts.copy())
     short.sample_counts[0, np.flatnonzero(short.sample_counts[0])[0]] -= 1
     with pytest.raises(FormatError, match="sum to 20"):
         encode([short], K, draws=20)  # the writer refuses it ...
     batch = encode([good], K, draws=20)
     assert "sum to 21" in bad_rows(batch, Encoding(K, DEFAULT_LOGPROB_STEP, draws=21), vocab)[0][1]
     top = int(good.sample_ids[good.sample_counts > 0].max())
-    alone = Row("2:0", np.zeros_like(good.input_ids), np.zeros((len(good.input_ids), 0)),
-                np.zeros((len(good.input_ids), 0)), good.target_mask,
-                sample_ids=good.sample_ids, sample_counts=good.sample_counts)
+    alone = replace(good, row_id="2:0", input_ids=np.zeros_like(good.input_ids),
+                    topk_ids=np.zeros((len(good.input_ids), 0)),
+                    topk_logprobs=np.zeros((len(good.input_ids), 0)),
+                    label_logprob=np.where(np.isnan(good.label_logprob), np.nan, -1.0))
     assert bad_rows(encode([alone], 0, draws=20), Encoding(0, DEFAULT_LOGPROB_STEP, 20), top) \
         == [("2:0", f"sampled id outside [0, {top})")]
     # beside a top-k (format 3) a draw of a top-k id is refused; format 2 drew from everything
-    inside = Row("3:0", good.input_ids, good.topk_ids, good.topk_logprobs, good.target_mask,
-                 sample_ids=good.sample_ids.copy(), sample_counts=good.sample_counts.copy())
+    inside = replace(good, row_id="3:0", sample_ids=good.sample_ids.copy(),
+                     sample_counts=good.sample_counts.copy())
     t = int(np.flatnonzero(good.target_mask)[0])
     n = int((good.sample_counts[t] > 0).sum())  # unique_counts puts the padding last
     ids = good.sample_ids[t, :n].copy()
@@ -460,9 +495,8 @@ def test_bad_samples_are_flagged(real_rows):
         encode([inside], K, draws=20)
     # ... and the reader too: good's top-k columns beside inside's sample columns
     no_k = np.zeros((len(good.input_ids), 0))
-    top_k, samples = encode([good], K, draws=20), encode([Row(
-        "3:0", good.input_ids, no_k, no_k, good.target_mask, sample_ids=inside.sample_ids,
-        sample_counts=inside.sample_counts)], 0, draws=20)
+    top_k, samples = encode([good], K, draws=20), encode([replace(
+        inside, topk_ids=no_k, topk_logprobs=no_k)], 0, draws=20)
     spliced = pa.RecordBatch.from_arrays(
         [samples.column(c) if c.startswith("sample") else top_k.column(c)
          for c in top_k.schema.names], schema=top_k.schema)
@@ -471,32 +505,60 @@ def test_bad_samples_are_flagged(real_rows):
     assert bad_rows(spliced, Encoding(K, DEFAULT_LOGPROB_STEP, draws=20, version=2), vocab) == []
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_older_versions_are_still_read(tmp_path, real_rows, version):
-    """Version 1: top-k only, no draws keys. Version 2: draws beside a top-k came from the whole
-    distribution (version 3's from outside the top-k), which the manifest tells the trainer."""
+def as_version(path: Path, version: int) -> None:
+    """Rewrite a dataset written by this package as an older format version: without version
+    4's columns and steps, without version 2's draws keys for version 1."""
     from softlabels.data.writer import sha256_file
 
+    d = json.loads((path / "manifest.json").read_text())
+    for shard in d["shards"]:
+        f = path / shard["file"]
+        t = pq.read_table(f).drop_columns(["tail_mass_q", "label_logprob_q"])
+        meta = {k: v for k, v in t.schema.metadata.items() if not k.endswith(b"_step") or
+                k == b"softlabels.logprob_step"}
+        if version == 1:
+            meta = {k: v for k, v in meta.items() if b"draws" not in k and b"sample" not in k}
+        meta[b"softlabels.format_version"] = str(version).encode()
+        pq.write_table(pa.Table.from_batches(t.to_batches(), t.schema.with_metadata(meta)), f)
+        shard["sha256"], shard["bytes"] = sha256_file(f), f.stat().st_size
+    d["format_version"] = version
+    for key in ("tail_step", "label_step") + (("draws", "sample_temperature") * (version == 1)):
+        d.pop(key)
+    (path / "manifest.json").write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_older_versions_are_still_read(tmp_path, real_rows, version):
+    """Version 1: top-k only, no draws keys. Version 2: draws beside a top-k came from the whole
+    distribution (version 3's from outside the top-k), which the manifest tells the trainer.
+    Versions 1-3 have no exact tail or label log-prob: the rows say so (None)."""
     rows, vocab = real_rows
-    draws = 20 if version == 2 else 0
+    draws = 20 if version > 1 else 0
     if draws:
         rows = _with_samples(rows, draws)
     make_dataset(tmp_path, rows, vocab, shards=1, draws=draws)
-    shard = tmp_path / "shard-00000.parquet"
-    t = pq.read_table(shard)
-    meta = {k: v for k, v in t.schema.metadata.items() if version > 1 or (
-        b"draws" not in k and b"sample_temperature" not in k)}
-    meta[b"softlabels.format_version"] = str(version).encode()
-    pq.write_table(pa.Table.from_batches(t.to_batches(), t.schema.with_metadata(meta)), shard)
-    d = json.loads((tmp_path / "manifest.json").read_text())
-    d["format_version"], d["draws"] = version, draws
-    if version == 1:
-        for key in ("draws", "sample_temperature"):
-            d.pop(key)
-    d["shards"][0]["sha256"], d["shards"][0]["bytes"] = sha256_file(shard), shard.stat().st_size
-    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    as_version(tmp_path, version)
     assert verify(tmp_path) == []
     back = {r.row_id: r for r in SoftLabelReader(tmp_path)}
     assert back.keys() == {r.row_id for r in rows}
     assert all((back[r.row_id].sample_ids is None) == (version == 1) for r in rows)
-    assert not Manifest.load(tmp_path).tail_draws  # (train then allows --targets samples)
+    assert all(r.tail_logprob is None and r.label_logprob is None for r in back.values())
+    m = Manifest.load(tmp_path)
+    assert m.tail_draws == (version == 3) and not m.exact  # (train allows --targets samples on 2)
+
+
+def test_tail_code_is_exact_from_one_hot_to_flat():
+    """The smaller of tail and 1 - tail is log-coded: both keep a relative error of at most
+    exp(step / 2) - 1, from a one-hot position (tail 1e-30) to a flat one (top-k mass 1e-30),
+    where 1 - sum(rounded top-k) loses one or the other."""
+    tail = np.array([0.0, 1e-30, 1e-9, 1e-4, 0.01, 0.3, 0.4999, 0.5, 0.7, 0.99, 1 - 1e-6,
+                     1.0])
+    with np.errstate(divide="ignore"):
+        back = np.exp(decode_tail(encode_tail(np.log(tail), TAIL_STEP), TAIL_STEP)
+                      .astype(np.float64))
+    bound = np.expm1(TAIL_STEP / 2) + 1e-6
+    assert back[0] == 0.0  # no mass outside: the largest code, decoded as 0
+    np.testing.assert_array_less(np.abs(back[1:7] / tail[1:7] - 1), bound)
+    top = 1 - tail  # the top-k's own mass where the tail is large
+    np.testing.assert_array_less(np.abs((1 - back[7:11]) / top[7:11] - 1), bound)
+    assert back[-1] == 1.0  # (a top-k holds at least k / vocab of the mass: never 1)

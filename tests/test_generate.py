@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from softlabels.data.format import DEFAULT_LOGPROB_STEP
+from softlabels.data.format import DEFAULT_LOGPROB_STEP, LABEL_STEP, TAIL_STEP
 from softlabels.data.manifest import Manifest
 from softlabels.data.verify import verify
 from softlabels.generate.plan import Plan
@@ -25,6 +25,7 @@ from tests.helpers import (
     corpus_texts,
     dask_env,
     read_dataset,
+    reference_targets,
     reference_topk,
     softlabels,
 )
@@ -72,7 +73,8 @@ def test_every_token_once_and_verified(generated, corpus, tiny_teacher):
 def test_targets_match_transformers_reference(generated, tiny_teacher):
     """vLLM's stored targets vs an independent transformers fp32 forward: the same top-k ids
     wherever the reference's k-th and (k+1)-th log-probs are not a near-tie, values within the
-    encoding error."""
+    encoding error; the exact tail (here: flat positions, the top-k's own mass small) and the
+    label's log-prob within theirs."""
     rows = sorted(read_dataset(generated).values(), key=lambda r: (r.record, r.window))[:8]
     ref = reference_topk(tiny_teacher, [r.input_ids.tolist() for r in rows], K + 1)
     tol = DEFAULT_LOGPROB_STEP / 2 + 1e-4
@@ -83,6 +85,24 @@ def test_targets_match_transformers_reference(generated, tiny_teacher):
                             r.topk_logprobs[clear], tol)
         checked += clear.sum()
     assert checked > 0.9 * sum(len(r.input_ids) for r in rows)
+    _assert_exact_columns(rows, tiny_teacher)
+
+
+def _assert_exact_columns(rows, teacher) -> np.ndarray:
+    """The stored tail (and the top-k's mass, 1 - tail) and label log-probs against a
+    transformers forward, within their rounding; -> the reference's top-1 probabilities."""
+    refs = reference_targets(teacher, [r.input_ids.tolist() for r in rows], K)
+    rtol = np.expm1(TAIL_STEP / 2) + 1e-4
+    top1 = []
+    for r, (_, lp, tail, label) in zip(rows, refs):
+        got = r.tail_logprob.astype(np.float64)
+        np.testing.assert_allclose(np.exp(got), np.exp(tail.astype(np.float64)), rtol=rtol)
+        np.testing.assert_allclose(-np.expm1(got), -np.expm1(tail.astype(np.float64)), rtol=rtol)
+        np.testing.assert_allclose(r.label_logprob[:-1], label[:-1],
+                                   atol=LABEL_STEP / 2 + 1e-4)
+        assert np.isnan(r.label_logprob[-1])
+        top1.append(np.exp(lp[:, 0]))
+    return np.concatenate(top1)
 
 
 DRAWS = 64
@@ -167,6 +187,20 @@ def test_samples_follow_the_teacher_and_not_the_units_or_batching(tmp_path, shar
             want += mean.sum()
             var += (((p * lp**2).sum(-1) - mean**2) / DRAWS).sum()
         assert abs(got - want) < 4 * var**0.5, (outside_topk, got, want, var**0.5)
+
+
+def test_exact_tail_and_label_at_confident_positions(tmp_path, sharp_teacher, corpus,
+                                                     dask_cluster):
+    """Format 4 through real vLLM at one-hot positions (top-1 above 0.999, where 1 - sum of the
+    rounded top-k decodes to no tail at all): the stored tail keeps its relative precision."""
+    out = tmp_path / "ds"
+    softlabels("generate", "--teacher", sharp_teacher, "--input", corpus[0], "--output", out,
+               "--top-k", K, "--max-length", MAXLEN, "--scheduler", dask_cluster)
+    rows = sorted(read_dataset(out).values(), key=lambda r: (r.record, r.window))[:8]
+    top1 = _assert_exact_columns(rows, sharp_teacher)
+    assert (top1 > 0.99).mean() > 0.05 and (top1 > 0.999).sum() >= 5, np.quantile(top1, [.5, .9])
+    decoded = np.concatenate([np.exp(r.topk_logprobs.astype(np.float64)).sum(-1) for r in rows])
+    assert (decoded[top1 > 0.999] >= 1).mean() > 0.5  # what 1 - sum would have left: nothing
 
 
 def test_embedded_cluster_gives_the_same_dataset(tmp_path, tiny_teacher, corpus, generated):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from softlabels.data.errors import UserError
-from softlabels.generate.head import Head, check_architecture, draw, unique_counts
+from softlabels.generate.head import TRANSFORMS, Head, check_architecture, draw, unique_counts
 
 
 def test_draws_follow_the_distribution_and_never_pick_a_zero_weight_id():
@@ -49,8 +49,9 @@ def _model(path, kind: str):
         model = Gemma2ForCausalLM(Gemma2Config(**common, final_logit_softcapping=2.0))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=kind == "tied"))
-    with torch.no_grad():  # logits big enough for the soft-cap to matter
-        model.get_output_embeddings().weight.mul_(20)
+    with torch.no_grad():  # logits big enough for the soft-cap to matter, or for one-hot and
+        # flat positions side by side (tied: the embeddings scale the inputs too)
+        model.get_output_embeddings().weight.mul_({"untied": 100, "tied": 5, "gemma2": 20}[kind])
     model.save_pretrained(path)
     return model.eval()
 
@@ -63,21 +64,133 @@ def test_head_gives_the_models_own_log_probs(tmp_path, kind):
         out = model(ids, output_hidden_states=True)
     ref = torch.log_softmax(out.logits[0].double(), -1)
     head = Head(tmp_path, torch.float32)
-    t = head.targets(out.hidden_states[-1][0], k=10, draws=200, seed=3)
+    labels = np.append(ids[0, 1:].numpy(), -1)
+    t = head.targets(out.hidden_states[-1][0], k=10, labels=labels, draws=200, seed=3)
     want_lp, want_ids = ref.topk(10, -1)
     np.testing.assert_allclose(t.topk_logprobs, want_lp.numpy(), atol=2e-5)
     assert (t.topk_ids == want_ids.numpy()).mean() > 0.99  # ties may swap
+    # the exact tail, relative, from one-hot to flat positions; the label's own log-prob
+    tail = torch.logsumexp(ref.scatter(-1, want_ids, -torch.inf), -1).numpy()
+    np.testing.assert_allclose(np.exp(t.tail_logprob.astype(np.float64)), np.exp(tail),
+                               rtol=1e-3)
+    np.testing.assert_allclose(-np.expm1(t.tail_logprob.astype(np.float64)), -np.expm1(tail),
+                               rtol=1e-3)  # the top-k's own mass
+    np.testing.assert_allclose(t.label_logprob[:-1], ref[:-1].gather(
+        -1, ids[0, 1:, None])[:, 0].numpy(), atol=2e-5)
+    assert np.isnan(t.label_logprob[-1])
     # the draws come from outside the top-k, renormalised, and never from ~0 mass there
-    tail = ref.numpy().copy()
-    np.put_along_axis(tail, want_ids.numpy(), -np.inf, -1)
-    tail -= np.logaddexp.reduce(tail, -1, keepdims=True)
-    drawn_lp = np.take_along_axis(tail, t.sample_ids.astype(np.int64), -1)
+    outside = ref.numpy().copy()
+    np.put_along_axis(outside, want_ids.numpy(), -np.inf, -1)
+    outside -= np.logaddexp.reduce(outside, -1, keepdims=True)
+    drawn_lp = np.take_along_axis(outside, t.sample_ids.astype(np.int64), -1)
     assert (drawn_lp[t.sample_counts > 0] > -25).all()
     assert (t.sample_counts.sum(-1) == 200).all()
-    empty = head.targets(out.hidden_states[-1][0], k=300, draws=5, seed=3)  # no tail at all
-    assert (empty.sample_counts == 0).all()
+    empty = head.targets(out.hidden_states[-1][0], k=300, labels=labels, draws=5, seed=3)
+    assert (empty.sample_counts == 0).all()  # no tail at all
     if kind == "gemma2":  # the cap bounds the logits, so the head must have applied it
         assert float(out.logits.abs().max()) <= 2.0
+    elif kind == "untied":  # x100 head weights: one-hot and flat positions both present
+        top1 = ref.exp().max(-1).values
+        assert (top1 > 0.999).any() and (top1 < 0.9).any()
+
+
+# Tiny configs of every family the head knows: its transformers class, saved and read back,
+# must give transformers' own logits (head transforms, and checkpoint names that transformers
+# renames when loading, e.g. GPT-NeoX's embed_out and Gemma 3's multimodal wrapper).
+COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+              max_position_embeddings=128, pad_token_id=0)
+MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=16, v_head_dim=32,
+           qk_nope_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+           moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+           head_dim=None)
+FAMILY = {
+    "deepseek_v2": MLA, "deepseek_v3": MLA,
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2),
+    "llama4_text": dict(num_local_experts=2, intermediate_size_mlp=128,
+                        interleave_moe_layer_step=1),
+    "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     first_k_dense_replace=1, n_group=1, topk_group=1),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], num_experts=4,
+                       num_experts_per_tok=2, moe_intermediate_size=32, linear_num_value_heads=2,
+                       linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
+    "falcon_h1": dict(lm_head_multiplier=0.5, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                      mamba_n_groups=1, mamba_d_state=16),
+    "gemma3n_text": dict(final_logit_softcapping=2.0, vocab_size_per_layer_input=300,
+                         hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
+                         num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0]),
+    "cohere": dict(logit_scale=0.5), "cohere2": dict(logit_scale=0.5),
+    "granite": dict(logits_scaling=4.0),
+    "granitemoe": dict(logits_scaling=4.0, num_local_experts=2, num_experts_per_tok=1),
+    "granitemoehybrid": dict(logits_scaling=4.0, num_local_experts=2, num_experts_per_tok=1,
+                             layer_types=["mamba", "attention"], mamba_d_state=16,
+                             mamba_n_heads=8, mamba_d_head=16),
+    "gemma2": dict(final_logit_softcapping=2.0), "gemma3_text": dict(final_logit_softcapping=2.0),
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "mixtral": dict(num_local_experts=2),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=2),
+}
+
+
+def _base(model):
+    """The model under the head (`model`, or GPT-2's `transformer`)."""
+    return getattr(model, "model", None) or getattr(model, model.base_model_prefix)
+
+
+def _family_model(path, model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {**COMMON, **FAMILY.get(model_type, {})}
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in kw.items() if v is not None})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # logits big enough for caps and scales to matter
+        model.get_output_embeddings().weight.mul_(20)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("model_type", sorted(set(TRANSFORMS) - {"gemma3"}))  # (gemma3: below)
+def test_every_known_family_gives_transformers_logits(tmp_path, model_type):
+    model = _family_model(tmp_path, model_type)
+    ids = torch.randint(1, 300, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        # the base model's output, after the final norm: what vLLM's pooling runner returns
+        h = _base(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
+        got = Head(tmp_path, torch.float32).logits(h)
+        want = model(ids, use_cache=False).logits[0].float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    head = model.get_output_embeddings()
+    plain = torch.nn.functional.linear(h, head.weight, head.bias)
+    kind, _ = TRANSFORMS[model_type]
+    assert (kind == "none") == torch.allclose(plain, got, atol=1e-5)  # the transform mattered
+
+
+def test_a_multimodal_wrapper_reads_its_text_head(tmp_path):
+    """Gemma 3's image-text checkpoint: the head is the text model's tied embeddings, stored
+    under another name than the one the loaded model uses. (No soft-cap: Gemma 3 checkpoints have
+    none, and transformers' image-text forward would not apply one.)"""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    cfg = Gemma3Config(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=32),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(1, 250, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = Head(tmp_path, torch.float32).logits(
+            _base(model)(input_ids=ids).last_hidden_state[0])
+        want = model(input_ids=ids).logits[0].float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_architecture_is_refused_in_one_line():

@@ -8,9 +8,16 @@ import shutil
 import numpy as np
 import pytest
 
-from softlabels.data.format import DEFAULT_LOGPROB_STEP
+from softlabels.data.format import DEFAULT_LOGPROB_STEP, LABEL_STEP, TAIL_STEP
+from softlabels.data.manifest import Manifest
 from softlabels.data.verify import verify
-from tests.helpers import assert_same_targets, read_dataset, reference_topk, softlabels
+from tests.helpers import (
+    assert_same_targets,
+    read_dataset,
+    reference_targets,
+    reference_topk,
+    softlabels,
+)
 
 K = 8
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -134,6 +141,41 @@ def test_teacher_written_responses(tmp_path, chat_teacher, inputs, dask_cluster)
         clear = m[ref_lp[m, K - 1] - ref_lp[m, K] > 1e-4]
         assert_same_targets(ref_ids[clear, :K], ref_lp[clear, :K], r.topk_ids[clear],
                             r.topk_logprobs[clear], DEFAULT_LOGPROB_STEP / 2 + 1e-4)
+    # format 4's columns, from vLLM's sampled-step log-probs: the tail as 1 - sum of the exact
+    # top-k, the label as the sampled token's own log-prob
+    for r, (_, _, tail, label) in zip(rows, reference_targets(
+            chat_teacher, [r.input_ids.tolist() for r in rows], K)):
+        m = np.flatnonzero(r.target_mask)
+        np.testing.assert_allclose(np.exp(r.tail_logprob[m].astype(np.float64)),
+                                   np.exp(tail[m].astype(np.float64)),
+                                   rtol=np.expm1(TAIL_STEP / 2) + 1e-4)
+        np.testing.assert_allclose(r.label_logprob[m], label[m], atol=LABEL_STEP / 2 + 1e-4)
+
+
+def test_windows_of_long_prompts_are_not_scored(tmp_path, chat_teacher, inputs, dask_cluster):
+    """A prompt longer than --max-length: its windows of context only never reach the teacher
+    (counted in the manifest), and every response token still has its target exactly once."""
+    long = " ".join([PAIRS[0][0]] * 12)
+    with open(tmp_path / "long.jsonl", "w") as f:
+        for prompt, response in ((long, PAIRS[0][1]), *PAIRS[1:]):
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    def targets(max_length):
+        out = tmp_path / f"ds-{max_length}"
+        softlabels("generate", "--teacher", chat_teacher, "--input", tmp_path / "long.jsonl",
+                   "--output", out, "--top-k", K, "--max-length", max_length, "--scheduler",
+                   dask_cluster, "--prompt-column", "prompt", "--response-column", "response")
+        assert verify(out) == []
+        rows = read_dataset(out).values()
+        assert all(r.target_mask.any() for r in rows)
+        # (record, position in the record) of every target: windows tile records from 0
+        return Manifest.load(out), sorted((r.record, max_length * r.window + t) for r in rows
+                                          for t in np.flatnonzero(r.target_mask))
+
+    cut, whole = targets(24), targets(256)
+    assert cut[0].provenance["context_windows_skipped"] >= 2
+    assert whole[0].provenance["context_windows_skipped"] == 0
+    assert cut[0].provenance["records_without_targets"] == []
+    assert cut[1] == whole[1]  # the same response positions, each once
 
 
 def test_train_eval_and_inspect_use_the_mask(tmp_path, chat_teacher, inputs, dask_cluster):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,20 @@ import pytest
 import torch
 
 from softlabels.data.card import publish
-from softlabels.data.format import DEFAULT_LOGPROB_STEP, FormatError, Row, row_id
+from softlabels.data.format import (
+    DEFAULT_LOGPROB_STEP,
+    TAIL_STEP,
+    Encoding,
+    FormatError,
+    Row,
+)
 from softlabels.data.manifest import Manifest
 from softlabels.data.reader import SoftLabelReader
 from softlabels.data.show import TOKENIZER_DIR
 from softlabels.data.writer import sha256_file, write_shard
 from softlabels.train_student.batches import EpochPlan
-from softlabels.train_student.losses import LOSSES, RESIDUALS, kd_ce_sums
-from tests.helpers import REPO, corpus_texts, dask_env, reference_topk, softlabels
+from softlabels.train_student.losses import LOSSES, kd_ce_sums
+from tests.helpers import REPO, corpus_texts, dask_env, reference_rows, softlabels
 
 K = 8
 STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
@@ -35,43 +42,49 @@ STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
 
 # ---------------------------------------------------------------- the loss against a dense one
 
-def dense_reference(logits, ids, lp, labels, loss, beta, T, residual):
-    """Plain float64 formulas over the full vocabulary: what the chunked code must equal."""
-    logits, lp = logits.double(), lp.double()
-    q_all = torch.softmax(logits / T, -1)
-    if residual == "label":  # a dense target: top-k + the rest on the label (tail if none)
-        d = []
-        for n in range(len(ids)):
-            rest = 1 - lp[n].exp().sum()
-            if labels[n] < 0:
-                p = torch.cat([lp[n].exp(), rest[None]])
-                q = torch.cat([q_all[n, ids[n]], 1 - q_all[n, ids[n]].sum()[None]])
-            else:
-                p = torch.zeros(len(q_all[n]), dtype=torch.float64)
-                p[ids[n]] = lp[n].exp()
-                p[labels[n]] += rest
-                q = q_all[n]
-            d.append((p[p > 0] * (p[p > 0].log() - q[p > 0].log())).sum())
-        return torch.stack(d).sum(), _dense_ce(logits, labels)
-    q = q_all.gather(-1, ids)
-    if residual == "tail":  # T = 1 only (refused otherwise)
-        p = torch.cat([lp.exp(), 1 - lp.exp().sum(-1, keepdim=True)], -1)
-        q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
-    else:
-        p = torch.softmax(lp / T, -1)
-        q = q / q.sum(-1, keepdim=True)
+def _divergence(p, q, loss, beta):
+    """Dense float64 divergence between two lists of bucket probabilities (each summing to 1)."""
+    on = p > 0
     if loss == "forward_kl":
-        d = (p * (p.log() - q.log())).sum(-1)
-    elif loss == "reverse_kl":
-        d = (q * (q.log() - p.log())).sum(-1)
-    elif loss == "tvd":
-        d = 0.5 * (p - q).abs().sum(-1)
-    else:
-        m = beta * p + (1 - beta) * q
-        kl_pm = (p * (p.log() - m.log())).sum(-1)
-        d = kl_pm if loss == "skew_kl" else beta * kl_pm + (1 - beta) * (
-            q * (q.log() - m.log())).sum(-1)
-    return d.sum() * T**2, _dense_ce(logits, labels)
+        return (p[on] * (p[on].log() - q[on].log())).sum()
+    if loss == "reverse_kl":
+        return (q * (q.log() - p.log())).sum()
+    if loss == "tvd":
+        return 0.5 * (p - q).abs().sum()
+    m = beta * p + (1 - beta) * q
+    kl_pm = (p[on] * (p[on].log() - m[on].log())).sum()
+    return kl_pm if loss == "skew_kl" else beta * kl_pm + (1 - beta) * (q * (q.log() - m.log())
+                                                                         ).sum()
+
+
+def dense_reference(logits, ids, lp, rest, label_lp, labels, loss, beta, T, residual):
+    """Plain float64 formulas over the full vocabulary: what the chunked code must equal.
+    tail: (top-k, everything else) on both sides. label with the label's log-prob (format 4):
+    the label outside the top-k is a third bucket, the rest minus it the tail. label without it:
+    the whole rest onto the label, against the student's full softmax. none: renormalised."""
+    logits, lp, rest, label_lp = logits.double(), lp.double(), rest.double(), label_lp.double()
+    q_all = torch.softmax(logits / T, -1)
+    d = []
+    for n in range(len(ids)):
+        p_k, q_k = lp[n].exp(), q_all[n, ids[n]]
+        if residual == "none":
+            p, q = torch.softmax(lp[n] / T, -1), q_k / q_k.sum()
+        elif residual == "tail" or labels[n] < 0 or labels[n] in ids[n] and not torch.isnan(
+                label_lp[n]):
+            p = torch.cat([p_k, rest[n].exp()[None]])
+            q = torch.cat([q_k, 1 - q_k.sum()[None]])
+        elif not torch.isnan(label_lp[n]):  # the label outside the top-k: its own bucket
+            own = label_lp[n].exp()
+            p = torch.cat([p_k, own[None], (rest[n].exp() - own)[None]])
+            q_l = q_all[n, labels[n]]
+            q = torch.cat([q_k, q_l[None], (1 - q_k.sum() - q_l)[None]])
+        else:  # ground-truth residual: a dense target on the full vocabulary
+            p = torch.zeros(len(q_all[n]), dtype=torch.float64)
+            p[ids[n]] = p_k
+            p[labels[n]] += rest[n].exp()
+            q = q_all[n]
+        d.append(_divergence(p, q, loss, beta))
+    return torch.stack(d).sum() * T**2, _dense_ce(logits, labels)
 
 
 def _dense_ce(logits, labels):
@@ -79,30 +92,50 @@ def _dense_ce(logits, labels):
     return torch.nn.functional.cross_entropy(logits[has], labels[has], reduction="sum")
 
 
+def _teacher(N, V, confidence, g):
+    """(N, V) float64 log-probs: flat, or a top-1 of `confidence` over a random rest."""
+    base = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 3, -1)
+    if confidence is None:
+        return base.log()
+    top = torch.randint(0, V, (N,), generator=g)
+    p = base * (1 - confidence)
+    p[torch.arange(N), top] += confidence
+    return p.log()
+
+
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("residual", ["tail", "label", "label-no-logprob", "none"])
 @pytest.mark.parametrize("T", [1.0, 2.0])
-def test_chunked_sparse_loss_matches_dense_reference(loss, residual, T):
-    if (residual != "none" and T != 1.0) or (residual == "label" and loss != "forward_kl"):
+@pytest.mark.parametrize("confidence", [None, 0.99, 0.999])
+def test_chunked_sparse_loss_matches_dense_reference(loss, residual, T, confidence):
+    """Every loss and residual against dense float64 formulas, at flat and at confident
+    positions (top-1 0.99, 0.999: where 1 - sum(rounded top-k) would lose the tail), with the
+    exact tail of format 4, and with and without the label's own log-prob."""
+    exact = residual != "label-no-logprob"
+    residual = residual.removesuffix("-no-logprob")
+    kw = dict(loss=loss, beta=0.3, temperature=T, residual=residual, chunk=4)
+    if (residual != "none" and T != 1.0) or (not exact and loss != "forward_kl"):
         with pytest.raises(ValueError, match="not exact|forward_kl"):
             kd_ce_sums(torch.zeros(2, 4), torch.nn.Linear(4, 10), torch.zeros(2, K).long(),
-                       torch.full((2, K), -3.0), torch.zeros(2).long(), loss=loss,
-                       temperature=T, residual=residual)
+                       torch.full((2, K), -3.0), torch.full((2,), -1.0), torch.full((2,), np.nan),
+                       torch.zeros(2).long(), **kw)
         return
     g = torch.Generator().manual_seed(0)
     N, H, V = 13, 16, 50
     h = torch.randn(N, H, generator=g, requires_grad=True)
     torch.manual_seed(0)  # the head's init: an unseeded one failed the tolerance ~1 run in 8
     head = torch.nn.Linear(H, V, bias=False)
-    teacher = torch.log_softmax(torch.randn(N, V, generator=g) * 3, -1)
+    teacher = _teacher(N, V, confidence, g)
     lp, ids = teacher.topk(K, -1)
+    rest = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)  # exact, as format 4
     labels = torch.randint(0, V, (N,), generator=g)
-    labels[:3] = ids[:3, 2]  # the label inside the top-k: the residual joins its slot
+    labels[:3] = ids[:3, 2]  # the label inside the top-k
     labels[-1] = -1
-    kd, ce, n_ce = kd_ce_sums(h, head, ids, lp, labels, loss=loss, beta=0.3, temperature=T,
-                              residual=residual, chunk=4)
-    ref_kd, ref_ce = dense_reference(head(h), ids, lp, labels, loss, 0.3, T, residual)
-    assert n_ce == N - 1
+    label_lp = teacher.gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+    label_lp = torch.where((labels >= 0) & torch.tensor(exact), label_lp, torch.nan)
+    kd, ce = kd_ce_sums(h, head, ids, lp.float(), rest.float(), label_lp.float(), labels, **kw)
+    ref_kd, ref_ce = dense_reference(head(h), ids, lp, rest, label_lp, labels, loss, 0.3, T,
+                                     residual)
     torch.testing.assert_close(kd.double(), ref_kd, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
     g1 = torch.autograd.grad(kd + ce, [h, head.weight])
@@ -111,13 +144,45 @@ def test_chunked_sparse_loss_matches_dense_reference(loss, residual, T):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-5)
 
 
+def test_stored_targets_sum_to_one_at_every_confidence():
+    """What collate hands the loss from stored (rounded) top-k: with format 4's exact tail the
+    top-k and the tail sum to 1 and the tail is within its rounding of the truth at top-1 0.99
+    and 0.999; from the rounded top-k alone (format < 4) the tail of a position above
+    exp(-step/2) = 0.969 is lost, as the issue measured."""
+    from softlabels.data.format import decode, encode
+    from softlabels.train_student.batches import targets_of
+
+    g = torch.Generator().manual_seed(1)
+    for confidence in (None, 0.99, 0.999):
+        teacher = _teacher(40, 300, confidence, g)
+        lp, ids = teacher.topk(K, -1)
+        tail = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)
+        row = Row("0:0", np.arange(40, dtype=np.int32), ids.numpy().astype(np.int32),
+                  lp.float().numpy(), np.ones(40, bool), tail_logprob=tail.float().numpy(),
+                  label_logprob=np.full(40, -1.0, np.float32))
+        (back,) = decode(encode([row], K), Encoding(K, DEFAULT_LOGPROB_STEP))
+        t = np.arange(40)
+        _, got_lp, got_rest = targets_of(back, t, "topk")
+        total = np.exp(got_lp.astype(np.float64)).sum(-1) + np.exp(got_rest.astype(np.float64))
+        np.testing.assert_allclose(total, 1, atol=1e-5)
+        np.testing.assert_allclose(np.exp(got_rest.astype(np.float64)), tail.exp().numpy(),
+                                   rtol=np.expm1(TAIL_STEP / 2) + 1e-5)
+        old = replace(back, tail_logprob=None, label_logprob=None)  # as formats 1-3 read
+        _, old_lp, old_rest = targets_of(old, t, "topk")
+        np.testing.assert_allclose(np.exp(old_lp.astype(np.float64)).sum(-1)
+                                   + np.exp(old_rest.astype(np.float64)), 1, atol=1e-5)
+        if confidence == 0.999:
+            assert (np.exp(old_rest.astype(np.float64)) < 1e-6).mean() > 0.5
+
+
 @pytest.mark.parametrize("targets", ["samples", "both"])
 @pytest.mark.parametrize("residual", ["label", "tail"])
 def test_sampled_targets_match_a_dense_reference(targets, residual):
     """Draws as targets (batches.targets_of, then the chunked loss) equal forward KL against the
     dense target they estimate, in float64: count / N on the drawn ids (samples), or the exact
-    top-k plus the mass outside it shared among the draws outside it by count (both); where every
-    draw fell inside the top-k the residual goes where --residual says. Values and gradients."""
+    top-k plus the (exact) mass outside it shared among the draws outside it by count (both);
+    where no draw is outside the top-k (format 2 drew from everywhere) the rest goes where
+    --residual says. Values and gradients."""
     from softlabels.generate.head import unique_counts
     from softlabels.train_student.batches import targets_of
 
@@ -126,18 +191,20 @@ def test_sampled_targets_match_a_dense_reference(targets, residual):
     h = torch.randn(N, H, generator=g, requires_grad=True)
     torch.manual_seed(0)
     head = torch.nn.Linear(H, V, bias=False)
-    teacher = torch.log_softmax(torch.randn(N, V, generator=g) * 2, -1)
+    teacher = torch.log_softmax(torch.randn(N, V, generator=g) * 2, -1).double()
     lp, ids = teacher.topk(K, -1)
+    tail = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)
     drawn = torch.multinomial(teacher.exp(), draws, replacement=True, generator=g).numpy()
     drawn[0] = ids[0, 0]  # every draw inside the top-k: the residual has no draw to go to
     s_ids, s_counts = unique_counts(drawn)
     labels = torch.randint(0, V, (N,), generator=g)
     labels[-1] = -1
-    row = Row("0:0", np.zeros(N, np.int32), ids.numpy().astype(np.int32), lp.numpy(),
-              np.ones(N, bool), sample_ids=s_ids, sample_counts=s_counts)
-    t_ids, t_lp = targets_of(row, np.arange(N), targets)
-    kd, _, _ = kd_ce_sums(h, head, torch.from_numpy(t_ids), torch.from_numpy(t_lp), labels,
-                          residual=residual, chunk=4)
+    row = Row("0:0", np.zeros(N, np.int32), ids.numpy().astype(np.int32), lp.float().numpy(),
+              np.ones(N, bool), sample_ids=s_ids, sample_counts=s_counts,
+              tail_logprob=tail.float().numpy())  # no label log-prob: the ground-truth residual
+    t_ids, t_lp, t_rest = map(torch.from_numpy, targets_of(row, np.arange(N), targets))
+    kd, _ = kd_ce_sums(h, head, t_ids, t_lp, t_rest, torch.full((N,), torch.nan), labels,
+                       residual=residual, chunk=4)
 
     q = torch.log_softmax(head(h).double(), -1)
     ref = []
@@ -145,12 +212,11 @@ def test_sampled_targets_match_a_dense_reference(targets, residual):
         p = torch.zeros(V, dtype=torch.float64)
         counts = torch.zeros(V, dtype=torch.float64).index_add_(
             0, torch.from_numpy(drawn[n]).long(), torch.ones(draws, dtype=torch.float64))
-        tail_q = None
         if targets == "samples":
             p = counts / draws
         else:
-            p[ids[n]] = lp[n].double().exp()
-            rest = 1 - p.sum()
+            p[ids[n]] = lp[n].exp()
+            rest = tail[n].exp()
             counts[ids[n]] = 0
             if counts.sum() > 0:
                 p += rest * counts / counts.sum()
@@ -168,40 +234,54 @@ def test_sampled_targets_match_a_dense_reference(targets, residual):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-5)
 
 
-def test_sampled_targets_refuse_what_they_cannot_estimate(tmp_path):
-    """Draws estimate the full distribution for forward KL at T=1 only; other losses, another
-    temperature or a renormalised top-k are refused in one line, as are targets the dataset
-    lacks."""
+def test_recipes_refuse_what_a_dataset_cannot_serve():
+    """One set of rules (Recipe.for_dataset) for the CLI, the Trainer adapter and mixtures: draws
+    estimate the full distribution for forward KL at T=1 only; a dataset lacking the targets asked
+    for, draws beside a top-k from another temperature, and the ground-truth label residual with
+    another loss (formats before 4) are refused in one line naming the dataset."""
     from softlabels.data.errors import UserError
-    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.config import Recipe
 
-    base = dict(student="s", data="d", output="o")
+    def m(k=8, draws=0, version=4, tau=1.0):
+        return Manifest(k=k, logprob_step=1 / 16, vocab_size=100, draws=draws,
+                        sample_temperature=tau, format_version=version)
+
     for bad in (dict(loss="reverse_kl"), dict(residual="none"),
                 dict(temperature=2.0, residual="none")):
         with pytest.raises(UserError, match="forward_kl"):
-            TrainConfig(**base, **bad).for_dataset(k=0, draws=50)
-    with pytest.raises(UserError, match="no sampled targets"):
-        TrainConfig(**base, targets="samples").for_dataset(k=8, draws=0)
-    with pytest.raises(UserError, match="no top-k"):
-        TrainConfig(**base, targets="both").for_dataset(k=0, draws=50)
-    chosen = [TrainConfig(**base).for_dataset(k, d) for k, d in ((8, 0), (0, 50), (8, 50))]
-    assert [c.targets for c in chosen] == ["topk", "samples", "both"]
-    # draws beside a top-k: from the whole distribution in format 2, from outside it in 3
-    assert TrainConfig(**base, targets="samples").for_dataset(8, 50).targets == "samples"
+            Recipe(**bad).for_dataset(m(0, 50), "d")
+    with pytest.raises(UserError, match="d has no sampled targets"):
+        Recipe(targets="samples").for_dataset(m(8, 0), "d")
+    with pytest.raises(UserError, match="d has no top-k"):
+        Recipe(targets="both").for_dataset(m(0, 50), "d")
+    chosen = [Recipe().for_dataset(m(k, d), "d") for k, d in ((8, 0), (0, 50), (8, 50))]
+    assert [(c.targets, c.ce_weight) for c in chosen] == [("topk", 0.5), ("samples", 0.0),
+                                                          ("both", 0.0)]
+    # draws beside a top-k: from the whole distribution in format 2, from outside it in 3+
+    assert Recipe(targets="samples").for_dataset(m(8, 50, version=2), "d").targets == "samples"
     with pytest.raises(UserError, match="outside its top-k"):
-        TrainConfig(**base, targets="samples").for_dataset(8, 50, tail_draws=True)
+        Recipe(targets="samples").for_dataset(m(8, 50), "d")
+    with pytest.raises(UserError, match="temperature 2.*--targets topk"):
+        Recipe().for_dataset(m(8, 50, version=3, tau=2.0), "d")
+    assert Recipe(targets="topk").for_dataset(m(8, 50, version=3, tau=2.0), "d").targets == "topk"
+    assert Recipe().for_dataset(m(0, 50, tau=2.0), "d").targets == "samples"  # the teacher at 2
+    # the label residual: exact with format 4 (any loss), the ground truth before (forward KL)
+    assert Recipe(loss="jsd").for_dataset(m(), "d").loss == "jsd"
+    with pytest.raises(UserError, match="d \\(format 3\\).*forward_kl"):
+        Recipe(loss="jsd").for_dataset(m(version=3), "d")
 
 
 def test_forward_kl_with_tail_is_zero_only_at_the_teacher():
     V = 40
     teacher = torch.log_softmax(torch.randn(5, V) * 2, -1)
     lp, ids = teacher.topk(K, -1)
+    rest = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)
     head = torch.nn.Linear(V, V, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.eye(V))
-    labels = torch.full((5,), -1)
-    same, _, _ = kd_ce_sums(teacher.clone(), head, ids, lp, labels)
-    other, _, _ = kd_ce_sums(teacher.roll(1, -1), head, ids, lp, labels)
+    labels, none = torch.full((5,), -1), torch.full((5,), torch.nan)
+    same, _ = kd_ce_sums(teacher.clone(), head, ids, lp, rest, none, labels)
+    other, _ = kd_ce_sums(teacher.roll(1, -1), head, ids, lp, rest, none, labels)
     assert abs(float(same.detach())) < 1e-5 and float(other.detach()) > 0.1
 
 
@@ -217,9 +297,7 @@ def dataset(tmp_path_factory, tiny_teacher):
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     ids = [t for text in corpus_texts(20, offset=500) for t in tok(text).input_ids]
     wins = [ids[i * 32:(i + 1) * 32] for i in range(24)]
-    ref = reference_topk(tiny_teacher, wins, K)
-    rows = [Row(row_id(i, 0), np.array(w, np.int32), a, b, np.arange(32) >= (i % 3))
-            for i, (w, (a, b)) in enumerate(zip(wins, ref))]
+    rows = reference_rows(tiny_teacher, wins, K, [np.arange(32) >= (i % 3) for i in range(24)])
     shards = [write_shard(d / f"shard-{s}.parquet", rows[s::2], K, row_group_tokens=200)
               for s in range(2)]
     publish(d, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=len(tok),
@@ -275,8 +353,9 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, dataset):
 
 def test_loss_goes_down_and_outputs_are_written(tmp_path, dataset):
     out = tmp_path / "s"
+    # KD only: this tiny teacher is random, so CE on the real text pulls away from it
     train(dataset, out, "--epochs", 6, "--batch-tokens", 96, "--eval-data", dataset,
-          "--eval-every", 10)
+          "--eval-every", 10, "--ce-weight", 0)
     hist = log(out)["history"]
     assert np.mean([h["kd"] for h in hist[-3:]]) < 0.8 * np.mean([h["kd"] for h in hist[:3]])
     assert (out / "curves.png").stat().st_size > 10000
@@ -361,36 +440,34 @@ def test_teacher_ids_beyond_the_student_vocab_join_the_tail(loss):
     """A teacher with a padded vocabulary (V + 6) can rank ids the student cannot produce. Those
     slots are no target (-1, as collate writes them): their teacher mass belongs in the tail, and
     the loss equals the dense reference on the ids the student has."""
+    from softlabels.train_student.batches import collate
+
     g = torch.Generator().manual_seed(1)
     N, H, V = 11, 16, 30
     h = torch.randn(N, H, generator=g, requires_grad=True)
     head = torch.nn.Linear(H, V, bias=False)
     teacher = torch.log_softmax(torch.randn(N, V + 6, generator=g) * 3, -1)
     teacher[:, V:] += 4  # make the unreachable ids likely, so they sit in the top-k
-    teacher = torch.log_softmax(teacher, -1)
+    teacher = torch.log_softmax(teacher, -1).double()
     lp, ids = teacher.topk(K, -1)
     assert (ids >= V).any()
-    labels = torch.full((N,), -1)
-    stored = ids.masked_fill(ids >= V, -1)
-    kd, _, _ = kd_ce_sums(h, head, stored, lp, labels, loss=loss, beta=0.3)
+    tail = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)
+    row = Row("0:0", np.zeros(N + 1, np.int32), np.r_[ids.numpy(), np.zeros((1, K))].astype(
+        np.int32), np.r_[lp.float().numpy(), np.zeros((1, K), np.float32)],
+        np.arange(N + 1) < N, tail_logprob=np.r_[tail.float().numpy(), 0.0].astype(np.float32),
+        label_logprob=np.full(N + 1, -1.0, np.float32))
+    b = collate([row], V)
+    assert (b.ids[ids >= V] == -1).all()
+    kd, _ = kd_ce_sums(h, head, b.ids, b.lp, b.rest, b.label_lp, torch.full((N,), -1),
+                       loss=loss, beta=0.3)
     # reference: p over (reachable top-k ids, tail); q likewise from the full student softmax
-    p_all, q_all = teacher.double().exp(), torch.softmax(head(h).double(), -1)
+    p_all, q_all = teacher.exp(), torch.softmax(head(h).double(), -1)
     ref = 0.0
     for n in range(N):
         keep = ids[n][ids[n] < V]
         p = torch.cat([p_all[n, keep], 1 - p_all[n, keep].sum().unsqueeze(0)])
         q = torch.cat([q_all[n, keep], 1 - q_all[n, keep].sum().unsqueeze(0)])
-        if loss == "forward_kl":
-            ref = ref + (p * (p / q).log()).sum()
-        elif loss == "reverse_kl":
-            ref = ref + (q * (q / p).log()).sum()
-        elif loss == "tvd":
-            ref = ref + 0.5 * (p - q).abs().sum()
-        else:
-            m = 0.3 * p + 0.7 * q
-            kl_pm = (p * (p / m).log()).sum()
-            kl_qm = (q * (q / m).log()).sum()
-            ref = ref + (kl_pm if loss == "skew_kl" else 0.3 * kl_pm + 0.7 * kl_qm)
+        ref = ref + _divergence(p, q, loss, 0.3)
     torch.testing.assert_close(kd.double(), ref, rtol=1e-4, atol=1e-5)
     grads = torch.autograd.grad(kd, [h])
     assert torch.isfinite(grads[0]).all()
@@ -512,7 +589,6 @@ def test_config_file_then_flags(tmp_path, dataset):
     for bad, needle in (({"lerning_rate": 1}, "unknown option(s) lerning_rate"),
                         ({"max_steps": "two"}, "max_steps should be int"),
                         ({"temperature": 2.0}, "with a residual (tail or label) is not exact"),
-                        ({"residual": "label", "loss": "jsd"}, "use it with --loss forward_kl"),
                         ({"residual": "ghost"}, "--residual 'ghost': choose from")):
         cfg.write_text(yaml.safe_dump(bad))
         p = softlabels("train", "--config", cfg, "--output", out, check=False)
@@ -609,8 +685,7 @@ def heldout(tmp_path_factory, tiny_teacher):
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     ids = [t for text in corpus_texts(10, offset=900) for t in tok(text).input_ids]
     wins = [ids[i * 32:(i + 1) * 32] for i in range(8)]
-    rows = [Row(row_id(i, 0), np.array(w, np.int32), a, b, np.ones(32, bool))
-            for i, (w, (a, b)) in enumerate(zip(wins, reference_topk(tiny_teacher, wins, K)))]
+    rows = reference_rows(tiny_teacher, wins, K)
     publish(d, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=len(tok),
                         shards=[write_shard(d / "shard-0.parquet", rows, K)]))
     tok.save_pretrained(d / TOKENIZER_DIR)
@@ -670,6 +745,86 @@ def test_hf_trainer_weights_accumulated_micro_batches_by_tokens(tmp_path, datase
         torch.testing.assert_close(pa_, pb, rtol=1e-4, atol=2e-5)
 
 
+def test_trainer_and_cli_train_the_same_recipe_and_loss(tmp_path, dataset):
+    """The README's Trainer example (no recipe options) resolves the CLI's recipe for the
+    dataset, and on one batch its loss equals the CLI's: KD normalised by the KD targets, CE by
+    the CE targets (positions with a next token), through the same chunked code."""
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+
+    from softlabels.train_student.batches import collate
+    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.hf import DistillationTrainer, soft_label_dataset
+    from softlabels.train_student.train import Distiller
+
+    cfg = dict(STUDENT)
+    cfg["vocab_size"] = Manifest.load(dataset).vocab_size
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    trainer = DistillationTrainer(
+        model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[],
+                                            use_cpu=True, max_steps=1),
+        train_dataset=soft_label_dataset(dataset))
+    train_cfg = TrainConfig(student="s", data=str(dataset), output="o")
+    want = train_cfg.recipe.for_dataset(Manifest.load(dataset), str(dataset))
+    assert trainer.recipe == want and want.ce_weight == 0.5  # the top-k default: label + 0.5 CE
+    rows = list(SoftLabelReader(dataset))[:5]  # masks cut 0-2 positions: KD and CE counts differ
+    vocab = model.get_output_embeddings().weight.shape[0]
+    kd, ce = Distiller(model, train_cfg.with_recipe(want))(collate(rows, vocab, want.targets))
+    kd_n = sum(int(r.target_mask.sum()) for r in rows)
+    ce_n = sum(int(r.target_mask[:-1].sum()) for r in rows)
+    assert kd_n != ce_n
+    cli = 0.5 * kd / kd_n + 0.5 * ce / ce_n
+    inputs = trainer.data_collator([{k: v for k, v in vars(r).items() if v is not None}
+                                    for r in rows])
+    hf = trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor([kd_n, ce_n]))
+    torch.testing.assert_close(hf, cli, rtol=1e-6, atol=1e-7)
+    from softlabels.data.errors import UserError
+
+    with pytest.raises(UserError, match="no sampled targets"):  # and the CLI's refusals
+        DistillationTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path),
+                                                                report_to=[], use_cpu=True,
+                                                                max_steps=1),
+                            train_dataset=soft_label_dataset(dataset), targets="samples")
+
+
+@pytest.fixture(scope="module")
+def with_context_rows(tmp_path_factory, dataset):
+    """The dataset plus 8 rows of context only (all-false masks): what `generate` stored before
+    it skipped such windows. With one row per micro-batch, some micro-batches have no target."""
+    d = tmp_path_factory.mktemp("context")
+    rows = list(SoftLabelReader(dataset))
+    rows += [replace(r, row_id=f"{100 + i}:0", target_mask=np.zeros(32, bool))
+             for i, r in enumerate(rows[:8])]
+    m = Manifest.load(dataset)
+    publish(d, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=m.vocab_size,
+                        shards=[write_shard(d / "shard-0.parquet", rows, K,
+                                            row_group_tokens=200)]))
+    shutil.copytree(dataset / TOKENIZER_DIR, d / TOKENIZER_DIR)
+    (d.parent / "student.json").write_text(json.dumps(STUDENT))
+    return d
+
+
+def test_micro_batches_without_targets_train_on(tmp_path, with_context_rows):
+    """A micro-batch with no target position is a zero loss, not a crash ("element 0 of tensors
+    does not require grad"), and under 2 processes the one that gets it does not leave the other
+    waiting in the all-reduce: both runs finish with the same steps and losses."""
+    args = ["--epochs", "1", "--batch-tokens", "32", "--residual", "tail"]
+    train(with_context_rows, tmp_path / "one", *args, "--grad-accum", 2)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "softlabels", "train", "--student",
+           str(with_context_rows.parent / "student.json"), "--data", str(with_context_rows),
+           "--output", str(tmp_path / "two"), "--lr", "3e-3", "--warmup", "2", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dask_env(),
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    assert one["steps"] == two["steps"] == 16  # 32 rows, one per micro-batch, 2 per step
+    np.testing.assert_allclose([h["loss"] for h in two["history"]],
+                               [h["loss"] for h in one["history"]], rtol=1e-4)
+    assert np.isfinite([h["loss"] for h in one["history"]]).all()
+
+
 # ---------------------------------------------------------------- FSDP
 
 def test_distiller_under_fsdp_equals_unsharded(tmp_path, dataset):
@@ -710,8 +865,9 @@ def test_every_epoch_has_its_own_step_count(tmp_path, dataset):
     rows = list(SoftLabelReader(dataset))
     for i, r in enumerate(rows):  # lengths 9..32
         n = 9 + (7 * i) % 24
-        r.input_ids, r.topk_ids, r.topk_logprobs, r.target_mask = (
-            r.input_ids[:n], r.topk_ids[:n], r.topk_logprobs[:n], r.target_mask[:n])
+        for name in ("input_ids", "topk_ids", "topk_logprobs", "target_mask", "tail_logprob",
+                     "label_logprob"):
+            setattr(r, name, getattr(r, name)[:n])
     d = tmp_path / "varied"
     d.mkdir()
     m = Manifest.load(dataset)

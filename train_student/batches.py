@@ -27,7 +27,9 @@ class Batch:
     attention_mask: torch.Tensor  # (B, L)
     pos: torch.Tensor  # (N,) flat indices into (B*L) of positions with a target
     ids: torch.Tensor  # (N, S) teacher target ids, -1 for a slot with no target
-    lp: torch.Tensor  # (N, S) their teacher log-probs (T=1), or log(count / draws)
+    lp: torch.Tensor  # (N, S) their teacher log-probs (T=1)
+    rest: torch.Tensor  # (N,) log of the teacher's mass on no id of `ids` (NEG: none)
+    label_lp: torch.Tensor  # (N,) teacher log-prob of the label; NaN: not stored
     labels: torch.Tensor  # (N,) next token, -1 at a window's last position
 
     def to(self, device) -> Batch:
@@ -37,49 +39,85 @@ class Batch:
 TARGETS = ("topk", "samples", "both")
 
 
-def targets_of(row: Row, t: np.ndarray, targets: str) -> tuple[np.ndarray, np.ndarray]:
-    """(n, S) ids and log-probs at positions t of what the loss trains on (-1 / NEG: no slot).
+def _log(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(x)
 
-    topk: the stored top-k. samples: the drawn ids with log(count / N), most drawn first: an
-    unbiased estimate of the whole distribution, summing to 1. both: the top-k exactly, and the
-    mass outside it (1 - sum) shared among the drawn ids outside the top-k by their counts, also
-    unbiased; where every draw fell in the top-k that mass stays unassigned (the residual)."""
-    if targets == "topk":
-        return row.topk_ids[t].astype(np.int64), row.topk_logprobs[t].astype(np.float32)
+
+def _topk(row: Row, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, k) ids, (n, k) log-probs and (n,) log of the mass outside them, summing to exactly 1.
+
+    Format 4 stores the tail exactly (relative error <= tail_step / 2): the rounded top-k are
+    scaled to 1 - tail, so a confident position keeps its tail. Older formats only have the
+    rounded top-k: the tail is 1 - their sum, and a sum above 1 (rounding) is scaled to 1."""
+    lp = row.topk_logprobs[t].astype(np.float64)
+    total = np.logaddexp.reduce(lp, -1) if lp.shape[1] else np.full(len(t), -np.inf)
+    if row.tail_logprob is not None:
+        rest = row.tail_logprob[t].astype(np.float64)
+        lp = lp - total[:, None] + _log(-np.expm1(np.minimum(rest, -1e-12)))[:, None]
+    else:
+        rest = _log(np.clip(-np.expm1(np.minimum(total, 0.0)), 0.0, None))
+        lp = lp - np.maximum(total, 0.0)[:, None]
+    return row.topk_ids[t].astype(np.int64), lp, rest
+
+
+def _draws(row: Row, t: np.ndarray, exclude: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(n, U) drawn ids, most drawn first, and log(count / their total): the draws' estimate of
+    the distribution they were drawn from. `exclude` (n, k): ids whose draws are dropped
+    (format 2's draws that fell inside the top-k, which is stored exactly)."""
     counts = row.sample_counts[t].astype(np.float64)
     sids = row.sample_ids[t].astype(np.int64)
-    if targets == "both":
-        top = row.topk_ids[t].astype(np.int64)
-        counts = np.where((sids[:, :, None] == top[:, None, :]).any(-1), 0.0, counts)
+    if exclude is not None:
+        counts = np.where((sids[:, :, None] == exclude[:, None, :]).any(-1), 0.0, counts)
     order = np.argsort(-counts, -1, kind="stable")
     counts, sids = np.take_along_axis(counts, order, -1), np.take_along_axis(sids, order, -1)
-    total = counts.sum(-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lp = np.log(counts / total)
-    if targets == "both":
-        tlp = row.topk_logprobs[t].astype(np.float64)
-        rest = np.log(np.clip(-np.expm1(np.logaddexp.reduce(tlp, -1, keepdims=True)), 1e-30,
-                              None))
-        sids = np.concatenate([top, sids], -1)
-        lp = np.concatenate([tlp, lp + rest], -1)
+    with np.errstate(invalid="ignore"):
+        return sids, _log(counts / counts.sum(-1, keepdims=True))
+
+
+def targets_of(row: Row, t: np.ndarray, targets: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, S) ids, (n, S) log-probs and (n,) log of the rest at positions t: what the loss trains
+    on (-1 / NEG: no slot). Ids, their mass and the rest sum to 1 at every position.
+
+    topk: the stored top-k and the tail. samples: the drawn ids with log(count / N), most drawn
+    first: an unbiased estimate of the whole distribution, no rest. both: the top-k, and the tail
+    shared among the drawn ids outside the top-k by their counts (unbiased too); where no draw is
+    outside it, the tail stays the rest (the residual)."""
+    if targets == "samples":
+        sids, lp = _draws(row, t)
+        rest = np.full(len(t), -np.inf)
+    else:
+        sids, lp, rest = _topk(row, t)
+        if targets == "both":
+            dids, dlp = _draws(row, t, exclude=sids)
+            drawn = np.isfinite(dlp).any(-1)
+            sids = np.concatenate([sids, dids], -1)
+            lp = np.concatenate([lp, dlp + rest[:, None]], -1)
+            rest = np.where(drawn, -np.inf, rest)
     absent = ~np.isfinite(lp)
-    return np.where(absent, -1, sids), np.where(absent, NEG, lp).astype(np.float32)
+    return (np.where(absent, -1, sids), np.where(absent, NEG, lp).astype(np.float32),
+            np.maximum(rest, NEG).astype(np.float32))
 
 
 def collate(rows: list[Row], student_vocab: int, targets: str = "topk") -> Batch:
     B, L = len(rows), max(len(r.input_ids) for r in rows)
     input_ids = np.zeros((B, L), np.int64)
     attn = np.zeros((B, L), np.int64)
-    pos, ids, lps, labels = [], [], [], []
+    pos, ids, lps, rests, label_lps, labels = [], [], [], [], [], []
     for b, r in enumerate(rows):
         T = len(r.input_ids)
         input_ids[b, :T] = r.input_ids
         attn[b, :T] = 1
         t = np.flatnonzero(r.target_mask)
         pos.append(b * L + t)
-        i, lp = targets_of(r, t, targets)
+        i, lp, rest = targets_of(r, t, targets)
         ids.append(i)
         lps.append(lp)
+        rests.append(rest)
+        label_lps.append(r.label_logprob[t] if r.label_logprob is not None else
+                         np.full(len(t), np.nan, np.float32))
         nxt = np.append(r.input_ids[1:], -1).astype(np.int64)
         labels.append(nxt[t])
     width = max(x.shape[1] for x in ids)  # rows decoded apart can hold fewer distinct draws
@@ -87,15 +125,23 @@ def collate(rows: list[Row], student_vocab: int, targets: str = "topk") -> Batch
                           for x in ids])
     lp = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=NEG)
                          for x in lps])
-    # A teacher id the student cannot produce (teacher's padded vocab) is no target (-1): the
-    # loss leaves the slot out and counts its teacher mass in the tail.
-    ids[ids >= student_vocab] = -1
+    rest = np.concatenate(rests)
+    # A teacher id the student cannot produce (teacher's padded vocab) is no target (-1): its
+    # teacher mass joins the rest, and the slot adds nothing on either side.
+    beyond = ids >= student_vocab
+    if beyond.any():
+        rest = np.logaddexp(rest, _log(np.where(beyond, np.exp(lp), 0.0).sum(-1))
+                            ).astype(np.float32)
+        ids[beyond] = -1
+        lp[beyond] = NEG
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attn),
         pos=torch.from_numpy(np.concatenate(pos).astype(np.int64)),
         ids=torch.from_numpy(ids),
         lp=torch.from_numpy(lp),
+        rest=torch.from_numpy(rest),
+        label_lp=torch.from_numpy(np.concatenate(label_lps).astype(np.float32)),
         labels=torch.from_numpy(np.concatenate(labels)),
     )
 

@@ -30,6 +30,86 @@ SAMPLED_ONLY_FORWARD_KL = ("sampled targets estimate the teacher's whole distrib
                            "temperature) and a residual other than none")
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What a student learns from one dataset: which stored targets, and the loss on them.
+
+    The one set of rules for every front end (`softlabels train`, the `transformers.Trainer`
+    adapter, each dataset of a mixture): `check` refuses what no dataset could serve,
+    `for_dataset` resolves `auto` and the default CE weight for a dataset and refuses what that
+    dataset cannot serve, each in one line naming it."""
+
+    targets: str = "auto"
+    loss: str = "forward_kl"
+    beta: float = 0.5
+    ce_weight: float | None = None
+    temperature: float = 1.0
+    residual: str = "label"
+
+    def problems(self) -> list[str]:
+        errors = []
+        if self.targets not in ("auto", *TARGETS):
+            errors.append(f"--targets {self.targets!r}: choose from auto, {', '.join(TARGETS)}")
+        if self.loss not in LOSSES:
+            errors.append(f"--loss {self.loss!r}: choose from {', '.join(LOSSES)}")
+        if self.ce_weight is not None and not 0.0 <= self.ce_weight <= 1.0:
+            errors.append("--ce-weight must be in [0, 1]")
+        if not 0.0 < self.beta < 1.0:
+            errors.append("--beta must be in (0, 1)")
+        if self.temperature <= 0:
+            errors.append("--temperature must be > 0")
+        elif self.residual != "none" and self.temperature != 1.0 and self.ce_weight != 1.0:
+            errors.append(TAIL_TEMPERATURE)
+        if self.residual not in RESIDUALS:
+            errors.append(f"--residual {self.residual!r}: choose from {', '.join(RESIDUALS)}")
+        return errors
+
+    def for_dataset(self, m, name: str) -> Recipe:
+        """This recipe with `auto` targets and the default CE weight chosen for the dataset whose
+        Manifest is `m` (called `name` in messages), or a one-line UserError."""
+        errors = self.problems()
+        if errors:
+            raise UserError("; ".join(errors))
+        targets = self.targets
+        if targets == "auto":
+            targets = "both" if m.k and m.draws else "samples" if m.draws else "topk"
+        if targets != "topk" and not m.draws:
+            raise UserError(f"--targets {targets}: {name} has no sampled targets (generate "
+                            "it with --samples N)")
+        if targets == "samples" and m.tail_draws:
+            raise UserError(f"--targets samples: the draws of {name} come from outside its "
+                            "top-k, so alone they miss its head: use --targets both (or auto)")
+        if targets != "samples" and not m.k:
+            raise UserError(f"--targets {targets}: {name} has no top-k (generated with "
+                            "--samples only): use --targets samples")
+        if targets == "both" and m.sample_temperature != 1.0:
+            raise UserError(f"--targets both: the draws of {name} are from temperature "
+                            f"{m.sample_temperature:g} and its top-k from temperature 1, so their "
+                            "sum is no distribution of the teacher's: use --targets topk (or "
+                            "regenerate the draws at --sample-temperature 1)")
+        ce = DEFAULT_CE[targets] if self.ce_weight is None else self.ce_weight
+        if targets != "topk" and ce < 1.0 and (self.loss != "forward_kl" or
+                                               self.temperature != 1.0 or
+                                               self.residual == "none"):
+            raise UserError(SAMPLED_ONLY_FORWARD_KL)
+        if (targets == "topk" and self.residual == "label" and self.loss != "forward_kl"
+                and ce < 1.0 and not m.exact):
+            raise UserError(f"{name} (format {m.format_version}): {LABEL_RESIDUAL_LOSS}")
+        return replace(self, targets=targets, ce_weight=ce)
+
+    def describe(self, m) -> str:
+        """What a resolved recipe trains on a dataset with manifest `m`, in words."""
+        what = {"topk": f"top-{m.k}", "samples": f"{m.draws} draws",
+                "both": f"top-{m.k} + {m.draws} draws" + " outside it" * m.tail_draws}
+        rest = {"tail": "the rest as a tail bucket", "none": "renormalised",
+                "label": "the real next token's own mass" if m.exact else
+                "the rest onto the real next token"}
+        exact = "exact tail" if m.exact else "tail from the rounded top-k (format < 4)"
+        return (f"{what[self.targets]} ({exact}), {self.loss}"
+                + (f", {rest[self.residual]}" if self.targets == "topk" else "")
+                + f", CE weight {self.ce_weight:g}")
+
+
 def opt(default, help: str, **argparse_kw):
     """A config field: its default and the help its flag shows."""
     return field(default=default, metadata={"help": help, **argparse_kw})
@@ -90,20 +170,7 @@ class TrainConfig:
     def __post_init__(self):
         errors = [f"--{n.replace('_', '-')} is required" for n in ("student", "data", "output")
                   if not getattr(self, n)]
-        if self.loss not in LOSSES:
-            errors.append(f"--loss {self.loss!r}: choose from {', '.join(LOSSES)}")
-        if self.ce_weight is not None and not 0.0 <= self.ce_weight <= 1.0:
-            errors.append("--ce-weight must be in [0, 1]")
-        if not 0.0 < self.beta < 1.0:
-            errors.append("--beta must be in (0, 1)")
-        if self.temperature <= 0:
-            errors.append("--temperature must be > 0")
-        elif self.residual != "none" and self.temperature != 1.0 and self.ce_weight != 1.0:
-            errors.append(TAIL_TEMPERATURE)
-        if self.residual not in RESIDUALS:
-            errors.append(f"--residual {self.residual!r}: choose from {', '.join(RESIDUALS)}")
-        elif self.residual == "label" and self.loss != "forward_kl" and self.ce_weight != 1.0:
-            errors.append(LABEL_RESIDUAL_LOSS)
+        errors += self.recipe.problems()
         if self.batch_tokens < 1 or self.grad_accum < 1 or self.chunk < 1:
             errors.append("--batch-tokens, --grad-accum and --chunk must be >= 1")
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -117,28 +184,13 @@ class TrainConfig:
         if errors:
             raise UserError("; ".join(errors))
 
-    def for_dataset(self, k: int, draws: int, tail_draws: bool = False) -> TrainConfig:
-        """This config with `auto` targets and the default CE weight chosen for a dataset of
-        top-k `k` and `draws` samples per position (drawn outside the top-k if `tail_draws`),
-        or a one-line UserError."""
-        targets = self.targets
-        if targets == "auto":
-            targets = "both" if k and draws else "samples" if draws else "topk"
-        if targets != "topk" and not draws:
-            raise UserError(f"--targets {targets}: {self.data} has no sampled targets (generate "
-                            "it with --samples N)")
-        if targets == "samples" and tail_draws:
-            raise UserError(f"--targets samples: the draws of {self.data} come from outside its "
-                            "top-k, so alone they miss its head: use --targets both (or auto)")
-        if targets != "samples" and not k:
-            raise UserError(f"--targets {targets}: {self.data} has no top-k (generated with "
-                            "--samples only): use --targets samples")
-        ce = DEFAULT_CE[targets] if self.ce_weight is None else self.ce_weight
-        if targets != "topk" and ce < 1.0 and (self.loss != "forward_kl" or
-                                               self.temperature != 1.0 or
-                                               self.residual == "none"):
-            raise UserError(SAMPLED_ONLY_FORWARD_KL)
-        return replace(self, targets=targets, ce_weight=ce)
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(**{f.name: getattr(self, f.name) for f in fields(Recipe)})
+
+    def with_recipe(self, r: Recipe) -> TrainConfig:
+        """This config with a resolved recipe's values (what train_config.json records)."""
+        return replace(self, **{f.name: getattr(r, f.name) for f in fields(Recipe)})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"

@@ -54,7 +54,7 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
             ids, lp, labels = b.ids[s : s + chunk], b.lp[s : s + chunk], b.labels[s : s + chunk]
             has = labels >= 0
             ce = torch.nn.functional.cross_entropy(logits[has], labels[has], reduction="sum")
-            kl = divergence(teacher_buckets(lp.masked_fill(ids < 0, NEG), 1.0),
+            kl = divergence(teacher_buckets(lp.masked_fill(ids < 0, NEG), b.rest[s : s + chunk]),
                             student_buckets(logits, ids), "forward_kl", 0.5).sum()
             top1 = (logits.argmax(-1) == ids[:, 0]).sum()
             sums += torch.tensor([float(ce), float(has.sum()), float(kl), float(top1), len(ids)],

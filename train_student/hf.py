@@ -3,27 +3,34 @@
     from softlabels.train_student.hf import DistillationTrainer, soft_label_dataset
 
     trainer = DistillationTrainer(model=student, args=TrainingArguments(..., max_steps=500),
-                                  train_dataset=soft_label_dataset("targets/"),
-                                  loss="forward_kl", ce_weight=0.5)
+                                  train_dataset=soft_label_dataset("targets/"))
     trainer.train()
 
 A thin shell over what `softlabels train` uses, never a second implementation: rows come from
-`SoftLabelReader` (the same value and hash checks), batches from `collate`, the loss from
-`kd_ce_sums` (chunked lm_head: no (tokens, vocab) logits for the batch). Under gradient
-accumulation and across processes the loss is normalised by the number of target tokens of the
-whole step (the Trainer's `num_items_in_batch`), not averaged per micro-batch.
+`SoftLabelReader` (the same value and hash checks), the recipe from `Recipe.for_dataset` (the same
+defaults for the dataset and the same one-line refusals), batches from `collate`, the loss from
+`target_sums` (chunked lm_head: no (tokens, vocab) logits for the batch). Under gradient
+accumulation and across processes the KD loss is normalised by the number of target tokens of
+the whole step and the CE loss by the number of CE tokens (positions with a known next token),
+as the CLI does, not averaged per micro-batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 
+from softlabels.data.errors import UserError
 from softlabels.data.format import Row
-from softlabels.train_student.batches import collate
-from softlabels.train_student.losses import LOSSES, TAIL_TEMPERATURE, kd_ce_sums
+from softlabels.train_student.batches import Batch, collate
+from softlabels.train_student.config import Recipe
+from softlabels.train_student.train import target_sums
+
+_MARK = "softlabels"  # key of the dataset's description that names its folder
 
 
 def _rows(path: str, shuffle: bool, seed: int):
@@ -32,10 +39,7 @@ def _rows(path: str, shuffle: bool, seed: int):
     epoch = 0
     while True:  # a stream: the Trainer's max_steps decides when to stop
         for _, r in SoftLabelReader(path, shuffle=shuffle, seed=seed).rows(epoch=epoch):
-            yield {"row_id": r.row_id, "input_ids": r.input_ids, "target_mask": r.target_mask,
-                   "topk_ids": r.topk_ids, "topk_logprobs": r.topk_logprobs,
-                   **({"sample_ids": r.sample_ids, "sample_counts": r.sample_counts}
-                      if r.sample_ids is not None else {})}
+            yield {k: v for k, v in vars(r).items() if v is not None and k != "response"}
         epoch += 1
 
 
@@ -44,13 +48,28 @@ def soft_label_dataset(path, shuffle: bool = True, seed: int = 0):
 
     Rows are decoded and checked by this package's reader, one row group in memory at a time, so
     a dataset of any size streams; it repeats epoch after epoch (set `max_steps`). Examples are
-    numpy arrays: `input_ids` (T,), `target_mask` (T,), `topk_ids`/`topk_logprobs` (T, k), and
-    on a dataset generated with --samples `sample_ids`/`sample_counts` (T, U).
+    numpy arrays: `input_ids` (T,), `target_mask` (T,), `topk_ids`/`topk_logprobs` (T, k),
+    `tail_logprob` and `label_logprob` (T,) (format 4), and on a dataset generated with
+    --samples `sample_ids`/`sample_counts` (T, U). The dataset's description names its folder,
+    so `DistillationTrainer` reads the manifest and trains what `softlabels train` would.
     """
     import datasets
 
-    return datasets.IterableDataset.from_generator(
+    from softlabels.data.manifest import Manifest
+
+    Manifest.load(path)  # not a dataset: one line now, not an error inside the Trainer's loop
+    ds = datasets.IterableDataset.from_generator(
         _rows, gen_kwargs={"path": str(path), "shuffle": shuffle, "seed": seed})
+    ds.info.description = json.dumps({_MARK: str(Path(path).resolve())})
+    return ds
+
+
+def dataset_folder(ds) -> str | None:
+    """The folder `soft_label_dataset` read, or None for another dataset."""
+    try:
+        return json.loads(ds.info.description)[_MARK]
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
 
 
 @dataclass
@@ -58,45 +77,41 @@ class SoftLabelCollator:
     """Examples of `soft_label_dataset` -> the tensors `DistillationTrainer.compute_loss` reads."""
 
     vocab_size: int  # the student's output size: teacher ids beyond it carry no target
-    # or samples / both (batches.targets_of) for datasets with samples; samples alone only where
-    # the draws are from the whole distribution (not Manifest.tail_draws)
-    targets: str = "topk"
+    targets: str = "topk"  # resolved (Recipe.for_dataset): topk, samples or both
 
     def __call__(self, examples: list[dict]) -> dict:
-        b = collate([Row(e["row_id"], e["input_ids"], e["topk_ids"], e["topk_logprobs"],
-                         e["target_mask"], sample_ids=e.get("sample_ids"),
-                         sample_counts=e.get("sample_counts")) for e in examples],
-                    self.vocab_size, self.targets)
-        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "pos": b.pos,
-                "ids": b.ids, "lp": b.lp, "labels": b.labels,
-                # The Trainer counts num_items_in_batch over shift_labels != -100: one per
-                # target position (the next tokens are already aligned to the targets).
-                "shift_labels": b.labels}
+        b = collate([Row(**e) for e in examples], self.vocab_size, self.targets)
+        return vars(b)
 
 
 class DistillationTrainer(Trainer):
-    """A `transformers.Trainer` whose default collator and loss are softlabels'.
+    """A `transformers.Trainer` whose collator and loss are `softlabels train`'s.
 
-    Extra keyword arguments are the CLI's loss options: `loss`, `ce_weight`, `temperature`,
-    `beta`, `residual`, `chunk`.
+    Extra keyword arguments are the CLI's recipe options, with its defaults: `targets` (auto:
+    what the dataset carries), `loss`, `ce_weight` (None: the default for the targets), `beta`,
+    `temperature`, `residual`; and `chunk`. `train_dataset` must come from `soft_label_dataset`:
+    its manifest decides the defaults and what is refused, as for the CLI.
     """
 
-    loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's target tokens
+    loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's token counts
 
-    def __init__(self, *args, loss: str = "forward_kl", ce_weight: float = 0.5,
-                 temperature: float = 1.0, beta: float = 0.5, residual: str = "label",
-                 chunk: int = 1024, **kwargs):
-        if loss not in LOSSES:
-            raise ValueError(f"loss {loss!r}: choose from {', '.join(LOSSES)}")
-        if residual != "none" and temperature != 1.0:
-            raise ValueError(TAIL_TEMPERATURE)
-        self.kd = {"loss": loss, "beta": beta, "temperature": temperature, "residual": residual,
-                   "chunk": chunk}
-        self.ce_weight = ce_weight
+    def __init__(self, *args, targets: str = "auto", loss: str = "forward_kl",
+                 ce_weight: float | None = None, temperature: float = 1.0, beta: float = 0.5,
+                 residual: str = "label", chunk: int = 1024, **kwargs):
+        from softlabels.data.manifest import Manifest
+
+        folder = dataset_folder(kwargs.get("train_dataset"))
+        if folder is None:
+            raise UserError("DistillationTrainer trains on stored soft targets: pass "
+                            "train_dataset=soft_label_dataset(folder)")
+        m = Manifest.load(folder)
+        self.recipe = Recipe(targets, loss, beta, ce_weight, temperature,
+                             residual).for_dataset(m, folder)
+        self.chunk = chunk
         model = kwargs.get("model", args[0] if args else None)
         if kwargs.get("data_collator") is None and model is not None:
             kwargs["data_collator"] = SoftLabelCollator(
-                model.get_output_embeddings().weight.shape[0])
+                model.get_output_embeddings().weight.shape[0], self.recipe.targets)
         targs = kwargs.get("args")
         if targs is not None:
             # the stored columns are not forward() arguments; dropping them would lose the targets
@@ -105,6 +120,16 @@ class DistillationTrainer(Trainer):
             # concatenated and dispatched from one process)
             targs.accelerator_config.dispatch_batches = False
         super().__init__(*args, **kwargs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches and its (KD targets, CE targets) over every process: what
+        the loss is normalised by, as in `softlabels train`."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = torch.tensor([[len(b["ids"]), int((b["labels"] >= 0).sum())] for b in batches],
+                              dtype=torch.long).reshape(-1, 2).sum(0).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts).reshape(-1, 2).sum(0)
+        return batches, counts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inner = self.accelerator.unwrap_model(model)
@@ -121,17 +146,17 @@ class DistillationTrainer(Trainer):
                   use_cache=False)
         finally:
             hook.remove()
-        h = hidden[0].reshape(-1, hidden[0].shape[-1])[inputs["pos"]]  # (N, H)
+        batch = Batch(**{f.name: inputs[f.name] for f in fields(Batch)})
         softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
-        kd, ce, _ = kd_ce_sums(h, inner.get_output_embeddings(), inputs["ids"], inputs["lp"],
-                               inputs["labels"], softcap=softcap, **self.kd)
-        w = self.ce_weight
-        if num_items_in_batch is None:  # nothing counted: a per-micro-batch mean, scaled for GA
-            n = max(len(inputs["ids"]), 1) * self.current_gradient_accumulation_steps
-        else:
-            n = num_items_in_batch
-        loss = ((1 - w) * kd + w * ce) / n
-        if (num_items_in_batch is not None and self.args.average_tokens_across_devices
-                and self.accelerator.num_processes > 1):
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+        kd, ce = target_sums(hidden[0], batch, inner.get_output_embeddings(), self.recipe,
+                             self.chunk, softcap)
+        if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2:
+            kd_n, ce_n = num_items_in_batch.tolist()
+            scale = (self.accelerator.num_processes if self.args.average_tokens_across_devices
+                     and self.accelerator.num_processes > 1 else 1)  # DDP averages gradients
+        else:  # evaluation: this batch alone
+            kd_n, ce_n = len(batch.ids), int((batch.labels >= 0).sum())
+            scale = 1
+        w = self.recipe.ce_weight
+        loss = ((1 - w) * kd / max(kd_n, 1) + w * ce / max(ce_n, 1)) * scale
         return (loss, {"loss": loss.detach()}) if return_outputs else loss

@@ -1,26 +1,32 @@
 """Distillation losses on sparse teacher targets, computed a chunk of positions at a time.
 
-The targets are (ids, log-probs) per position: the stored top-k, or the draws of a dataset
-generated with --samples turned into log(count / N) (batches.targets_of). Draws sum to 1, so their
-residual is ~0 and forward KL against the student's full softmax is the Sparse Logit Sampling
-estimator: unbiased for full KD's gradient.
+The targets are, per position, ids with their teacher log-probs and the log of the teacher's mass
+on no id of them (`rest`), summing to 1 (batches.targets_of): the stored top-k and its tail, or
+the draws of a dataset generated with --samples turned into log(count / N) (no rest: forward KL
+against the student's full softmax is then the Sparse Logit Sampling estimator, unbiased for full
+KD's gradient), or both. Format 4 stores the tail and the label's log-prob exactly; older formats
+give the tail as 1 - sum(rounded top-k), which rounding loses at confident positions.
 
-The stored top-k leave the teacher's other mass (1 - sum p) unsaid; `residual` says where it goes:
-- "tail" (default): a (k+1)-th bucket for all other tokens on both sides (student: 1 - sum q over
-  the same ids). Tails are computed in log space, log(-expm1(logsumexp(.))): `1 - sum` in fp32
-  loses them.
-- "label": onto the real next token (Sparse Logit Sampling's ground-truth residual, Anshumann et
-  al. 2025), giving a full target distribution on top-k + label for the student's full softmax;
-  forward KL only. Positions with no known next token keep the tail bucket.
-- "none": the top-k renormalised on both sides, which biases the student toward the head.
+Buckets: both sides become (N, S + 2) log-probs over [the S ids, the label, the rest], a bucket
+absent on both sides holding NEG (exp() is 0 there, so it adds nothing to any divergence). Where
+the rest goes is `residual`:
+- "tail": a bucket for all other tokens on both sides (student: 1 - sum q over the same ids).
+  Tails are computed in log space, log(-expm1(logsumexp(.))): `1 - sum` in fp32 loses them.
+- "label": the real next token gets its own bucket. Where the dataset stores the label's
+  log-prob (format 4) this is exact: the label outside the ids gets its own mass, the rest of the
+  rest stays a tail bucket, and every loss applies. Where it does not (older formats) the whole
+  rest goes onto the label (Sparse Logit Sampling's ground-truth residual, Anshumann et al.
+  2025), a full target for the student's full softmax: forward KL only. Positions with no known
+  next token keep the tail bucket.
+- "none": the ids renormalised on both sides, which biases the student toward the head.
 A teacher id of -1 marks a slot with no target (an id the student's vocabulary cannot produce):
-its teacher mass joins the residual, and the slot adds nothing on either side.
+its teacher mass is in the rest, and the slot adds nothing on either side.
 
-Temperature: stored values are teacher log-probs at T=1. On the top-k support softmax(lp / T) is
-exact, so T != 1 works with residual "none". With a residual it is refused: the teacher's
-residual mass at T != 1 depends on the tokens the dataset does not store (spreading it evenly was
-off by 10-500 % on a Zipf distribution). Losses are multiplied by T**2 (Hinton et al.) so
-gradient scale does not depend on T.
+Temperature: stored values are teacher log-probs at T=1. On the stored ids softmax(lp / T) is
+exact, so T != 1 works with residual "none". With a residual it is refused: the teacher's rest
+at T != 1 depends on the tokens the dataset does not store (spreading it evenly was off by
+10-500 % on a Zipf distribution). Losses are multiplied by T**2 (Hinton et al.) so gradient
+scale does not depend on T.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ NEG = -1e4  # log-prob of an absent bucket: exp() is 0, and 0 * NEG stays finite
 
 def log_tail(logp: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
     """log(1 - sum(exp(logp))) over the last dim, stable; (N, k) -> (N, 1). The mass is kept
-    above about `floor` (quantisation can make the sum reach 1, and log(0) has no gradient)."""
+    above about `floor` (log(0) has no gradient)."""
     lse = torch.logsumexp(logp, -1, keepdim=True).clamp(max=-floor)
     return torch.log(-torch.expm1(lse)).clamp(min=NEG)
 
@@ -47,43 +53,66 @@ TAIL_TEMPERATURE = ("a temperature other than 1 with a residual (tail or label) 
                     "the teacher's mass outside the top-k at T != 1 depends on tokens the "
                     "dataset does not store; use --residual none (softmax(top-k / T), exact on "
                     "the stored ids) or --temperature 1")
-LABEL_RESIDUAL_LOSS = ("--residual label makes a target distribution for the student's full "
-                       "softmax: use it with --loss forward_kl")
+LABEL_RESIDUAL_LOSS = ("--residual label without the label's log-prob (datasets before format "
+                       "4) puts the teacher's whole rest on the real next token, a target for "
+                       "the student's full softmax: use it with --loss forward_kl")
 
 
-def teacher_buckets(lp: torch.Tensor, temperature: float, residual: str = "tail",
-                    ids: torch.Tensor | None = None, labels: torch.Tensor | None = None
+def _label_slots(ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S) the label's slot among the ids, (N, 1) whether the label has a bucket of its own
+    (known, and not among the ids)."""
+    at = (ids == labels[:, None]) & (labels >= 0)[:, None]
+    return at, ((labels >= 0)[:, None] & ~at.any(-1, keepdim=True))
+
+
+def teacher_buckets(lp: torch.Tensor, rest: torch.Tensor, temperature: float = 1.0,
+                    residual: str = "tail", ids: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None, label_lp: torch.Tensor | None = None
                     ) -> torch.Tensor:
-    """(N, k) teacher log-probs at T=1 -> (N, k[+1]) bucket log-probs at `temperature`
-    (`ids` and `labels` are needed for residual "label")."""
+    """(N, S) teacher log-probs at T=1 and (N,) log of the rest -> (N, S + 2) bucket log-probs
+    [ids, label, rest] (or (N, S) at `temperature` for residual "none"). `ids`, `labels` and
+    `label_lp` ((N,), NaN where not stored) are needed for residual "label"."""
     if residual == "none":
         return torch.log_softmax(lp / temperature, -1)
     if temperature != 1.0:
         raise ValueError(TAIL_TEMPERATURE)
-    lt = log_tail(lp, 1e-9)  # data, no gradient: sampled targets sum to 1 and leave ~0 here
+    rest = rest[:, None]
+    absent = torch.full_like(rest, NEG)
     if residual == "tail":
-        return torch.cat([lp, lt], -1)
-    at = (ids == labels[:, None]) & (labels >= 0)[:, None]  # the label's top-k slot, if any
-    lp = torch.where(at, torch.logaddexp(lp, lt), lp)  # the residual joins it there
-    extra = torch.where(at.any(-1, keepdim=True), torch.full_like(lt, NEG), lt)
-    return torch.cat([lp, extra], -1)  # extra: the label outside the top-k, or the tail
+        return torch.cat([lp, absent, rest], -1)
+    at, own = _label_slots(ids, labels)
+    exact = torch.isfinite(label_lp)[:, None]
+    # format 4: the label's own mass (at most the rest: rounding), the remainder a tail bucket
+    mine = torch.minimum(label_lp[:, None].nan_to_num(NEG), rest)
+    left = (rest + torch.log1p(-torch.exp(mine - rest).clamp(max=1 - 1e-7))).clamp(min=NEG)
+    # older formats: the whole rest onto the label, in its slot or its own bucket
+    ground = torch.where(at & ~exact, torch.logaddexp(lp, rest), lp)
+    extra = torch.where(own, torch.where(exact, mine, rest), absent)
+    tail = torch.where(own & exact, left, torch.where(exact | (labels < 0)[:, None], rest,
+                                                      absent))
+    return torch.cat([ground, extra, tail], -1)
 
 
 def student_buckets(logits: torch.Tensor, ids: torch.Tensor, residual: str = "tail",
-                    labels: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, V) student logits (already / T) and (N, k) ids (-1: no target) -> (N, k[+1]) bucket
-    log-probs, matching teacher_buckets."""
+                    labels: torch.Tensor | None = None, label_lp: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """(N, V) student logits (already / T) and (N, S) ids (-1: no target) -> bucket log-probs,
+    matching teacher_buckets."""
     absent = ids < 0
     at_ids = logits.gather(-1, ids.clamp(min=0))
     if residual == "none":
         return torch.log_softmax(at_ids.masked_fill(absent, NEG), -1)
     lse = torch.logsumexp(logits, -1, keepdim=True)
     lq = (at_ids - lse).masked_fill(absent, NEG)
-    lt = log_tail(lq)
+    none = torch.full_like(lse, NEG)
     if residual == "tail":
-        return torch.cat([lq, lt], -1)
-    at_label = logits.gather(-1, labels.clamp(min=0)[:, None]) - lse
-    return torch.cat([lq, torch.where((labels >= 0)[:, None], at_label, lt)], -1)
+        return torch.cat([lq, none, log_tail(lq)], -1)
+    _, own = _label_slots(ids, labels)
+    extra = torch.where(own, logits.gather(-1, labels.clamp(min=0)[:, None]) - lse, none)
+    # the rest's bucket: there with the label's log-prob stored, or with no label (tail)
+    has_tail = torch.isfinite(label_lp)[:, None] | (labels < 0)[:, None]
+    return torch.cat([lq, extra, torch.where(has_tail, log_tail(torch.cat([lq, extra], -1)),
+                                             none)], -1)
 
 
 def head_logits(h: torch.Tensor, weight: torch.Tensor, bias, softcap: float | None) -> torch.Tensor:
@@ -111,13 +140,14 @@ def divergence(lp: torch.Tensor, lq: torch.Tensor, loss: str, beta: float) -> to
     raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
 
 
-def _chunk_sums(h, weight, bias, ids, lp, labels, has_label, loss, beta, temperature, residual,
-                softcap):
+def _chunk_sums(h, weight, bias, ids, lp, rest, label_lp, labels, has_label, loss, beta,
+                temperature, residual, softcap):
     """KD and CE sums for one chunk of positions; only (chunk, V) logits ever exist."""
     logits = head_logits(h, weight, bias, softcap)
     kd = divergence(
-        teacher_buckets(lp.masked_fill(ids < 0, NEG), temperature, residual, ids, labels),
-        student_buckets(logits / temperature, ids, residual, labels),
+        teacher_buckets(lp.masked_fill(ids < 0, NEG), rest, temperature, residual, ids, labels,
+                        label_lp),
+        student_buckets(logits / temperature, ids, residual, labels, label_lp),
         loss,
         beta,
     ).sum() * temperature**2
@@ -128,8 +158,10 @@ def _chunk_sums(h, weight, bias, ids, lp, labels, has_label, loss, beta, tempera
 def kd_ce_sums(
     hidden: torch.Tensor,  # (N, H) student hidden states at target positions
     lm_head: torch.nn.Linear,
-    ids: torch.Tensor,  # (N, k) teacher top-k ids, -1 where the slot has no target
-    lp: torch.Tensor,  # (N, k) teacher log-probs, T=1
+    ids: torch.Tensor,  # (N, S) teacher target ids, -1 where the slot has no target
+    lp: torch.Tensor,  # (N, S) teacher log-probs, T=1
+    rest: torch.Tensor,  # (N,) log of the teacher's mass on no id of `ids`
+    label_lp: torch.Tensor,  # (N,) teacher log-prob of the label; NaN: not stored
     labels: torch.Tensor,  # (N,) next token, or -1 where unknown
     loss: str = "forward_kl",
     beta: float = 0.5,
@@ -137,26 +169,28 @@ def kd_ce_sums(
     residual: str = "tail",
     chunk: int = 1024,
     softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Summed KD loss, summed CE loss, and the number of CE tokens, over N positions.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KD loss and summed CE loss (over the positions with a label) of N positions.
 
     Chunked over positions, and each chunk recomputed in the backward pass (checkpoint), so
     peak memory holds one (chunk, V) logits block instead of (N, V) logits and log-probs.
     """
     if residual not in RESIDUALS:
         raise ValueError(f"residual {residual!r}: choose from {', '.join(RESIDUALS)}")
-    if residual == "label" and loss != "forward_kl":
+    if residual == "label" and loss != "forward_kl" and bool(
+            (torch.isnan(label_lp) & (labels >= 0)).any()):
         raise ValueError(LABEL_RESIDUAL_LOSS)
     kd = hidden.new_zeros((), dtype=torch.float32)
     ce = hidden.new_zeros((), dtype=torch.float32)
     has_label = (labels >= 0).float()
     for s in range(0, hidden.shape[0], chunk):
         e = s + chunk
-        args = (hidden[s:e], lm_head.weight, lm_head.bias, ids[s:e], lp[s:e], labels[s:e],
-                has_label[s:e], loss, beta, temperature, residual, softcap)
+        args = (hidden[s:e], lm_head.weight, lm_head.bias, ids[s:e], lp[s:e], rest[s:e],
+                label_lp[s:e], labels[s:e], has_label[s:e], loss, beta, temperature, residual,
+                softcap)
         if torch.is_grad_enabled():
             k, c = checkpoint(_chunk_sums, *args, use_reentrant=False)
         else:
             k, c = _chunk_sums(*args)
         kd, ce = kd + k, ce + c
-    return kd, ce, int(has_label.sum())
+    return kd, ce

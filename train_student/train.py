@@ -22,9 +22,26 @@ from softlabels.data.atomic import fsync_dir, write_text
 from softlabels.data.errors import UserError
 from softlabels.data.reader import SoftLabelReader
 from softlabels.train_student.batches import Batch, EpochPlan, collate, prefetch
-from softlabels.train_student.config import TrainConfig
-from softlabels.train_student.losses import kd_ce_sums
+from softlabels.train_student.config import Recipe, TrainConfig
+from softlabels.train_student.losses import head_logits, kd_ce_sums
 from softlabels.train_student.student import add_lora, load_student
+
+
+def target_sums(h: torch.Tensor, batch: Batch, head, recipe: Recipe, chunk: int,
+                softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, H) student hidden states -> summed KD and CE losses at the batch's target positions.
+
+    A micro-batch without a target (rows of context only, in datasets from before generate
+    skipped them) gives a zero loss that still runs through the decoder and the head, so backward
+    and DDP's all-reduce happen on every process as on any other step."""
+    h = h.reshape(-1, h.shape[-1])  # (B*L, H)
+    if batch.pos.numel() == 0:
+        zero = head_logits(h[:1], head.weight, head.bias, softcap).sum() * 0.0
+        return zero, zero
+    r = recipe
+    return kd_ce_sums(h[batch.pos], head, batch.ids, batch.lp, batch.rest, batch.label_lp,
+                      batch.labels, loss=r.loss, beta=r.beta, temperature=r.temperature,
+                      residual=r.residual, chunk=chunk, softcap=softcap)
 
 
 class Distiller(torch.nn.Module):
@@ -46,14 +63,8 @@ class Distiller(torch.nn.Module):
         h = self.model.get_decoder()(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        h = h.reshape(-1, h.shape[-1])[batch.pos]  # (N, H) at target positions
-        c = self.cfg
-        kd, ce, _ = kd_ce_sums(
-            h, self.model.get_output_embeddings(), batch.ids, batch.lp, batch.labels,
-            loss=c.loss, beta=c.beta, temperature=c.temperature, residual=c.residual,
-            chunk=c.chunk, softcap=self.softcap,
-        )
-        return kd, ce
+        return target_sums(h, batch, self.model.get_output_embeddings(), self.cfg.recipe,
+                           self.cfg.chunk, self.softcap)
 
 
 @dataclass
@@ -170,8 +181,9 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     n_proc = accelerator.num_processes
     reader = SoftLabelReader(cfg.data, shuffle=True, seed=cfg.seed)
-    m = reader.manifest
-    cfg = cfg.for_dataset(m.k, m.draws, m.tail_draws)
+    recipe = cfg.recipe.for_dataset(reader.manifest, cfg.data)
+    cfg = cfg.with_recipe(recipe)
+    accelerator.print(f"training on {recipe.describe(reader.manifest)}")
     model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code)
     vocab = model.get_output_embeddings().weight.shape[0]
     if cfg.gradient_checkpointing:
@@ -212,6 +224,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=total, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
     t_last, tok_last = time.perf_counter(), 0
+    t_step = t_last  # when the step now running began to wait for its batch
     distiller.train()
     try:
         while progress.step < total:  # one pass = (the rest of) one epoch
@@ -226,6 +239,7 @@ def train(cfg: TrainConfig) -> dict:
                     _step(accelerator, distiller, optimizer, cfg, total, plan, group, mine,
                           progress)
                     now = time.perf_counter()
+                    progress.history[-1]["step_s"] = now - t_step  # waiting for data included
                     if now - t_last > 1.0 or progress.step == total:
                         rate = (progress.tokens - tok_last) / (now - t_last)
                         bar.set_postfix(loss=f"{progress.history[-1]['loss']:.4f}",
@@ -236,6 +250,7 @@ def train(cfg: TrainConfig) -> dict:
                         _eval(accelerator, distiller, cfg, progress)
                     if cfg.save_every and progress.step % cfg.save_every == 0:
                         save_checkpoint(accelerator, out, progress)
+                    t_step = time.perf_counter()
                 else:
                     progress.epoch, progress.row = progress.epoch + 1, 0  # data ran out: next
     finally:
@@ -259,7 +274,7 @@ def train(cfg: TrainConfig) -> dict:
         final.save_pretrained(out)
         tokenizer.save_pretrained(out)
         result = {"steps": progress.step, "tokens": progress.tokens,
-                  "final_loss": progress.history[-1]["loss"], **sizes,
+                  "final_loss": progress.history[-1]["loss"], **sizes, **peak_memory(accelerator),
                   "rows_decoded_per_process": decoded.tolist(),
                   "history": progress.history, "evals": progress.evals}
         write_text(out / "train_log.json", json.dumps(result) + "\n")
@@ -269,6 +284,17 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.end_training()
     return {"steps": progress.step, "tokens": progress.tokens,
             "final_loss": progress.history[-1]["loss"] if progress.history else None}
+
+
+def peak_memory(accelerator) -> dict:
+    """This process's peak memory: allocated on the GPU, or its resident set on a CPU."""
+    if accelerator.device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(accelerator.device),
+                "peak_memory_of": "cuda allocated"}
+    import resource
+
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_of": "process RSS"}
 
 
 def _step(accelerator, distiller, optimizer, cfg, total, plan, group, mine, progress) -> None:
