@@ -35,7 +35,7 @@ def one_mode(mode: str, data: str, student: str, steps: int, batch_tokens: int) 
 
     from softlabels.data.reader import SoftLabelReader
     from softlabels.train_student.batches import chunks, collate
-    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.config import Recipe
     from softlabels.train_student.student import add_lora, load_student
     from softlabels.train_student.train import Distiller
 
@@ -48,8 +48,7 @@ def one_mode(mode: str, data: str, student: str, steps: int, batch_tokens: int) 
         add_lora(model, 16, 32.0, ("all-linear",))
     model.train()
     # the loss these numbers were measured with (the defaults have changed since)
-    distiller = Distiller(model, TrainConfig(student=student, data=data, output="-",
-                                             residual="tail", ce_weight=0.0))
+    distiller = Distiller(model, [Recipe(residual="tail", ce_weight=0.0, targets="topk")])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     stream = chunks(SoftLabelReader(data, shuffle=True, seed=0).rows(), batch_tokens)
@@ -63,7 +62,7 @@ def one_mode(mode: str, data: str, student: str, steps: int, batch_tokens: int) 
             loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                          labels=labels).loss
         else:
-            kd, _ = distiller(b)
+            kd = distiller(b)[0].sum()
             loss = kd / len(b.ids)
         loss.backward()
         opt.step()

@@ -166,8 +166,11 @@ class SoftLabelReader:
 
     def read(self, epoch: int, positions: np.ndarray) -> list[Row]:
         """The rows at these global positions of the epoch, in that order, checked and decoded."""
-        idx = self.index(epoch).take(np.asarray(positions, np.int64))
-        rows: list[Row | None] = [None] * len(positions)
+        return self.read_index(self.index(epoch).take(np.asarray(positions, np.int64)))
+
+    def read_index(self, idx: RowIndex) -> list[Row]:
+        """The rows an index names (shard, group, row and their counts), in its order."""
+        rows: list[Row | None] = [None] * len(idx.shard)
         keys = list(dict.fromkeys(zip(idx.shard.tolist(), idx.group.tolist())))
         for si, g in keys:
             at = np.flatnonzero((idx.shard == si) & (idx.group == g))
@@ -192,7 +195,7 @@ class SoftLabelReader:
                     "regenerate or re-download it") from e
             for i, row in zip(at.tolist(), decoded):
                 rows[i] = row
-        self.decoded += len(positions)
+        self.decoded += len(rows)
         return rows
 
     def rows(self, epoch: int = 0, start: int = 0, block: int = 256

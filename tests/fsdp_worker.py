@@ -22,14 +22,14 @@ def main(data: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model, cfg = build(data)
-    distiller = Distiller(model, cfg)
+    distiller = Distiller(model, [cfg.recipe()], cfg.chunk)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(distiller)
     chunks = micro_batches(data, world)
     kd_n = sum(int(r.target_mask.sum()) for c in chunks for r in c)
     kd, _ = distiller(collate(chunks[rank], model.config.vocab_size))
-    (kd / kd_n * world).backward()  # FSDP averages gradients over ranks, as DDP does
+    (kd.sum() / kd_n * world).backward()  # FSDP averages gradients over ranks, as DDP does
     grads = {n: p.grad.full_tensor() for n, p in distiller.named_parameters()}
     with torch.no_grad(), unsharded(distiller):
         metrics = evaluate(model, data, 1024, chunk=cfg.chunk)

@@ -148,3 +148,51 @@ def assert_same_targets(want_ids, want_lp, got_ids, got_lp, tol):
         got = dict(zip(got_ids[t].tolist(), got_lp[t].tolist()))
         assert want.keys() == got.keys(), f"position {t}: ids differ"
         assert max(abs(want[i] - got[i]) for i in want) <= tol, f"position {t}: values differ"
+
+
+def synthetic_rows(n: int, vocab: int, k: int, seed: int, lengths=(8, 40), draws: int = 0,
+                   prefix: str = "") -> list:
+    """n rows of random lengths with random (valid) targets: a top-k with its exact tail and the
+    label's log-prob from one random distribution per position, or `draws` draws from it."""
+    from softlabels.data.format import Row
+    from softlabels.generate.head import unique_counts
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        T = int(rng.integers(*lengths))
+        lp = torch.log_softmax(torch.from_numpy(rng.normal(0, 3, (T, vocab))), -1)
+        v, top = lp.topk(k, -1) if k else (torch.zeros(T, 0), torch.zeros(T, 0, dtype=torch.long))
+        ids = rng.integers(0, vocab, T).astype(np.int32)
+        label = np.full(T, np.nan, np.float32)
+        label[:-1] = lp[:-1].gather(-1, torch.from_numpy(ids[1:, None]).long())[:, 0].numpy()
+        row = Row(f"{prefix}{i}:0", ids, top.numpy().astype(np.int32), v.float().numpy(),
+                  np.ones(T, bool), label_logprob=label,
+                  tail_logprob=torch.logsumexp(lp.scatter(-1, top, -torch.inf), -1).float()
+                  .numpy() if k else None)
+        if draws:
+            drawn = torch.multinomial(lp.exp(), draws, replacement=True,
+                                      generator=torch.Generator().manual_seed(seed + i)).numpy()
+            row.sample_ids, row.sample_counts = unique_counts(drawn)
+        rows.append(row)
+    return rows
+
+
+def write_dataset(path, rows, k: int, vocab: int, draws: int = 0, tokenizer=None, shards=1):
+    """A published dataset of these rows (with the tokenizer folder of `tokenizer`, a path)."""
+    import shutil
+
+    from softlabels.data.card import publish
+    from softlabels.data.format import DEFAULT_LOGPROB_STEP
+    from softlabels.data.manifest import Manifest
+    from softlabels.data.show import TOKENIZER_DIR
+    from softlabels.data.writer import write_shard
+
+    path.mkdir(parents=True, exist_ok=True)
+    infos = [write_shard(path / f"shard-{s}.parquet", rows[s::shards], k, draws=draws,
+                         row_group_tokens=300) for s in range(shards)]
+    publish(path, Manifest(k=k, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab,
+                           draws=draws, shards=infos))
+    if tokenizer is not None:
+        shutil.copytree(tokenizer, path / TOKENIZER_DIR)
+    return path

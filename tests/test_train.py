@@ -362,7 +362,7 @@ def test_loss_goes_down_and_outputs_are_written(tmp_path, dataset):
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     p = softlabels("eval", "--model", out, "--data", dataset, "--json")
     m = json.loads(p.stdout)
-    assert set(m) == {"ce", "ppl", "kl", "top1_agreement", "tokens"}
+    assert set(m) == {"data", "ce", "ppl", "kl", "top1_agreement", "tokens", "ce_tokens"}
     assert m["tokens"] == sum(32 - (i % 3) for i in range(24))
     assert math.isclose(m["ppl"], math.exp(m["ce"]), rel_tol=1e-6)
     assert m["kl"] == pytest.approx(log(out)["evals"][-1]["kl"], rel=1e-5)
@@ -765,11 +765,11 @@ def test_trainer_and_cli_train_the_same_recipe_and_loss(tmp_path, dataset):
                                             use_cpu=True, max_steps=1),
         train_dataset=soft_label_dataset(dataset))
     train_cfg = TrainConfig(student="s", data=str(dataset), output="o")
-    want = train_cfg.recipe.for_dataset(Manifest.load(dataset), str(dataset))
-    assert trainer.recipe == want and want.ce_weight == 0.5  # the top-k default: label + 0.5 CE
+    want = train_cfg.recipe().for_dataset(Manifest.load(dataset), str(dataset))
+    assert trainer.recipes == [want] and want.ce_weight == 0.5  # the top-k default: label + 0.5 CE
     rows = list(SoftLabelReader(dataset))[:5]  # masks cut 0-2 positions: KD and CE counts differ
     vocab = model.get_output_embeddings().weight.shape[0]
-    kd, ce = Distiller(model, train_cfg.with_recipe(want))(collate(rows, vocab, want.targets))
+    kd, ce = (x.sum() for x in Distiller(model, [want])(collate(rows, vocab, want.targets)))
     kd_n = sum(int(r.target_mask.sum()) for r in rows)
     ce_n = sum(int(r.target_mask[:-1].sum()) for r in rows)
     assert kd_n != ce_n
@@ -843,10 +843,10 @@ def test_distiller_under_fsdp_equals_unsharded(tmp_path, dataset):
                    check=True, cwd=REPO, env=dask_env(), capture_output=True, timeout=600)
     got = torch.load(out, weights_only=False)  # written by the test itself
     model, cfg = build(str(dataset))
-    distiller = Distiller(model, cfg)
+    distiller = Distiller(model, [cfg.recipe()], cfg.chunk)
     chunks = micro_batches(str(dataset), 2)
     kd_n = sum(int(r.target_mask.sum()) for c in chunks for r in c)
-    loss = sum(distiller(collate(c, model.config.vocab_size))[0] for c in chunks) / kd_n
+    loss = sum(distiller(collate(c, model.config.vocab_size))[0].sum() for c in chunks) / kd_n
     loss.backward()
     for n, p in distiller.named_parameters():
         torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)

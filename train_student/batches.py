@@ -31,6 +31,7 @@ class Batch:
     rest: torch.Tensor  # (N,) log of the teacher's mass on no id of `ids` (NEG: none)
     label_lp: torch.Tensor  # (N,) teacher log-prob of the label; NaN: not stored
     labels: torch.Tensor  # (N,) next token, -1 at a window's last position
+    source: torch.Tensor  # (N,) the dataset of each position (its index in a mixture)
 
     def to(self, device) -> Batch:
         return Batch(**{k: v.to(device) for k, v in vars(self).items()})
@@ -101,18 +102,24 @@ def targets_of(row: Row, t: np.ndarray, targets: str
             np.maximum(rest, NEG).astype(np.float32))
 
 
-def collate(rows: list[Row], student_vocab: int, targets: str = "topk") -> Batch:
+def collate(rows: list[Row], student_vocab: int, targets: str | list[str] = "topk",
+            sources: np.ndarray | None = None) -> Batch:
+    """Rows -> a Batch; `sources` (B,) names each row's dataset, whose targets kind is
+    `targets[source]` (one kind for all when `targets` is a string)."""
     B, L = len(rows), max(len(r.input_ids) for r in rows)
+    sources = np.zeros(B, np.int64) if sources is None else np.asarray(sources, np.int64)
+    kinds = [targets] if isinstance(targets, str) else list(targets)
     input_ids = np.zeros((B, L), np.int64)
     attn = np.zeros((B, L), np.int64)
-    pos, ids, lps, rests, label_lps, labels = [], [], [], [], [], []
+    pos, ids, lps, rests, label_lps, labels, src = [], [], [], [], [], [], []
     for b, r in enumerate(rows):
         T = len(r.input_ids)
         input_ids[b, :T] = r.input_ids
         attn[b, :T] = 1
         t = np.flatnonzero(r.target_mask)
         pos.append(b * L + t)
-        i, lp, rest = targets_of(r, t, targets)
+        src.append(np.full(len(t), sources[b]))
+        i, lp, rest = targets_of(r, t, kinds[sources[b] if len(kinds) > 1 else 0])
         ids.append(i)
         lps.append(lp)
         rests.append(rest)
@@ -143,6 +150,7 @@ def collate(rows: list[Row], student_vocab: int, targets: str = "topk") -> Batch
         rest=torch.from_numpy(rest),
         label_lp=torch.from_numpy(np.concatenate(label_lps).astype(np.float32)),
         labels=torch.from_numpy(np.concatenate(labels)),
+        source=torch.from_numpy(np.concatenate(src).astype(np.int64)),
     )
 
 
@@ -184,10 +192,12 @@ class EpochPlan:
     index: RowIndex
     bounds: np.ndarray  # chunk boundaries in the epoch's row order
     num_processes: int
+    source: np.ndarray | None = None  # (R,) each row's dataset in a mixture
 
     @classmethod
-    def make(cls, index: RowIndex, batch_tokens: int, num_processes: int) -> EpochPlan:
-        return cls(index, cut(index.tokens, batch_tokens), num_processes)
+    def make(cls, index: RowIndex, batch_tokens: int, num_processes: int,
+             source: np.ndarray | None = None) -> EpochPlan:
+        return cls(index, cut(index.tokens, batch_tokens), num_processes, source)
 
     @property
     def micro_batches(self) -> int:
@@ -205,6 +215,13 @@ class EpochPlan:
         """(KD target tokens, CE tokens) of micro-batch m over all processes."""
         a, b = self.start(m), self.end(m)
         return int(self.index.targets[a:b].sum()), int(self.index.ce_targets[a:b].sum())
+
+    def by_source(self, m: int, n: int) -> np.ndarray:
+        """(2, n) KD target tokens and rows of each of n datasets in micro-batch m."""
+        a, b = self.start(m), self.end(m)
+        src = np.zeros(b - a, np.int64) if self.source is None else self.source[a:b]
+        return np.stack([np.bincount(src, self.index.targets[a:b], n),
+                         np.bincount(src, minlength=n)]).astype(np.int64)
 
     def start(self, m: int) -> int:
         return int(self.bounds[m * self.num_processes])

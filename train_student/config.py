@@ -24,6 +24,7 @@ from softlabels.train_student.losses import (
 
 # The default CE mix per kind of targets: the best measured (BENCHMARKS.md, "Stored targets").
 DEFAULT_CE = {"topk": 0.5, "samples": 0.0, "both": 0.0}
+_DEFAULT_CE_TEXT = ", ".join(f"{k} {v}" for k, v in DEFAULT_CE.items())
 SAMPLED_ONLY_FORWARD_KL = ("sampled targets estimate the teacher's whole distribution for the "
                            "student's full softmax: train them with --loss forward_kl, "
                            "--temperature 1 (they were drawn at the dataset's sample "
@@ -119,18 +120,26 @@ def opt(default, help: str, **argparse_kw):
 class TrainConfig:
     student: str = opt(None, "HF causal-LM folder to fine-tune, or a JSON/YAML model config "
                              "(fresh student)")
-    data: str = opt(None, "soft-label dataset folder")
+    data: tuple[str, ...] = opt((), "soft-label dataset folder, or several: each step's target "
+                                    "tokens come from them in the proportions --data-weights "
+                                    "gives")
+    data_weights: tuple[float, ...] = opt((), "share of each --data in every step's target "
+                                              "tokens, in order (normalised); default: "
+                                              "proportional to their target tokens")
     output: str = opt(None, "where the trained student goes")
     loss: str = opt("forward_kl", "divergence on the teacher's top-k + tail", choices=LOSSES)
     beta: float = opt(0.5, "JSD's mixing weight / skew KL's alpha")
-    targets: str = opt("auto", "stored targets to train on: topk, samples (the draws, an "
-                               "unbiased estimate of the full distribution), both (the top-k "
-                               "exactly, the mass outside it shared among the draws outside it); "
-                               "auto: what the dataset carries, both if both",
-                       choices=("auto", *TARGETS))
-    ce_weight: float | None = opt(None, "loss = (1 - w) KD + w CE on the hard next tokens (1 = "
-                                        "CE only); default: the best measured for the targets "
-                                        f"({', '.join(f'{k} {v}' for k, v in DEFAULT_CE.items())})")
+    targets: tuple[str, ...] = opt(("auto",), "stored targets to train on, for every --data "
+                                              "or one per --data: topk, samples (the draws, an "
+                                              "unbiased estimate of the full distribution), both "
+                                              "(the top-k exactly, the mass outside it shared "
+                                              "among the draws outside it); auto: what the "
+                                              "dataset carries, both if both",
+                                   choices=("auto", *TARGETS))
+    ce_weight: tuple[float, ...] = opt((), "loss = (1 - w) KD + w CE on the hard next tokens (1 "
+                                           "= CE only), for every --data or one per --data; "
+                                           "default: the best measured for the targets "
+                                           f"({_DEFAULT_CE_TEXT})")
     temperature: float = opt(1.0, "softmax temperature of both sides")
     # The defaults (label residual, ce_weight 0.5) are the best stored-top-k recipe measured
     # (BENCHMARKS.md, "Where the mass outside the top-k goes"): better than CE-only on the mean of
@@ -156,7 +165,8 @@ class TrainConfig:
                                                          "layer but the output head)")
     save_adapter: bool = opt(False, "with LoRA, also keep the adapter in OUTPUT/adapter "
                                     "(the model saved is always merged)")
-    eval_data: str | None = opt(None, "held-out soft-label dataset")
+    eval_data: tuple[str, ...] = opt((), "held-out soft-label dataset(s), each evaluated "
+                                         "apart (and their token-weighted mean)")
     eval_every: int = opt(0, "steps between evaluations")
     save_every: int = opt(0, "steps between checkpoints")
     resume: bool = opt(False, "continue from the latest checkpoint in OUTPUT")
@@ -168,9 +178,21 @@ class TrainConfig:
     trust_remote_code: bool = opt(False, "let the student folder run its own Python (auto_map)")
 
     def __post_init__(self):
+        for name in ("data", "data_weights", "targets", "ce_weight", "eval_data"):  # a scalar is
+            v = getattr(self, name)                                        # one value for all
+            if v is not None and not isinstance(v, (tuple, list)):
+                object.__setattr__(self, name, (v,))
+            elif isinstance(v, list):
+                object.__setattr__(self, name, tuple(v))
         errors = [f"--{n.replace('_', '-')} is required" for n in ("student", "data", "output")
                   if not getattr(self, n)]
-        errors += self.recipe.problems()
+        lengths = [f"--{n.replace('_', '-')} takes one value, or one per --data "
+                   f"({len(self.data)})" for n in ("targets", "ce_weight")
+                   if len(getattr(self, n)) not in (0, 1, len(self.data))]
+        errors += lengths
+        if not lengths:
+            for i in range(max(1, len(self.data))):
+                errors += [e for e in self.recipe(i).problems() if e not in errors]
         if self.batch_tokens < 1 or self.grad_accum < 1 or self.chunk < 1:
             errors.append("--batch-tokens, --grad-accum and --chunk must be >= 1")
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -184,25 +206,36 @@ class TrainConfig:
         if errors:
             raise UserError("; ".join(errors))
 
-    @property
-    def recipe(self) -> Recipe:
-        return Recipe(**{f.name: getattr(self, f.name) for f in fields(Recipe)})
+    def recipe(self, i: int = 0) -> Recipe:
+        """The recipe of --data number i (the values given once apply to every dataset)."""
+        def at(v: tuple):
+            return v[i] if len(v) > 1 else v[0] if v else None
 
-    def with_recipe(self, r: Recipe) -> TrainConfig:
-        """This config with a resolved recipe's values (what train_config.json records)."""
-        return replace(self, **{f.name: getattr(r, f.name) for f in fields(Recipe)})
+        return Recipe(targets=at(self.targets) or "auto", loss=self.loss, beta=self.beta,
+                      ce_weight=at(self.ce_weight), temperature=self.temperature,
+                      residual=self.residual)
+
+    def with_recipes(self, recipes: list[Recipe]) -> TrainConfig:
+        """This config with the datasets' resolved recipes (what train_config.json records)."""
+        return replace(self, targets=tuple(r.targets for r in recipes),
+                       ce_weight=tuple(r.ce_weight for r in recipes))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 
 
 def _kind(name: str):
-    """The plain type behind a field's annotation: str, int, float, bool, or tuple (of str)."""
+    """The plain type behind a field's annotation: str, int, float, bool, or tuple."""
     t = typing.get_type_hints(TrainConfig)[name]
     if typing.get_origin(t) is tuple:
         return tuple
     args = [a for a in typing.get_args(t) if a is not type(None)]
     return args[0] if args else t
+
+
+def _item(name: str):
+    """The type of a tuple field's items (str or float)."""
+    return typing.get_args(typing.get_type_hints(TrainConfig)[name])[0]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -220,13 +253,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
             kw["nargs"] = "+"
+            kw["type"] = _item(f.name)
         else:
             kw["type"] = kind
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def _shown(v) -> str:
-    return " ".join(v) if isinstance(v, tuple) else str(v)
+    return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
@@ -234,7 +268,7 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     values = load_config_file(args.config) if getattr(args, "config", None) else {}
     names = {f.name for f in fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    return TrainConfig(**{k: tuple(v) if _kind(k) is tuple else v for k, v in values.items()})
+    return TrainConfig(**values)
 
 
 def load_config_file(path: str) -> dict:
@@ -261,12 +295,13 @@ def load_config_file(path: str) -> dict:
             unknown.append(str(key))
             continue
         kind = _kind(name)
-        if kind is tuple and isinstance(value, str):
-            value = (value,)
-        ok = (isinstance(value, (list, tuple)) if kind is tuple else
-              value is None or isinstance(value, kind) or (kind is float and
-                                                           isinstance(value, int)))
-        if not ok or (kind is not bool and isinstance(value, bool)):
+        if kind is tuple:  # one value, or a list of them
+            item = _item(name)
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+            if not all(_fits(v, item) for v in value):
+                raise UserError(f"--config {path}: {key} should be {item.__name__} or a list of "
+                                f"them, got {list(value)!r}")
+        elif not (value is None or _fits(value, kind)):
             raise UserError(f"--config {path}: {key} should be {kind.__name__}, got {value!r}")
         out[name] = value
     if unknown:
@@ -274,3 +309,9 @@ def load_config_file(path: str) -> dict:
                         "are the `softlabels train` flags")
     return out
 
+
+def _fits(value, kind) -> bool:
+    """A config file's value is of this kind (an int does for a float, a bool for nothing else)."""
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))

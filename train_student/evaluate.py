@@ -26,7 +26,8 @@ from softlabels.train_student.losses import (
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="HF causal-LM folder (student or teacher)")
-    p.add_argument("--data", required=True, help="held-out soft-label dataset")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="held-out soft-label dataset(s): a row (--json: an object) for each")
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -62,9 +63,42 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
     if reduce is not None:
         sums = reduce(sums.to(device), reduction="sum").cpu()
     model.train(was_training)
+    return _metrics(sums)
+
+
+def _metrics(sums: torch.Tensor) -> dict:
+    """[ce sum, ce tokens, kl sum, top-1 hits, kd tokens] -> the reported numbers."""
     ce = float(sums[0] / max(sums[1], 1))
     return {"ce": ce, "ppl": math.exp(min(ce, 50)), "kl": float(sums[2] / max(sums[4], 1)),
-            "top1_agreement": float(sums[3] / max(sums[4], 1)), "tokens": int(sums[4])}
+            "top1_agreement": float(sums[3] / max(sums[4], 1)), "tokens": int(sums[4]),
+            "ce_tokens": int(sums[1])}
+
+
+def evaluate_all(model, folders, batch_tokens=8192, **kw) -> tuple[dict, dict]:
+    """Each held-out dataset apart -> (their token-weighted mean, {name: metrics})."""
+    each = {name: evaluate(model, f, batch_tokens, **kw)
+            for name, f in zip(names_of(folders), folders)}
+    return weighted_mean(list(each.values())), each
+
+
+def weighted_mean(metrics: list[dict]) -> dict:
+    """Datasets' metrics -> those of all their tokens together (CE by CE tokens, KL and top-1
+    by target tokens)."""
+    sums = torch.zeros(5, dtype=torch.float64)
+    for m in metrics:
+        sums += torch.tensor([m["ce"] * m["ce_tokens"], m["ce_tokens"],
+                              m["kl"] * m["tokens"], m["top1_agreement"] * m["tokens"],
+                              m["tokens"]], dtype=torch.float64)
+    return _metrics(sums)
+
+
+def names_of(folders) -> list[str]:
+    """Short names for datasets in logs: the folder's name, its parent's too where two clash."""
+    from pathlib import Path
+
+    short = [Path(f).name for f in folders]
+    return [f"{Path(f).parent.name}/{n}" if short.count(n) > 1 else n
+            for f, n in zip(folders, short)]
 
 
 def main(args) -> int:
@@ -78,12 +112,18 @@ def main(args) -> int:
         tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError):
         tok = None
-    check_tokenizers(tok, load_tokenizer(args.data), args.model, args.data)
-    m = evaluate(model, args.data, args.batch_tokens)
+    for d in args.data:  # every dataset checked before any is evaluated
+        check_tokenizers(tok, load_tokenizer(d), args.model, d)
+    rows = [{"data": d, **evaluate(model, d, args.batch_tokens)} for d in args.data]
     if args.json:
-        print(json.dumps(m))
-    else:
-        print(f"{args.model} on {args.data}: CE {m['ce']:.4f} (ppl {m['ppl']:.2f}), "
+        print(json.dumps(rows[0] if len(rows) == 1 else rows))
+        return 0
+    for m in rows:
+        print(f"{args.model} on {m['data']}: CE {m['ce']:.4f} (ppl {m['ppl']:.2f}), "
               f"KL(teacher||model) {m['kl']:.4f}, top-1 agreement {m['top1_agreement']:.3f}, "
               f"{m['tokens']} tokens")
+    if len(rows) > 1:
+        mean = weighted_mean(rows)
+        print(f"token-weighted mean: CE {mean['ce']:.4f}, KL {mean['kl']:.4f}, top-1 agreement "
+              f"{mean['top1_agreement']:.3f}, {mean['tokens']} tokens")
     return 0

@@ -21,53 +21,66 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Trainer
 
 from softlabels.data.errors import UserError
 from softlabels.data.format import Row
 from softlabels.train_student.batches import Batch, collate
-from softlabels.train_student.config import Recipe
 from softlabels.train_student.train import target_sums
 
 _MARK = "softlabels"  # key of the dataset's description that names its folder
 
 
-def _rows(path: str, shuffle: bool, seed: int):
-    from softlabels.data.reader import SoftLabelReader
+def _rows(paths: list[str], weights, shuffle: bool, seed: int):
+    from softlabels.train_student.mixture import Mixture
 
+    mix = Mixture(paths, weights, seed=seed, shuffle=shuffle)
     epoch = 0
     while True:  # a stream: the Trainer's max_steps decides when to stop
-        for _, r in SoftLabelReader(path, shuffle=shuffle, seed=seed).rows(epoch=epoch):
-            yield {k: v for k, v in vars(r).items() if v is not None and k != "response"}
+        n = len(mix.index(epoch).tokens)
+        for a in range(0, n, 256):
+            rows, sources = mix.read(epoch, np.arange(a, min(a + 256, n)))
+            for r, d in zip(rows, sources.tolist()):
+                yield {**{k: v for k, v in vars(r).items() if v is not None and k != "response"},
+                       "source": d}
         epoch += 1
 
 
-def soft_label_dataset(path, shuffle: bool = True, seed: int = 0):
-    """The stored rows of a soft-label dataset as a streaming `datasets.IterableDataset`.
+def soft_label_dataset(path, weights=None, shuffle: bool = True, seed: int = 0):
+    """The stored rows of a soft-label dataset, or of several mixed in `weights` proportions of
+    target tokens (default: their sizes), as a streaming `datasets.IterableDataset`.
 
     Rows are decoded and checked by this package's reader, one row group in memory at a time, so
     a dataset of any size streams; it repeats epoch after epoch (set `max_steps`). Examples are
     numpy arrays: `input_ids` (T,), `target_mask` (T,), `topk_ids`/`topk_logprobs` (T, k),
-    `tail_logprob` and `label_logprob` (T,) (format 4), and on a dataset generated with
-    --samples `sample_ids`/`sample_counts` (T, U). The dataset's description names its folder,
-    so `DistillationTrainer` reads the manifest and trains what `softlabels train` would.
+    `tail_logprob` and `label_logprob` (T,) (format 4), on a dataset generated with --samples
+    `sample_ids`/`sample_counts` (T, U); and `source`, the row's dataset. The description names
+    the folders, so `DistillationTrainer` reads their manifests and trains what
+    `softlabels train --data ...` would.
     """
     import datasets
 
     from softlabels.data.manifest import Manifest
+    from softlabels.train_student.mixture import check_weights
 
-    Manifest.load(path)  # not a dataset: one line now, not an error inside the Trainer's loop
-    ds = datasets.IterableDataset.from_generator(
-        _rows, gen_kwargs={"path": str(path), "shuffle": shuffle, "seed": seed})
-    ds.info.description = json.dumps({_MARK: str(Path(path).resolve())})
+    paths = [str(Path(p).resolve()) for p in ([path] if isinstance(path, (str, Path)) else path)]
+    for p in paths:  # not a dataset: one line now, not an error inside the Trainer's loop
+        Manifest.load(p)
+    check_weights(weights, len(paths))
+    # tuples: `datasets` would split lists in gen_kwargs into shards, one dataset each
+    ds = datasets.IterableDataset.from_generator(_rows, gen_kwargs={
+        "paths": tuple(paths), "weights": None if weights is None else tuple(weights),
+        "shuffle": shuffle, "seed": seed})
+    ds.info.description = json.dumps({_MARK: paths})
     return ds
 
 
-def dataset_folder(ds) -> str | None:
-    """The folder `soft_label_dataset` read, or None for another dataset."""
+def dataset_folders(ds) -> list[str] | None:
+    """The folders `soft_label_dataset` read, or None for another dataset."""
     try:
-        return json.loads(ds.info.description)[_MARK]
+        return list(json.loads(ds.info.description)[_MARK])
     except (AttributeError, TypeError, ValueError, KeyError):
         return None
 
@@ -77,41 +90,47 @@ class SoftLabelCollator:
     """Examples of `soft_label_dataset` -> the tensors `DistillationTrainer.compute_loss` reads."""
 
     vocab_size: int  # the student's output size: teacher ids beyond it carry no target
-    targets: str = "topk"  # resolved (Recipe.for_dataset): topk, samples or both
+    targets: list[str]  # per dataset, resolved (Recipe.for_dataset): topk, samples or both
 
     def __call__(self, examples: list[dict]) -> dict:
-        b = collate([Row(**e) for e in examples], self.vocab_size, self.targets)
-        return vars(b)
+        sources = [e.get("source", 0) for e in examples]
+        rows = [Row(**{k: v for k, v in e.items() if k != "source"}) for e in examples]
+        return vars(collate(rows, self.vocab_size, self.targets, sources))
 
 
 class DistillationTrainer(Trainer):
     """A `transformers.Trainer` whose collator and loss are `softlabels train`'s.
 
     Extra keyword arguments are the CLI's recipe options, with its defaults: `targets` (auto:
-    what the dataset carries), `loss`, `ce_weight` (None: the default for the targets), `beta`,
-    `temperature`, `residual`; and `chunk`. `train_dataset` must come from `soft_label_dataset`:
-    its manifest decides the defaults and what is refused, as for the CLI.
+    what each dataset carries; one for all or a list, one per dataset), `loss`, `ce_weight`
+    (None: the default for the targets; one or a list), `beta`, `temperature`, `residual`; and
+    `chunk`. `train_dataset` must come from `soft_label_dataset`: the manifests decide the
+    defaults and what is refused, as for the CLI.
     """
 
     loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's token counts
 
-    def __init__(self, *args, targets: str = "auto", loss: str = "forward_kl",
-                 ce_weight: float | None = None, temperature: float = 1.0, beta: float = 0.5,
-                 residual: str = "label", chunk: int = 1024, **kwargs):
+    def __init__(self, *args, targets="auto", loss: str = "forward_kl", ce_weight=None,
+                 temperature: float = 1.0, beta: float = 0.5, residual: str = "label",
+                 chunk: int = 1024, **kwargs):
         from softlabels.data.manifest import Manifest
+        from softlabels.train_student.config import TrainConfig
 
-        folder = dataset_folder(kwargs.get("train_dataset"))
-        if folder is None:
+        folders = dataset_folders(kwargs.get("train_dataset"))
+        if folders is None:
             raise UserError("DistillationTrainer trains on stored soft targets: pass "
                             "train_dataset=soft_label_dataset(folder)")
-        m = Manifest.load(folder)
-        self.recipe = Recipe(targets, loss, beta, ce_weight, temperature,
-                             residual).for_dataset(m, folder)
+        # the CLI's config: the same per-dataset values and the same checks
+        cfg = TrainConfig(student="-", data=tuple(folders), output="-", targets=targets,
+                          ce_weight=() if ce_weight is None else ce_weight, loss=loss,
+                          beta=beta, temperature=temperature, residual=residual)
+        self.recipes = [cfg.recipe(i).for_dataset(Manifest.load(f), f)
+                        for i, f in enumerate(folders)]
         self.chunk = chunk
         model = kwargs.get("model", args[0] if args else None)
         if kwargs.get("data_collator") is None and model is not None:
             kwargs["data_collator"] = SoftLabelCollator(
-                model.get_output_embeddings().weight.shape[0], self.recipe.targets)
+                model.get_output_embeddings().weight.shape[0], [r.targets for r in self.recipes])
         targs = kwargs.get("args")
         if targs is not None:
             # the stored columns are not forward() arguments; dropping them would lose the targets
@@ -148,8 +167,8 @@ class DistillationTrainer(Trainer):
             hook.remove()
         batch = Batch(**{f.name: inputs[f.name] for f in fields(Batch)})
         softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
-        kd, ce = target_sums(hidden[0], batch, inner.get_output_embeddings(), self.recipe,
-                             self.chunk, softcap)
+        kd, ce = target_sums(hidden[0], batch, inner.get_output_embeddings(), self.recipes,
+                             self.chunk, softcap)  # (D,) each
         if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2:
             kd_n, ce_n = num_items_in_batch.tolist()
             scale = (self.accelerator.num_processes if self.args.average_tokens_across_devices
@@ -157,6 +176,6 @@ class DistillationTrainer(Trainer):
         else:  # evaluation: this batch alone
             kd_n, ce_n = len(batch.ids), int((batch.labels >= 0).sum())
             scale = 1
-        w = self.recipe.ce_weight
-        loss = ((1 - w) * kd / max(kd_n, 1) + w * ce / max(ce_n, 1)) * scale
+        w = torch.tensor([r.ce_weight for r in self.recipes], device=kd.device)
+        loss = (((1 - w) * kd).sum() / max(kd_n, 1) + (w * ce).sum() / max(ce_n, 1)) * scale
         return (loss, {"loss": loss.detach()}) if return_outputs else loss

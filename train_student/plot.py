@@ -19,8 +19,16 @@ def plot_curves(history: list[dict], evals: list[dict], path, title: str = "") -
     a.grid(alpha=0.3)
     if evals:
         es = [e["step"] for e in evals]
-        b.plot(es, [e["ce"] for e in evals], "o-", label="held-out CE")
-        b.plot(es, [e["kl"] for e in evals], "s-", label="held-out KL(teacher||student)")
+        each = evals[0].get("datasets", {})  # several held-out datasets: a curve for each
+        for name in each:
+            line, = b.plot(es, [e["datasets"][name]["ce"] for e in evals], "o-", lw=1,
+                           label=f"{name}: CE")
+            b.plot(es, [e["datasets"][name]["kl"] for e in evals], "s--", lw=1,
+                   color=line.get_color(), label=f"{name}: KL(teacher||student)")
+        mean = " (token-weighted mean)" if each else ""
+        b.plot(es, [e["ce"] for e in evals], "o-", color="k", label="held-out CE" + mean)
+        b.plot(es, [e["kl"] for e in evals], "s-", color="0.4",
+               label="held-out KL(teacher||student)" + mean)
         b.set_xlabel("step")
         b.legend()
         b.grid(alpha=0.3)

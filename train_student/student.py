@@ -51,12 +51,19 @@ def load_model(path, trust_remote_code: bool = False):
         raise UserError(f"model {path} {why}") from e
 
 
-def load_student(student: str, data: str, trust_remote_code: bool = False):
-    """-> (model, tokenizer). `student`: an HF causal-LM folder, or a JSON/YAML model config."""
+def load_student(student: str, data, trust_remote_code: bool = False):
+    """-> (model, tokenizer). `student`: an HF causal-LM folder, or a JSON/YAML model config;
+    `data`: a dataset folder, or several (which must share one tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(student)
-    data_tok = load_tokenizer(data)
+    folders = [data] if isinstance(data, (str, Path)) else list(data)
+    data, data_tok = folders[0], load_tokenizer(folders[0])
+    for other in folders[1:]:
+        tok = load_tokenizer(other)
+        if data_tok is not None and (tok is None or tok.get_vocab() != data_tok.get_vocab()):
+            raise UserError(f"{other} was written with another tokenizer than {data}: the "
+                            "datasets of one training must share the student's tokenizer")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"student {path} has no config.json; pass a save_pretrained folder "

@@ -20,37 +20,41 @@ import torch
 
 from softlabels.data.atomic import fsync_dir, write_text
 from softlabels.data.errors import UserError
-from softlabels.data.reader import SoftLabelReader
 from softlabels.train_student.batches import Batch, EpochPlan, collate, prefetch
 from softlabels.train_student.config import Recipe, TrainConfig
 from softlabels.train_student.losses import head_logits, kd_ce_sums
+from softlabels.train_student.mixture import Mixture
 from softlabels.train_student.student import add_lora, load_student
 
 
-def target_sums(h: torch.Tensor, batch: Batch, head, recipe: Recipe, chunk: int,
+def target_sums(h: torch.Tensor, batch: Batch, head, recipes: list[Recipe], chunk: int,
                 softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, H) student hidden states -> summed KD and CE losses at the batch's target positions.
+    """(B, L, H) student hidden states -> (D,) summed KD and (D,) summed CE losses of each
+    dataset's target positions in the batch, each with its dataset's recipe.
 
     A micro-batch without a target (rows of context only, in datasets from before generate
-    skipped them) gives a zero loss that still runs through the decoder and the head, so backward
+    skipped them) gives zero losses that still run through the decoder and the head, so backward
     and DDP's all-reduce happen on every process as on any other step."""
     h = h.reshape(-1, h.shape[-1])  # (B*L, H)
-    if batch.pos.numel() == 0:
-        zero = head_logits(h[:1], head.weight, head.bias, softcap).sum() * 0.0
-        return zero, zero
-    r = recipe
-    return kd_ce_sums(h[batch.pos], head, batch.ids, batch.lp, batch.rest, batch.label_lp,
-                      batch.labels, loss=r.loss, beta=r.beta, temperature=r.temperature,
-                      residual=r.residual, chunk=chunk, softcap=softcap)
+    zero = head_logits(h[:1], head.weight, head.bias, softcap).sum() * 0.0
+    kd, ce = [zero] * len(recipes), [zero] * len(recipes)
+    for d in batch.source.unique().tolist():
+        at = batch.source == d
+        r = recipes[d]
+        kd[d], ce[d] = kd_ce_sums(
+            h[batch.pos[at]], head, batch.ids[at], batch.lp[at], batch.rest[at],
+            batch.label_lp[at], batch.labels[at], loss=r.loss, beta=r.beta,
+            temperature=r.temperature, residual=r.residual, chunk=chunk, softcap=softcap)
+    return torch.stack(kd), torch.stack(ce)
 
 
 class Distiller(torch.nn.Module):
     """Student forward + sparse KD/CE sums, as one module so DDP sees every parameter use."""
 
-    def __init__(self, model, cfg: TrainConfig):
+    def __init__(self, model, recipes: list[Recipe], chunk: int = 1024):
         super().__init__()
         self.model = model
-        self.cfg = cfg
+        self.recipes, self.chunk = recipes, chunk
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
     @property
@@ -63,8 +67,8 @@ class Distiller(torch.nn.Module):
         h = self.model.get_decoder()(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        return target_sums(h, batch, self.model.get_output_embeddings(), self.cfg.recipe,
-                           self.cfg.chunk, self.softcap)
+        return target_sums(h, batch, self.model.get_output_embeddings(), self.recipes,
+                           self.chunk, self.softcap)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Progress:
     tokens: int = 0
     history: list = field(default_factory=list)  # [{step, loss, kd, ce, ...}]
     evals: list = field(default_factory=list)
+    consumed: list = field(default_factory=list)  # per dataset: [target tokens, rows] so far
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -109,21 +114,21 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def plan_epoch(reader: SoftLabelReader, cfg: TrainConfig, n_proc: int, epoch: int) -> EpochPlan:
+def plan_epoch(mix: Mixture, cfg: TrainConfig, n_proc: int, epoch: int) -> EpochPlan:
     """One epoch's micro-batches from the shards' footers: nothing is decoded to plan."""
-    return EpochPlan.make(reader.index(epoch), cfg.batch_tokens, n_proc)
+    return EpochPlan.make(mix.index(epoch), cfg.batch_tokens, n_proc, mix.source(epoch))
 
 
-def total_steps(reader: SoftLabelReader, cfg: TrainConfig, n_proc: int) -> int:
+def total_steps(mix: Mixture, cfg: TrainConfig, n_proc: int) -> int:
     """--max-steps, or the steps of --epochs epochs, each counted with its own shuffle (rows of
     different lengths cut into a different number of chunks per epoch)."""
     if cfg.max_steps:
         return cfg.max_steps
-    return sum(math.ceil(plan_epoch(reader, cfg, n_proc, e).micro_batches / cfg.grad_accum)
+    return sum(math.ceil(plan_epoch(mix, cfg, n_proc, e).micro_batches / cfg.grad_accum)
                for e in range(cfg.epochs))
 
 
-def step_batches(reader, cfg, plan: EpochPlan, epoch: int, m0: int, p: int, vocab: int):
+def step_batches(mix: Mixture, cfg, plan: EpochPlan, epoch: int, m0: int, p: int, vocab: int):
     """Per optimiser step from micro-batch m0 on: (micro-batch ids, [(Batch, weight)] of this
     process). Only this process's rows are decoded."""
     for m in range(m0, plan.micro_batches, cfg.grad_accum):
@@ -131,7 +136,8 @@ def step_batches(reader, cfg, plan: EpochPlan, epoch: int, m0: int, p: int, voca
         mine = []
         for g in group:
             pos, weight = plan.rows(g, p)
-            mine.append((collate(reader.read(epoch, pos), vocab, cfg.targets), weight))
+            rows, sources = mix.read(epoch, pos)
+            mine.append((collate(rows, vocab, list(cfg.targets), sources), weight))
         yield group, mine
 
 
@@ -180,21 +186,26 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"--report-to {' '.join(cfg.report_to)}: {e}") from e
     set_seed(cfg.seed)
     n_proc = accelerator.num_processes
-    reader = SoftLabelReader(cfg.data, shuffle=True, seed=cfg.seed)
-    recipe = cfg.recipe.for_dataset(reader.manifest, cfg.data)
-    cfg = cfg.with_recipe(recipe)
-    accelerator.print(f"training on {recipe.describe(reader.manifest)}")
+    mix = Mixture(cfg.data, cfg.data_weights, seed=cfg.seed)
+    recipes = [cfg.recipe(i).for_dataset(r.manifest, f)
+               for i, (r, f) in enumerate(zip(mix.readers, mix.folders))]
+    cfg = cfg.with_recipes(recipes)
+    for d, (r, reader) in enumerate(zip(recipes, mix.readers)):
+        accelerator.print(f"training on {r.describe(reader.manifest)}" + (
+            f" from {mix.folders[d]} ({mix.weights[d]:.1%} of the target tokens, "
+            f"{mix.seen(1)[d]:.2f} passes per epoch)" if len(recipes) > 1 else ""))
     model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code)
     vocab = model.get_output_embeddings().weight.shape[0]
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_r else None
 
-    total = total_steps(reader, cfg, n_proc)
-    if total == 0 or plan_epoch(reader, cfg, n_proc, 0).micro_batches == 0:
-        raise UserError(f"{cfg.data} gives no training steps; check --batch-tokens and the data")
+    total = total_steps(mix, cfg, n_proc)
+    if total == 0 or plan_epoch(mix, cfg, n_proc, 0).micro_batches == 0:
+        raise UserError(f"{' '.join(cfg.data)} gives no training steps; check --batch-tokens "
+                        "and the data")
 
-    distiller = Distiller(model, cfg)  # with LoRA, `model` holds the adapters in place
+    distiller = Distiller(model, recipes, cfg.chunk)  # with LoRA, `model` holds the adapters
     trainable = [p for p in distiller.parameters() if p.requires_grad]
     sizes = {"parameters": sum(p.numel() for p in distiller.parameters()),
              "trainable_parameters": sum(p.numel() for p in trainable)}
@@ -209,7 +220,7 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError("--lora-r with FSDP is not supported (merging the adapters needs the "
                         "full weights); LoRA's trainable weights are small: launch without FSDP")
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
-    progress = Progress()
+    progress = Progress(consumed=[[0, 0] for _ in recipes])
     accelerator.register_for_checkpointing(progress)
 
     resumed = latest_checkpoint(out) if cfg.resume else None
@@ -228,16 +239,16 @@ def train(cfg: TrainConfig) -> dict:
     distiller.train()
     try:
         while progress.step < total:  # one pass = (the rest of) one epoch
-            plan = plan_epoch(reader, cfg, n_proc, progress.epoch)
+            plan = plan_epoch(mix, cfg, n_proc, progress.epoch)
             first = plan.at_row(progress.row)  # 0, or where a resumed run stopped
             steps = contextlib.closing(prefetch(step_batches(
-                reader, cfg, plan, progress.epoch, first, accelerator.process_index, vocab)))
+                mix, cfg, plan, progress.epoch, first, accelerator.process_index, vocab)))
             with steps as steps:  # closed on every exit: the prefetch thread ends with the loop
                 for group, mine in steps:
                     if progress.step >= total:
                         break
-                    _step(accelerator, distiller, optimizer, cfg, total, plan, group, mine,
-                          progress)
+                    _step(accelerator, distiller, optimizer, cfg, recipes, total, plan, group,
+                          mine, progress)
                     now = time.perf_counter()
                     progress.history[-1]["step_s"] = now - t_step  # waiting for data included
                     if now - t_last > 1.0 or progress.step == total:
@@ -261,7 +272,7 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     # every process takes part: under FSDP this gathers the shards into full tensors
     state = accelerator.get_state_dict(distiller)
-    decoded = accelerator.gather(torch.tensor([reader.decoded], device=accelerator.device))
+    decoded = accelerator.gather(torch.tensor([mix.decoded], device=accelerator.device))
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(distiller).model
         if accelerator.distributed_type == DistributedType.FSDP:
@@ -276,6 +287,12 @@ def train(cfg: TrainConfig) -> dict:
         result = {"steps": progress.step, "tokens": progress.tokens,
                   "final_loss": progress.history[-1]["loss"], **sizes, **peak_memory(accelerator),
                   "rows_decoded_per_process": decoded.tolist(),
+                  "datasets": [{"path": f, "weight": float(mix.weights[d]),
+                                "target_tokens": progress.consumed[d][0],
+                                "rows": progress.consumed[d][1],
+                                "passes": progress.consumed[d][0] / mix.target_tokens[d],
+                                "recipe": recipes[d].describe(mix.readers[d].manifest)}
+                               for d, f in enumerate(mix.folders)],
                   "history": progress.history, "evals": progress.evals}
         write_text(out / "train_log.json", json.dumps(result) + "\n")
         from softlabels.train_student.plot import plot_curves
@@ -297,11 +314,16 @@ def peak_memory(accelerator) -> dict:
             "peak_memory_of": "process RSS"}
 
 
-def _step(accelerator, distiller, optimizer, cfg, total, plan, group, mine, progress) -> None:
-    """One optimiser step over `grad_accum` global micro-batches; `mine` are this process's."""
+def _step(accelerator, distiller, optimizer, cfg, recipes, total, plan, group, mine,
+          progress) -> None:
+    """One optimiser step over `grad_accum` global micro-batches; `mine` are this process's.
+
+    loss = sum over datasets d of (1 - w_d) KD_d / KD_n + w_d CE_d / CE_n: each dataset's sums
+    with its own recipe and CE weight w_d, all normalised by the step's global counts."""
     n_proc = accelerator.num_processes
     # Global token counts of the whole step, known to every process from the row index.
     kd_n, ce_n = map(sum, zip(*(plan.counts(m) for m in group)))
+    w = torch.tensor([r.ce_weight for r in recipes], device=accelerator.device)
     lr = lr_at(progress.step, cfg, total)
     for pg in optimizer.param_groups:
         pg["lr"] = lr
@@ -312,42 +334,54 @@ def _step(accelerator, distiller, optimizer, cfg, total, plan, group, mine, prog
         last = i == len(mine) - 1
         with (contextlib.nullcontext() if last else accelerator.no_sync(distiller)), \
                 accelerator.autocast():
-            kd, ce = distiller(batch)
+            kd, ce = distiller(batch)  # (D,) each
             # Normalised by the step's global counts; times n_proc as DDP averages gradients.
-            loss = ((1 - cfg.ce_weight) * kd / max(kd_n, 1)
-                    + cfg.ce_weight * ce / max(ce_n, 1)) * n_proc * weight
+            loss = (((1 - w) * kd).sum() / max(kd_n, 1)
+                    + (w * ce).sum() / max(ce_n, 1)) * n_proc * weight
             accelerator.backward(loss)
-        kd_sum += float(kd.detach()) * weight
-        ce_sum += float(ce.detach()) * weight
+        kd_sum = kd_sum + kd.detach().float() * weight
+        ce_sum = ce_sum + ce.detach().float() * weight
     if cfg.max_grad_norm:
         accelerator.clip_grad_norm_(distiller.parameters(), cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-    sums = accelerator.reduce(torch.tensor([kd_sum, ce_sum], device=accelerator.device),
-                              reduction="sum").tolist()
-    kd_mean, ce_mean = sums[0] / max(kd_n, 1), sums[1] / max(ce_n, 1)
-    loss_mean = (1 - cfg.ce_weight) * kd_mean + cfg.ce_weight * ce_mean
+    sums = accelerator.reduce(torch.stack([kd_sum, ce_sum]), reduction="sum").cpu()  # (2, D)
+    kd_mean, ce_mean = float(sums[0].sum()) / max(kd_n, 1), float(sums[1].sum()) / max(ce_n, 1)
+    loss_mean = float(((1 - w.cpu()) * sums[0]).sum() / max(kd_n, 1)
+                      + (w.cpu() * sums[1]).sum() / max(ce_n, 1))
+    by = sum(plan.by_source(m, len(recipes)) for m in group)  # (2, D) targets, rows
+    for d in range(len(recipes)):
+        progress.consumed[d][0] += int(by[0, d])
+        progress.consumed[d][1] += int(by[1, d])
     progress.step += 1
     progress.row = plan.end(group[-1])
     progress.tokens += kd_n
     progress.history.append({"step": progress.step, "loss": loss_mean, "kd": kd_mean,
-                             "ce": ce_mean, "lr": lr, "tokens": progress.tokens})
+                             "ce": ce_mean, "lr": lr, "tokens": progress.tokens,
+                             **({"targets_by_dataset": by[0].tolist()} if len(recipes) > 1
+                                else {})})
     accelerator.log({"train/loss": loss_mean, "train/kd": kd_mean, "train/ce": ce_mean,
                      "train/lr": lr}, step=progress.step)
 
 
 def _eval(accelerator, distiller, cfg: TrainConfig, progress: Progress) -> None:
-    from softlabels.train_student.evaluate import evaluate
+    """Each held-out dataset apart, and their token-weighted mean (the top-level numbers)."""
+    from softlabels.train_student.evaluate import evaluate_all
 
     model = accelerator.unwrap_model(distiller).model
     distiller.eval()
     with unsharded(distiller):
-        metrics = evaluate(model, cfg.eval_data, cfg.batch_tokens, chunk=cfg.chunk,
-                           device=accelerator.device, part=accelerator.process_index,
-                           num_parts=accelerator.num_processes, reduce=accelerator.reduce)
+        mean, each = evaluate_all(model, cfg.eval_data, cfg.batch_tokens, chunk=cfg.chunk,
+                                  device=accelerator.device, part=accelerator.process_index,
+                                  num_parts=accelerator.num_processes, reduce=accelerator.reduce)
     distiller.train()
-    progress.evals.append({"step": progress.step, **metrics})
-    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
-    accelerator.print(f"eval step {progress.step}: " +
-                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    progress.evals.append({"step": progress.step, **mean,
+                           **({"datasets": each} if len(each) > 1 else {})})
+    logged = {f"eval/{k}": v for k, v in mean.items()}
+    if len(each) > 1:
+        logged.update({f"eval/{name}/{k}": v for name, m in each.items() for k, v in m.items()})
+    accelerator.log(logged, step=progress.step)
+    for name, m in ({"": mean} | (each if len(each) > 1 else {})).items():
+        accelerator.print(f"eval step {progress.step}{' ' + name if name else ''}: " +
+                          " ".join(f"{k}={v:.4g}" for k, v in m.items()))
