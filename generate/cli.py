@@ -6,6 +6,7 @@ atomically, a rerun skips units whose shard is intact, and the manifest is writt
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from softlabels.data.errors import UserError
 from softlabels.data.format import DEFAULT_LOGPROB_STEP
 from softlabels.data.manifest import Manifest, fingerprint_files
+from softlabels.generate.cluster import BATCH_SYSTEMS
 
 DEFAULT_UNIT_TOKENS = 131072
 DEFAULT_SHARD_TOKENS = 1 << 22  # 10B tokens -> ~2,400 files of ~300 MB at k=64
@@ -84,6 +86,39 @@ def add_arguments(p) -> None:
     c.add_argument("--resource", default="teacher",
                    help="worker resource a unit needs (workers: --resources teacher=1)")
     c.add_argument("--retries", type=int, default=2, help="retries of a failing unit (default 2)")
+    b = p.add_argument_group("batch scheduler (--cluster; the rest from Dask's jobqueue config)")
+    b.add_argument("--cluster", default=None, choices=BATCH_SYSTEMS,
+                   help="run the workers as jobs of the cluster's batch scheduler through "
+                   "dask-jobqueue: --workers jobs (default 1), mutual TLS with certificates made "
+                   "for the run, lost jobs replaced, every job cancelled when generate ends "
+                   "(Slurm is tested; pbs, sge and lsf are not)")
+    b.add_argument("--queue", default=None, help="partition / queue of the worker jobs")
+    b.add_argument("--walltime", default=None, help="time limit of each worker job (HH:MM:SS)")
+    b.add_argument("--worker-memory", default=None,
+                   help="memory per worker job (e.g. 64GB; default: jobqueue config, or 16GiB)")
+    b.add_argument("--worker-cores", type=int, default=None,
+                   help="cores per worker job (default: jobqueue config, or 1)")
+    b.add_argument("--gpus-per-worker", type=int, default=0,
+                   help="GPUs per worker job (Slurm: --gres=gpu:N); one engine uses "
+                   "--tensor-parallel-size of them")
+    b.add_argument("--job-extra", action="append", default=[], metavar="DIRECTIVE",
+                   help="another job directive, without its prefix (e.g. --job-extra "
+                   "'--account=proj'; repeatable)")
+    b.add_argument("--scheduler-host", default=None,
+                   help="address the Dask scheduler listens on, reachable from the compute "
+                   "nodes (default: this host's address)")
+    b.add_argument("--worker-timeout", type=float, default=600.0,
+                   help="seconds to wait for the first worker job to start before stopping, "
+                   "with the scheduler's reason (default 600)")
+    b.add_argument("--print-job-script", action="store_true",
+                   help="print the worker job script and exit: nothing is submitted")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan only (tokenize, cut windows, units and shards; the plan is kept "
+                   "and reused by the real run) and print the job's size; no teacher runs")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --dry-run: score the first unit on one worker and print the "
+                   "teacher's tokens/s, the expected time and worker-hours, and the size on "
+                   "disk measured from it (the unit is kept for the real run)")
     e = p.add_argument_group("vLLM engine")
     e.add_argument("--dtype", default="auto", help="auto = float32 on CPU, model dtype on GPU")
     e.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -178,8 +213,42 @@ def _copy_tokenizer(tok, out: Path) -> None:
     os.replace(tmp, out / TOKENIZER_DIR)
 
 
+def _lost_work(out: Path, supervisor) -> str:
+    """What lost worker jobs cost: jobs replaced, and unit attempts that reached the teacher
+    against the units of the plan (attempts.log, over every run of this job)."""
+    from softlabels.generate.plan import Plan
+    from softlabels.generate.work import attempts_path
+
+    plan = Plan.load(out)
+    path = attempts_path(out)
+    runs = len(path.read_text().splitlines()) if path.is_file() else 0
+    how = supervisor.report()
+    return (f"worker jobs replaced: {supervisor.replaced}{f' ({how})' if how else ''}; units "
+            f"run {runs} for {len(plan.units) if plan else 0} planned")
+
+
+def _wait_for_a_worker(client, supervisor, batch, out: Path) -> None:
+    """Stop in one line, leaving a resumable folder, if no worker job starts in time."""
+    try:
+        client.wait_for_workers(1, timeout=batch.worker_timeout)
+    except TimeoutError:
+        supervisor.check()
+        why = supervisor.why_waiting()
+        raise UserError(
+            f"no worker job started within {batch.worker_timeout:g} s"
+            + (f" ({batch.kind}: {why})" if why else "")
+            + f"; nothing was lost: rerun the same command when the queue has room (or raise "
+            f"--worker-timeout) and it continues in {out}") from None
+
+
 def main(args) -> int:
-    from softlabels.generate.cluster import connect, tls_security
+    from softlabels.generate.cluster import (
+        BatchOptions,
+        batch_cluster,
+        connect,
+        job_script,
+        tls_security,
+    )
     from softlabels.generate.engine import Sampling, on_cpu
     from softlabels.generate.inputs import open_corpus
     from softlabels.generate.records import Fields
@@ -227,16 +296,46 @@ def main(args) -> int:
                         "each prompt is one window")
     security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
     cpu = on_cpu()
+    if args.calibrate and not args.dry_run:
+        raise UserError("--calibrate goes with --dry-run")
+    if args.cluster and args.scheduler:
+        raise UserError("--cluster submits its own workers: drop --scheduler (or --cluster)")
+    batch = BatchOptions(args.cluster, args.workers or 1, args.queue, args.walltime,
+                         args.worker_memory, args.worker_cores, args.gpus_per_worker,
+                         tuple(args.job_extra), args.scheduler_host,
+                         args.worker_timeout) if args.cluster else None
+    if args.print_job_script:
+        if batch is None:
+            raise UserError("--print-job-script shows a --cluster's worker job script")
+        print(job_script(batch, args.resource, out / ".softlabels"))
+        return 0
     n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
-    # Connect first: a refused client (TLS, address) writes nothing.
-    with connect(args.scheduler, n_workers, args.resource, security) as client:
-        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+    supervisor_report = None
+    if batch:  # the jobs' TLS files go under OUT: take the folder before anything is written
         lock = OutputLock(out)
         try:
-            m, plan, times = _job(args, client, teacher, out, corpus, fields, sampling, config,
-                                  tok, cpu, n_workers)
+            with batch_cluster(batch, args.resource, out / ".softlabels", security) as \
+                    (client, supervisor):
+                print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+                _wait_for_a_worker(client, supervisor, batch, out)
+                result = _job(args, client, teacher, out, corpus, fields, sampling, config, tok,
+                              cpu, batch.workers, supervisor)
+                supervisor_report = _lost_work(out, supervisor)
         finally:
             lock.release()
+    else:
+        # Connect first: a refused client (TLS, address) writes nothing.
+        with connect(args.scheduler, n_workers, args.resource, security) as client:
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+            lock = OutputLock(out)
+            try:
+                result = _job(args, client, teacher, out, corpus, fields, sampling, config, tok,
+                              cpu, n_workers)
+            finally:
+                lock.release()
+    if args.dry_run:
+        return 0
+    m, plan, times = result
     wall = time.time() - t_start
     size = sum(s.bytes for s in m.shards)
     print(f"done: {plan.records} records, {m.tokens} tokens, {len(m.shards)} shards in "
@@ -246,12 +345,15 @@ def main(args) -> int:
         print(f"time in workers: engine start {times['engine_start']:.1f} s, teacher "
               f"{times['teacher']:.1f} s, encoding and writing {times['write']:.1f} s (summed "
               "over units)", file=sys.stderr)
+    if supervisor_report:
+        print(supervisor_report, file=sys.stderr)
     return 0
 
 
-def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu, n_workers):
+def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu, n_workers,
+         supervisor=None):
     """Plan, run the units still to do, concatenate them into shards, publish:
-    -> (manifest, plan, times)."""
+    -> (manifest, plan, times); with --dry-run, plan (and calibrate) only: -> None."""
     from softlabels.data.card import publish
     from softlabels.generate.engine import EngineConfig
     from softlabels.generate.inputs import PIECE_BYTES
@@ -295,8 +397,11 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
         trust_remote_code=args.trust_remote_code,
     )
     budget = sampling.max_new_tokens * sampling.n if sampling else 0
-    run = _Run(args, client, out, job, cpu, n_workers, engine, sampling)
-    plan = run.plan_and_score(corpus, fields, budget)
+    run = _Run(args, client, out, job, cpu, n_workers, engine, sampling, supervisor)
+    plan = run.plan_and_score(corpus, fields, budget, score=not args.dry_run)
+    if args.dry_run and not run.failures:
+        _dry_run_report(run, plan, args, n_workers)
+        return None
     if not run.failures:
         run.concatenate(plan)
     if run.failures:
@@ -362,15 +467,43 @@ def _vllm_version() -> str:
     return "unknown"
 
 
+def _dry_run_report(run, plan, args, n_workers: int) -> None:
+    """What the job is, and (--calibrate) what it will cost, from one unit scored for real."""
+    rows = sum(u.rows for u in plan.units)
+    print(f"plan: {plan.records} records ({plan.empty_records} empty), {plan.tokens} tokens in "
+          f"{rows} windows, {len(plan.units)} units, {len(plan.shards)} shards")
+    if not args.calibrate:
+        per_token = 2.5 + 1.0 * args.top_k + 0.5 * args.samples  # the format's rough cost
+        print(f"expected size: ~{per_token * plan.tokens / 1e9:.3g} GB (~{per_token:.0f} "
+              "bytes/token, rough: it depends on the teacher's confidence; --calibrate "
+              "measures it)")
+        return
+    r = run.calibrate(plan)
+    per_token = r["bytes"] / r["tokens"]
+    rate = r["tokens"] / (r["teacher_s"] + r["write_s"])
+    one = plan.tokens / rate  # seconds of one worker, engine start aside
+    print(f"calibration: unit {plan.units[0].name} ({r['tokens']} tokens) on one worker: engine "
+          f"start {r['engine_start_s']:.0f} s, {rate:,.0f} tokens/s, {per_token:.1f} bytes/token")
+    print(f"expected size: {per_token * plan.tokens / 1e9:.3g} GB")
+    print(f"expected teacher time with {n_workers} worker(s): "
+          f"{(one / n_workers + r['engine_start_s']) / 3600:.3g} h "
+          f"({(one + n_workers * r['engine_start_s']) / 3600:.3g} worker-hours)")
+
+
 class _Run:
     """The job's Dask tasks: plan pieces, score units as soon as their piece is planned, then
     concatenate units into shards. Failures are collected by name; a UserError (bad input)
     stops the job."""
 
-    def __init__(self, args, client, out, job, cpu, n_workers, engine, sampling):
+    def __init__(self, args, client, out, job, cpu, n_workers, engine, sampling,
+                 supervisor=None):
         from softlabels.generate.cluster import cpu_groups, gpu_groups
 
-        local = not args.scheduler
+        local = not (args.scheduler or args.cluster)
+        self.supervisor = supervisor
+        self.n_workers = n_workers
+        self.waiting: collections.deque = collections.deque()  # units not yet submitted
+        self.in_flight = 0
         self.args, self.client, self.out, self.job = args, client, out, job
         self.engine, self.sampling = engine, sampling
         self.cpus = cpu_groups(n_workers) if (cpu and local) else ()
@@ -379,8 +512,9 @@ class _Run:
         self.failures: list[tuple[str, str]] = []
         self.times = {"engine_start": 0.0, "teacher": 0.0, "write": 0.0}
 
-    def plan_and_score(self, corpus, fields, budget):
-        """-> the plan (None if a piece failed); units run as their pieces are planned."""
+    def plan_and_score(self, corpus, fields, budget, score: bool = True):
+        """-> the plan (None if a piece failed); units run as their pieces are planned (with
+        `score`; without, only the plan is made)."""
         from distributed import as_completed
         from tqdm import tqdm
 
@@ -394,6 +528,7 @@ class _Run:
             u for s in plan.shards if is_published(out, s, args.rehash) for u in s.units}
         pieces = [] if plan is not None else corpus.pieces(PIECE_BYTES)  # checks the columns
         self.tasks, self.ac, self.submitted, planned = {}, as_completed(), 0, {}
+        self.score = score
         self.bar = tqdm(total=0, unit=" tok", unit_scale=True, desc="teacher", smoothing=0.1,
                         leave=False)
         if plan is not None:
@@ -421,6 +556,9 @@ class _Run:
         try:
             for f in self.ac:
                 what = self.tasks.pop(f)
+                if what.startswith("unit "):
+                    self.in_flight -= 1
+                    self._fill()
                 try:
                     r = f.result()
                 except Exception as e:  # reported by name; the rest of the job goes on
@@ -440,6 +578,8 @@ class _Run:
                     self.times["teacher"] += r["teacher_s"]
                     self.times["write"] += r["write_s"]
                     self.bar.update(r["tokens"])
+                if self.supervisor is not None:  # worker jobs: how many run, how many wait
+                    self.bar.set_postfix_str(f"workers: {self.supervisor.status()}")
         except BaseException:
             self.client.cancel(list(self.tasks))
             raise
@@ -471,14 +611,31 @@ class _Run:
         return plan
 
     def _release(self, units, published) -> None:
-        """Submit the units not yet committed to the teacher workers."""
-        from softlabels.generate.work import UnitTask, is_done, run_unit
+        """Queue the units not yet committed for the teacher workers."""
+        from softlabels.generate.work import is_done
 
+        if not self.score:
+            return
         self.bar.total += sum(u.tokens for u in units)
         for u in units:
             if u.name in published or is_done(self.out, u, self.args.rehash):
                 self.bar.update(u.tokens)
                 continue
+            self.waiting.append(u)
+            self.submitted += 1
+        self._fill()
+        self.bar.refresh()
+
+    def _fill(self) -> None:
+        """Submit waiting units while fewer than two per worker are in flight. Dask sends a
+        task with a resource restriction to a worker at once, and a worker's death counts
+        against every task it holds (after `allowed-failures`, the task fails): holding the
+        rest here keeps each lost worker to the one unit it runs and the one next in line."""
+        from softlabels.generate.work import UnitTask, run_unit
+
+        workers = max(self.n_workers, len(self.client.scheduler_info().get("workers", {})))
+        while self.waiting and self.in_flight < 2 * workers:
+            u = self.waiting.popleft()
             task = UnitTask(str(self.out.resolve()), u, self.engine, self.args.logprob_step,
                             self.cpus, self.gpus, self.sampling)
             f = self.client.submit(run_unit, task, key=f"unit-{u.name}",
@@ -486,8 +643,22 @@ class _Run:
                                    retries=self.args.retries, pure=False)
             self.tasks[f] = f"unit {u.name}"
             self.ac.add(f)
-            self.submitted += 1
-        self.bar.refresh()
+            self.in_flight += 1
+
+    def calibrate(self, plan) -> dict:
+        """Score the plan's first unit on one worker (committed: the real run keeps it); its
+        run_unit summary, or the summary recorded when it was committed before."""
+        from softlabels.generate.work import UnitTask, done_path, is_done, run_unit
+
+        u = plan.units[0]
+        if is_done(self.out, u):
+            rec = json.loads(done_path(self.out, u).read_text())
+            if "teacher_s" in rec:
+                return rec
+        task = UnitTask(str(self.out.resolve()), u, self.engine, self.args.logprob_step,
+                        self.cpus, self.gpus, self.sampling)
+        return self.client.submit(run_unit, task, key=f"calibrate-{u.name}",
+                                  resources={self.args.resource: 1}, pure=False).result()
 
     def concatenate(self, plan) -> None:
         """Make the shards not yet published from their committed units, on the workers."""

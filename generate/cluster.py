@@ -1,4 +1,5 @@
-"""Where the work runs: an embedded LocalCluster, or an existing Dask cluster (`--scheduler`).
+"""Where the work runs: an embedded LocalCluster, an existing Dask cluster (`--scheduler`), or
+worker jobs of the cluster's batch scheduler (`--cluster slurm`, through dask-jobqueue).
 
 Security (README, "Security"): whoever can talk to a Dask scheduler can run any Python on its
 workers. The embedded cluster therefore listens on loopback only; an external cluster on a shared
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from softlabels.data.errors import UserError
 
@@ -131,3 +135,224 @@ def connect(scheduler: str | None, n_workers: int, resource: str, security=None)
         )
     with cluster, Client(cluster) as client:
         yield client
+
+
+BATCH_SYSTEMS = ("slurm", "pbs", "sge", "lsf")  # dask-jobqueue's; only Slurm is tested
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What `generate --cluster KIND` asks the batch scheduler for; None: Dask's `jobqueue`
+    configuration (~/.config/dask/jobqueue.yaml) decides, as for any dask-jobqueue user."""
+
+    kind: str
+    workers: int  # worker jobs kept running, one teacher engine each
+    queue: str | None = None
+    walltime: str | None = None
+    memory: str | None = None
+    cores: int | None = None
+    gpus: int = 0  # per worker job (Slurm: --gres=gpu:N)
+    job_extra: tuple[str, ...] = ()  # more scheduler directives, without their prefix
+    scheduler_host: str | None = None  # where the scheduler listens: the workers reach it there
+    worker_timeout: float = 600.0  # no worker started by then: say why and stop
+
+
+def _batch_kwargs(o: BatchOptions, resource: str, state: Path, cores: int) -> dict:
+    """dask-jobqueue's keyword arguments: ours where the user gave a flag, the rest from the
+    jobqueue configuration. One worker process per job, its own process (no nanny): it may start
+    vLLM's rank processes, and glibc reads the malloc settings from the job's environment."""
+    import dask
+
+    host = o.scheduler_host or dask.config.get(f"jobqueue.{o.kind}.scheduler-options",
+                                               {}).get("host") or _my_address()
+    env = {**MALLOC_ENV, "OMP_NUM_THREADS": str(cores), "VLLM_LOGGING_LEVEL": "ERROR",
+           "TOKENIZERS_PARALLELISM": "false"}
+    kw = {"processes": 1, "cores": cores, "nanny": False,
+          "memory": o.memory or dask.config.get(f"jobqueue.{o.kind}.memory") or "16GiB",
+          "queue": o.queue, "walltime": o.walltime,
+          "job_name": job_name(state),
+          "worker_extra_args": [*dask.config.get(f"jobqueue.{o.kind}.worker-extra-args", []),
+                                "--resources", f"{resource}=1", "--memory-limit", "0"],
+          "job_script_prologue": [*dask.config.get(f"jobqueue.{o.kind}.job-script-prologue",
+                                                   []),
+                                  *(f"export {k}={v}" for k, v in env.items())],
+          "job_extra_directives": [*dask.config.get(f"jobqueue.{o.kind}.job-extra-directives",
+                                                    []),
+                                   *([f"--gres=gpu:{o.gpus}"] if o.gpus and o.kind == "slurm"
+                                     else []), *o.job_extra],
+          "scheduler_options": {**dask.config.get(f"jobqueue.{o.kind}.scheduler-options", {}),
+                                "host": host, "dashboard_address": f"{host}:0"},
+          "shared_temp_directory": str(state / "tls"),
+          "log_directory": dask.config.get(f"jobqueue.{o.kind}.log-directory") or
+          str(state / "worker-logs"),
+          "python": dask.config.get(f"jobqueue.{o.kind}.python") or sys.executable}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def job_name(state: Path) -> str:
+    """The worker jobs' name: softlabels-<output folder>, for squeue and people."""
+    return f"softlabels-{state.parent.name}"[:64]
+
+
+def _my_address() -> str:
+    """This host's address on the network its name resolves to (where worker jobs reach it)."""
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+@contextmanager
+def batch_cluster(o: BatchOptions, resource: str, state: Path, security=None
+                  ) -> Iterator[tuple]:
+    """Yield (client, supervisor) of a dask-jobqueue cluster of `o.workers` worker jobs; every
+    job it submitted is cancelled when the block ends, however it ends (SIGTERM included)."""
+    import signal
+
+    import dask_jobqueue
+    from distributed import Client
+    from distributed.security import Security
+
+    if o.kind not in BATCH_SYSTEMS:
+        raise UserError(f"--cluster {o.kind}: choose from {', '.join(BATCH_SYSTEMS)}")
+    import dask
+
+    cores = o.cores or dask.config.get(f"jobqueue.{o.kind}.cores") or 1
+    (state / "tls").mkdir(parents=True, exist_ok=True)
+    security = security or Security.temporary()  # mutual TLS, certificates made for this run
+    cls = getattr(dask_jobqueue, f"{o.kind.upper()}Cluster")
+    # Jobs ending early is routine on a batch cluster (walltime, preemption): let a unit outlive
+    # more lost workers than Dask's default of 3 before it is called a failure (generate keeps
+    # at most two units on a worker, so one loss touches few)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 20}):
+        cluster = cls(**_batch_kwargs(o, resource, state, cores), security=security,
+                      protocol="tls://")
+    client = None
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # walltime, scancel of generate itself
+    try:
+        client = Client(cluster, security=security)
+        supervisor = Supervisor(cluster, o, job_name(state))
+        supervisor.start()
+        try:
+            yield client, supervisor
+        finally:
+            supervisor.stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if client is not None:
+            client.close()
+        cluster.close()  # cancels every job it submitted
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def job_script(o: BatchOptions, resource: str, state: Path) -> str:
+    """The script each worker job runs, made without submitting anything."""
+    import dask_jobqueue
+    from distributed.security import Security
+
+    (state / "tls").mkdir(parents=True, exist_ok=True)
+    cls = getattr(dask_jobqueue, f"{o.kind.upper()}Cluster")
+    import dask
+
+    with cls(**_batch_kwargs(o, resource, state, o.cores or
+                             dask.config.get(f"jobqueue.{o.kind}.cores") or 1),
+             security=Security.temporary(), protocol="tls://") as cluster:
+        return cluster.job_script()
+
+
+LIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
+        "RESIZING", "SIGNALING", "STAGE_OUT")  # Slurm's states of a job not (yet) ended
+
+
+class Supervisor:
+    """Keeps `workers` worker jobs asked for while the job runs: a job that ends (scancel,
+    preemption, walltime, a crashed worker), queued or running, is replaced. Slurm's jobs are
+    watched with squeue (by the jobs' name, every state, so that an ended job says how it
+    ended); other systems through the workers the scheduler loses."""
+
+    def __init__(self, cluster, o: BatchOptions, name: str):
+        import threading
+
+        self.cluster, self.o, self.name = cluster, o, name
+        self.states: dict[str, tuple[str, str]] = {}  # job id -> (state, reason)
+        self.ended: dict[str, str] = {}  # job id of ours -> how it ended
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="softlabels-jobs", daemon=True)
+
+    @property
+    def replaced(self) -> int:
+        return len(self.ended)
+
+    def start(self) -> None:
+        self.cluster.scale(jobs=self.o.workers)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def jobs(self) -> dict[str, str]:
+        """{worker name: job id} of the jobs submitted and not known to have ended."""
+        return {n: w.job_id for n, w in list(self.cluster.workers.items())
+                if getattr(w, "job_id", None)}
+
+    def _query(self) -> dict[str, tuple[str, str]] | None:
+        """{job id: (state, reason)} of the jobs of our name Slurm still knows (ended ones for
+        MinJobAge, 300 s by default), or None where that cannot be asked."""
+        import subprocess
+
+        if self.o.kind != "slurm":
+            return None
+        p = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T %r", "-n", self.name],
+                           capture_output=True, text=True)
+        if p.returncode:
+            return None
+        return {i: (st, r) for i, st, r in (
+            (line.split(None, 2) + ["", ""])[:3] for line in p.stdout.splitlines())}
+
+    def _run(self) -> None:
+        while not self._stop.wait(3.0):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a failed poll is retried at the next one
+                logging.getLogger(__name__).debug("job poll failed", exc_info=True)
+
+    def check(self) -> None:
+        jobs = self.jobs()
+        states = self._query()
+        if states is not None:
+            self.states = states
+            # a new job gets the lowest free worker name: replace a lost one only once the
+            # scheduler has let its worker go, or the new worker is refused ("name taken")
+            held = {w["name"] for w in self.cluster.scheduler_info.get("workers", {}).values()}
+            for n, i in jobs.items():
+                if states.get(i, ("",))[0] in LIVE or n in held:
+                    continue
+                self.ended[i] = states.get(i, ("ENDED",))[0]  # how it ended, for the report
+                self.cluster.worker_spec.pop(n, None)
+                w = self.cluster.workers.pop(n, None)
+                if w is not None:
+                    self.cluster.sync(w.close)
+        self.cluster.scale(jobs=self.o.workers)  # up to `workers` again
+
+    def status(self) -> str:
+        """'R running, Q queued' from the batch scheduler, or the scheduler's worker count."""
+        if self.o.kind == "slurm":
+            s = [st for i, (st, _) in self.states.items() if i in self.jobs().values()]
+            return f"{s.count('RUNNING')} running, {s.count('PENDING')} queued"
+        return f"{len(self.cluster.scheduler_info.get('workers', {}))} running"
+
+    def why_waiting(self) -> str:
+        """The batch scheduler's reasons the jobs are not running (Slurm), for messages."""
+        reasons = sorted({r for st, r in self.states.values() if st == "PENDING" and r})
+        return ", ".join(reasons)
+
+    def report(self) -> str:
+        """How the replaced jobs ended, e.g. 'TIMEOUT 2, CANCELLED 1'."""
+        how = [st for st in self.ended.values()]
+        return ", ".join(f"{st} {how.count(st)}" for st in sorted(set(how)))

@@ -260,12 +260,24 @@ def _responses(task: UnitTask, teacher: Teacher, row_ids, prompts) -> list[Row]:
     return rows
 
 
+def attempts_path(out: Path) -> Path:
+    return out / STATE_DIR / "attempts.log"
+
+
+def _log_attempt(out: Path, unit: Unit) -> None:
+    """One line per time a unit reaches the teacher: how much teacher work lost workers cost
+    (lines beyond the number of units). An append of one short line is atomic on POSIX."""
+    with open(attempts_path(out), "a") as f:
+        f.write(f"{unit.name} {os.getpid()} {time.time():.3f}\n")
+
+
 def run_unit(task: UnitTask) -> dict:
     """Score one unit's windows with the teacher and commit its shard; return a summary."""
     out = Path(task.out)
     t0 = time.perf_counter()
     teacher = _teacher(task)
     t1 = time.perf_counter()
+    _log_attempt(out, task.unit)
     row_ids, windows, masks = read_unit(out, task.unit)
     try:
         if task.sampling:
@@ -290,13 +302,13 @@ def run_unit(task: UnitTask) -> dict:
     path = unit_path(out, task.unit)
     info = write_shard(path, rows, task.engine.k, task.logprob_step,
                        draws=task.engine.draws, sample_temperature=task.engine.sample_temperature)
-    # The record names the file this attempt committed (see _matches).
-    record = {**asdict(info), "identity": _identity(path)}
-    write_text(done_path(out, task.unit), json.dumps(record))
-    return {
+    summary = {
         **asdict(info),
         "engine_start_s": t1 - t0,
         "teacher_s": t2 - t1,  # reading the unit + vLLM + arrays
         "write_s": time.perf_counter() - t2,  # encoding, compression, hashing, commit
         "pid": os.getpid(),
     }
+    # The record names the file this attempt committed (see _matches), and what it cost.
+    write_text(done_path(out, task.unit), json.dumps({**summary, "identity": _identity(path)}))
+    return summary

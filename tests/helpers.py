@@ -118,13 +118,15 @@ def stop_dask(procs: dict) -> None:
         p.wait()
 
 
-def softlabels(*args, check=True, **kw):
-    """Run the real `softlabels` command in a subprocess; return the CompletedProcess."""
+def softlabels(*args, check=True, env=None, **kw):
+    """Run the real `softlabels` command in a subprocess (`env`: more environment variables);
+    return the CompletedProcess."""
     import subprocess
     import sys
 
     p = subprocess.run([sys.executable, "-m", "softlabels", *map(str, args)],
-                       capture_output=True, text=True, cwd=REPO, env=dask_env(), **kw)
+                       capture_output=True, text=True, cwd=REPO, env={**dask_env(), **(env or {})},
+                       **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"softlabels {args} exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p
