@@ -40,6 +40,36 @@ def make_tokenizer(texts: list[str], vocab_size: int, path: str | os.PathLike):
     return fast
 
 
+def make_unigram_tokenizer(texts: list[str], vocab_size: int, path: str | os.PathLike):
+    """A SentencePiece-style tokenizer (Unigram pieces, "▁" for a space, <0xNN> byte fallback,
+    as Llama 2 or Gemma have) trained on `texts`, saved HF-style into `path`: a student
+    tokenizer of another kind than the teacher's byte-level BPE."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(
+        vocab_size=vocab_size - 256, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>",
+        show_progress=False))
+    # UnigramTrainer ignores byte_fallback: add the 256 byte pieces and switch it on by hand
+    spec = json.loads(tok.to_str())
+    have = {piece for piece, _ in spec["model"]["vocab"]}
+    spec["model"]["vocab"] += [[f"<0x{b:02X}>", -50.0] for b in range(256)
+                               if f"<0x{b:02X}>" not in have]
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
 def make_model(
     path: str | os.PathLike,
     vocab_size: int,

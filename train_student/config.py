@@ -15,6 +15,7 @@ from pathlib import Path
 
 from softlabels.data.errors import UserError
 from softlabels.train_student.batches import TARGETS
+from softlabels.train_student.cross import CROSS_LOSSES
 from softlabels.train_student.losses import (
     LABEL_RESIDUAL_LOSS,
     LOSSES,
@@ -147,6 +148,14 @@ class TrainConfig:
     residual: str = opt("label", "where the teacher's mass outside the top-k goes: label (onto the "
                                  "real next token; forward_kl), tail (a (k+1)-th bucket), or none "
                                  "(renormalise the top-k)", choices=RESIDUALS)
+    student_tokenizer: str | None = opt(None, "tokenizer folder of a fresh student (--student "
+                                              "a config file) other than the teacher's: the "
+                                              "training is then cross-tokenizer")
+    cross_loss: str = opt("both", "with a student tokenizer other than the teacher's: alm "
+                                  "(chunk likelihoods, approximate likelihood matching), dist "
+                                  "(the teacher's next-token distribution carried onto the "
+                                  "student's tokens at shared boundaries) or both",
+                          choices=CROSS_LOSSES)
     max_steps: int = opt(0, "optimiser steps; 0: use --epochs")
     epochs: int = opt(1, "passes over the data when --max-steps is 0")
     batch_tokens: int = opt(4096, "tokens per micro-batch and process")
@@ -193,6 +202,9 @@ class TrainConfig:
         if not lengths:
             for i in range(max(1, len(self.data))):
                 errors += [e for e in self.recipe(i).problems() if e not in errors]
+        if self.cross_loss not in CROSS_LOSSES:
+            errors.append(f"--cross-loss {self.cross_loss!r}: choose from "
+                          f"{', '.join(CROSS_LOSSES)}")
         if self.batch_tokens < 1 or self.grad_accum < 1 or self.chunk < 1:
             errors.append("--batch-tokens, --grad-accum and --chunk must be >= 1")
         if self.max_steps <= 0 and self.epochs <= 0:

@@ -1,9 +1,14 @@
 """`softlabels eval`: how close a model is to the teacher, on a held-out soft-label dataset.
 
-ce/ppl: cross-entropy on the real next tokens; kl: KL(teacher || model) on the stored top-k with
-the tail bucket, at T=1; top1_agreement: the model's argmax equals the teacher's top-1. On a
-dataset of samples only, kl and top-1 use the draws (count / N, and the most drawn id): an
-estimate, whose KL is biased upward by the sampling noise.
+ce/ppl: cross-entropy on the real next tokens; bpb: bits per byte, the same loss over the bytes
+of the text those tokens spell (in bits), comparable across tokenizers; kl: KL(teacher || model)
+on the stored top-k with the tail bucket, at T=1; top1_agreement: the model's argmax equals the
+teacher's top-1. On a dataset of samples only, kl and top-1 use the draws (count / N, and the
+most drawn id): an estimate, whose KL is biased upward by the sampling noise.
+
+A model with another tokenizer than the dataset's is evaluated on its own tokens of each window's
+text (rebuilt from the teacher's token bytes, tokenbytes.py): ce and bpb over the tokens the
+cross-tokenizer trainer counts (chunks whose bytes are targets); kl and top-1 do not apply.
 """
 
 from __future__ import annotations
@@ -36,16 +41,43 @@ def add_arguments(p) -> None:
 
 @torch.no_grad()
 def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, num_parts=1,
-             reduce=None) -> dict:
+             reduce=None, tokenizer=None) -> dict:
+    """Held-out metrics of `model` (see the module docstring); `tokenizer`: the model's, where it
+    may differ from the dataset's."""
+    from softlabels.data.errors import UserError
+    from softlabels.data.show import load_tokenizer
+    from softlabels.train_student.cross import CrossTeacher, collate_cross, label_logprobs
+    from softlabels.train_student.student import same_tokenizer
+    from softlabels.train_student.tokenbytes import TokenBytes
+
     was_training = model.training
     model.eval()
     reader = SoftLabelReader(data, part=part, num_parts=num_parts)
+    data_tok = load_tokenizer(data)
+    cross = tokenizer is not None and not same_tokenizer(tokenizer, data_tok)
+    try:
+        tb = TokenBytes(data_tok, f"the tokenizer of {data}") if data_tok is not None else None
+    except UserError:
+        if cross:
+            raise
+        tb = None  # no bits per byte: its tokens do not keep their bytes
     vocab = model.get_output_embeddings().weight.shape[0]
     lm_head = model.get_output_embeddings()
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    sums = torch.zeros(5, dtype=torch.float64)  # ce, ce tokens, kl, top1 hits, kd tokens
+    # ce, ce tokens, kl, top1 hits, kd tokens, bytes of the ce tokens
+    sums = torch.zeros(6, dtype=torch.float64)
     targets = "topk" if reader.manifest.k else "samples"
     for _, rows in chunks(reader.rows(), batch_tokens):
+        if cross:
+            b = collate_cross(rows, [0] * len(rows), [CrossTeacher(tb, None)], tokenizer,
+                              [targets], False).to(device)
+            h = model.get_decoder()(input_ids=b.input_ids,
+                                    attention_mask=b.attention_mask).last_hidden_state
+            lq = label_logprobs(h.reshape(-1, h.shape[-1])[b.pos], lm_head, b.labels, chunk,
+                                softcap)
+            sums += torch.tensor([-float(lq.sum()), len(lq), 0, 0, 0, float(b.n_bytes)],
+                                 dtype=torch.float64)
+            continue
         b = collate(rows, vocab, targets).to(device)
         h = model.get_decoder()(input_ids=b.input_ids,
                                 attention_mask=b.attention_mask).last_hidden_state
@@ -58,8 +90,9 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
             kl = divergence(teacher_buckets(lp.masked_fill(ids < 0, NEG), b.rest[s : s + chunk]),
                             student_buckets(logits, ids), "forward_kl", 0.5).sum()
             top1 = (logits.argmax(-1) == ids[:, 0]).sum()
-            sums += torch.tensor([float(ce), float(has.sum()), float(kl), float(top1), len(ids)],
-                                 dtype=torch.float64)
+            n_bytes = float(tb.lengths[labels[has].cpu().numpy()].sum()) if tb else 0.0
+            sums += torch.tensor([float(ce), float(has.sum()), float(kl), float(top1), len(ids),
+                                  n_bytes], dtype=torch.float64)
     if reduce is not None:
         sums = reduce(sums.to(device), reduction="sum").cpu()
     model.train(was_training)
@@ -67,11 +100,15 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
 
 
 def _metrics(sums: torch.Tensor) -> dict:
-    """[ce sum, ce tokens, kl sum, top-1 hits, kd tokens] -> the reported numbers."""
+    """[ce sum, ce tokens, kl sum, top-1 hits, kd tokens, bytes] -> the reported numbers
+    (kl and top-1 None where they do not apply, bpb None where bytes are not known)."""
     ce = float(sums[0] / max(sums[1], 1))
-    return {"ce": ce, "ppl": math.exp(min(ce, 50)), "kl": float(sums[2] / max(sums[4], 1)),
-            "top1_agreement": float(sums[3] / max(sums[4], 1)), "tokens": int(sums[4]),
-            "ce_tokens": int(sums[1])}
+    kd = sums[4] > 0
+    return {"ce": ce, "ppl": math.exp(min(ce, 50)),
+            "bpb": float(sums[0] / (math.log(2) * sums[5])) if sums[5] > 0 else None,
+            "kl": float(sums[2] / sums[4]) if kd else None,
+            "top1_agreement": float(sums[3] / sums[4]) if kd else None,
+            "tokens": int(sums[4]), "ce_tokens": int(sums[1]), "bytes": int(sums[5])}
 
 
 def evaluate_all(model, folders, batch_tokens=8192, **kw) -> tuple[dict, dict]:
@@ -84,11 +121,12 @@ def evaluate_all(model, folders, batch_tokens=8192, **kw) -> tuple[dict, dict]:
 def weighted_mean(metrics: list[dict]) -> dict:
     """Datasets' metrics -> those of all their tokens together (CE by CE tokens, KL and top-1
     by target tokens)."""
-    sums = torch.zeros(5, dtype=torch.float64)
+    sums = torch.zeros(6, dtype=torch.float64)
     for m in metrics:
         sums += torch.tensor([m["ce"] * m["ce_tokens"], m["ce_tokens"],
-                              m["kl"] * m["tokens"], m["top1_agreement"] * m["tokens"],
-                              m["tokens"]], dtype=torch.float64)
+                              (m["kl"] or 0.0) * m["tokens"],
+                              (m["top1_agreement"] or 0.0) * m["tokens"], m["tokens"],
+                              m["bytes"]], dtype=torch.float64)
     return _metrics(sums)
 
 
@@ -105,7 +143,7 @@ def main(args) -> int:
     from transformers import AutoTokenizer
 
     from softlabels.data.show import load_tokenizer
-    from softlabels.train_student.student import check_tokenizers, load_model
+    from softlabels.train_student.student import load_model
 
     model = load_model(args.model, args.trust_remote_code)
     try:
@@ -113,17 +151,22 @@ def main(args) -> int:
     except (OSError, ValueError):
         tok = None
     for d in args.data:  # every dataset checked before any is evaluated
-        check_tokenizers(tok, load_tokenizer(d), args.model, d)
-    rows = [{"data": d, **evaluate(model, d, args.batch_tokens)} for d in args.data]
+        if load_tokenizer(d) is None:
+            from softlabels.data.errors import UserError
+
+            raise UserError(f"{d} has no tokenizer/ folder; regenerate it with softlabels "
+                            "generate")
+    rows = [{"data": d, **evaluate(model, d, args.batch_tokens, tokenizer=tok)}
+            for d in args.data]
     if args.json:
         print(json.dumps(rows[0] if len(rows) == 1 else rows))
         return 0
-    for m in rows:
-        print(f"{args.model} on {m['data']}: CE {m['ce']:.4f} (ppl {m['ppl']:.2f}), "
-              f"KL(teacher||model) {m['kl']:.4f}, top-1 agreement {m['top1_agreement']:.3f}, "
-              f"{m['tokens']} tokens")
-    if len(rows) > 1:
-        mean = weighted_mean(rows)
-        print(f"token-weighted mean: CE {mean['ce']:.4f}, KL {mean['kl']:.4f}, top-1 agreement "
-              f"{mean['top1_agreement']:.3f}, {mean['tokens']} tokens")
+    for m in rows + ([{"data": "token-weighted mean", **weighted_mean(rows)}]
+                     if len(rows) > 1 else []):
+        print(f"{args.model} on {m['data']}: CE {m['ce']:.4f} (ppl {m['ppl']:.2f})"
+              + (f", {m['bpb']:.4f} bits/byte" if m["bpb"] is not None else "")
+              + (f", KL(teacher||model) {m['kl']:.4f}, top-1 agreement "
+                 f"{m['top1_agreement']:.3f}" if m["kl"] is not None else
+                 " (its own tokenizer: no KL or top-1)")
+              + f", {m['ce_tokens']} tokens")
     return 0

@@ -18,14 +18,17 @@ def _config_from_file(path: Path) -> dict:
     return json.loads(text)
 
 
+def same_tokenizer(a, b) -> bool:
+    return a is not None and b is not None and a.get_vocab() == b.get_vocab()
+
+
 def check_tokenizers(student_tok, data_tok, student: str, data: str) -> None:
     if data_tok is None:
         raise UserError(f"{data} has no tokenizer/ folder; regenerate it with softlabels generate")
-    if student_tok is not None and student_tok.get_vocab() != data_tok.get_vocab():
+    if student_tok is not None and not same_tokenizer(student_tok, data_tok):
         raise UserError(
             f"student {student} uses a different tokenizer than the teacher that wrote {data}: "
-            "a student must share the teacher's tokenizer (start it from a config to use the "
-            "dataset's)"
+            "this needs the teacher's tokenizer (start it from a config to use the dataset's)"
         )
 
 
@@ -51,44 +54,52 @@ def load_model(path, trust_remote_code: bool = False):
         raise UserError(f"model {path} {why}") from e
 
 
-def load_student(student: str, data, trust_remote_code: bool = False):
-    """-> (model, tokenizer). `student`: an HF causal-LM folder, or a JSON/YAML model config;
-    `data`: a dataset folder, or several (which must share one tokenizer)."""
+def load_student(student: str, data, trust_remote_code: bool = False,
+                 tokenizer: str | None = None):
+    """-> (model, tokenizer). `student`: an HF causal-LM folder (its own tokenizer if it has one),
+    or a JSON/YAML model config (the dataset's tokenizer, or the folder `tokenizer`); `data`: a
+    dataset folder, or several. A tokenizer other than the datasets' makes the training
+    cross-tokenizer (train.py decides and says so)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(student)
     folders = [data] if isinstance(data, (str, Path)) else list(data)
-    data, data_tok = folders[0], load_tokenizer(folders[0])
-    for other in folders[1:]:
-        tok = load_tokenizer(other)
-        if data_tok is not None and (tok is None or tok.get_vocab() != data_tok.get_vocab()):
-            raise UserError(f"{other} was written with another tokenizer than {data}: the "
-                            "datasets of one training must share the student's tokenizer")
+    data_tok = load_tokenizer(folders[0])
+    if data_tok is None:
+        raise UserError(f"{folders[0]} has no tokenizer/ folder; regenerate it with softlabels "
+                        "generate")
+    tok = None
+    if tokenizer is not None:
+        try:
+            tok = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--student-tokenizer {tokenizer} cannot be loaded "
+                            f"({str(e).splitlines()[0]})") from e
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"student {path} has no config.json; pass a save_pretrained folder "
                             "or a model config file")
-        try:
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):
-            tok = None
-        check_tokenizers(tok, data_tok, student, data)
+        if tok is None:
+            try:
+                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError):
+                tok = None
         model = load_model(path, trust_remote_code)
     elif path.is_file():
-        check_tokenizers(None, data_tok, student, data)
         d = _config_from_file(path)
         model_type = d.pop("model_type", None)
         if model_type is None:
             raise UserError(f"student config {path} has no model_type (e.g. \"llama\")")
-        d.setdefault("vocab_size", len(data_tok))
+        d.setdefault("vocab_size", len(tok or data_tok))
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **d))
     else:
         raise UserError(f"student {path} does not exist; pass a model folder or a config file")
+    tok = tok or data_tok
     vocab = model.get_output_embeddings().weight.shape[0]
-    if vocab < len(data_tok):
-        raise UserError(f"student vocabulary {vocab} is smaller than the teacher tokenizer's "
-                        f"{len(data_tok)}; set vocab_size >= {len(data_tok)}")
-    return model, data_tok
+    if vocab < len(tok):
+        raise UserError(f"student vocabulary {vocab} is smaller than its tokenizer's "
+                        f"{len(tok)}; set vocab_size >= {len(tok)}")
+    return model, tok
 
 
 def add_lora(model, r: int, alpha: float, targets: tuple[str, ...]):

@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from softlabels.data.atomic import fsync_dir, write_text
 from softlabels.data.errors import UserError
 from softlabels.train_student.batches import Batch, EpochPlan, collate, prefetch
 from softlabels.train_student.config import Recipe, TrainConfig
+from softlabels.train_student.cross import Cross, CrossBatch, cross_sums
 from softlabels.train_student.losses import head_logits, kd_ce_sums
 from softlabels.train_student.mixture import Mixture
 from softlabels.train_student.student import add_lora, load_student
@@ -62,11 +63,14 @@ class Distiller(torch.nn.Module):
         """The student's layer classes: what FSDP's transformer auto-wrap shards one by one."""
         return getattr(self.model, "_no_split_modules", None)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch | CrossBatch):
         # (B, L, H) hidden states; the (tokens, vocab) logits are never built at once
         h = self.model.get_decoder()(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
+        if isinstance(batch, CrossBatch):  # [alm, dist, ce] sums
+            return cross_sums(h, batch, self.model.get_output_embeddings(), self.chunk,
+                              self.softcap)
         return target_sums(h, batch, self.model.get_output_embeddings(), self.recipes,
                            self.chunk, self.softcap)
 
@@ -128,16 +132,19 @@ def total_steps(mix: Mixture, cfg: TrainConfig, n_proc: int) -> int:
                for e in range(cfg.epochs))
 
 
-def step_batches(mix: Mixture, cfg, plan: EpochPlan, epoch: int, m0: int, p: int, vocab: int):
-    """Per optimiser step from micro-batch m0 on: (micro-batch ids, [(Batch, weight)] of this
-    process). Only this process's rows are decoded."""
+def step_batches(mix: Mixture, cfg, plan: EpochPlan, epoch: int, m0: int, p: int, vocab: int,
+                 cross=None):
+    """Per optimiser step from micro-batch m0 on: (micro-batch ids, [(batch, weight)] of this
+    process). Only this process's rows are decoded; with `cross` (Cross), the student tokenizes
+    and aligns them here too, in the background thread, off the step."""
     for m in range(m0, plan.micro_batches, cfg.grad_accum):
         group = range(m, min(m + cfg.grad_accum, plan.micro_batches))
         mine = []
         for g in group:
             pos, weight = plan.rows(g, p)
             rows, sources = mix.read(epoch, pos)
-            mine.append((collate(rows, vocab, list(cfg.targets), sources), weight))
+            mine.append((cross.collate(rows, sources, list(cfg.targets)) if cross else
+                         collate(rows, vocab, list(cfg.targets), sources), weight))
         yield group, mine
 
 
@@ -194,7 +201,12 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.print(f"training on {r.describe(reader.manifest)}" + (
             f" from {mix.folders[d]} ({mix.weights[d]:.1%} of the target tokens, "
             f"{mix.seen(1)[d]:.2f} passes per epoch)" if len(recipes) > 1 else ""))
-    model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code)
+    model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code,
+                                    cfg.student_tokenizer)
+    cross = Cross.setup(tokenizer, mix, recipes, cfg)  # None: the teacher's tokenizer
+    if cross is not None:
+        accelerator.print(cross.describe())
+        cfg = replace(cfg, ce_weight=(cross.ce_weight,), cross_loss=cross.kind)
     vocab = model.get_output_embeddings().weight.shape[0]
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -242,13 +254,13 @@ def train(cfg: TrainConfig) -> dict:
             plan = plan_epoch(mix, cfg, n_proc, progress.epoch)
             first = plan.at_row(progress.row)  # 0, or where a resumed run stopped
             steps = contextlib.closing(prefetch(step_batches(
-                mix, cfg, plan, progress.epoch, first, accelerator.process_index, vocab)))
+                mix, cfg, plan, progress.epoch, first, accelerator.process_index, vocab, cross)))
             with steps as steps:  # closed on every exit: the prefetch thread ends with the loop
                 for group, mine in steps:
                     if progress.step >= total:
                         break
                     _step(accelerator, distiller, optimizer, cfg, recipes, total, plan, group,
-                          mine, progress)
+                          mine, progress, cross)
                     now = time.perf_counter()
                     progress.history[-1]["step_s"] = now - t_step  # waiting for data included
                     if now - t_last > 1.0 or progress.step == total:
@@ -258,7 +270,7 @@ def train(cfg: TrainConfig) -> dict:
                         t_last, tok_last = now, progress.tokens
                     bar.update(1)
                     if cfg.eval_data and cfg.eval_every and progress.step % cfg.eval_every == 0:
-                        _eval(accelerator, distiller, cfg, progress)
+                        _eval(accelerator, distiller, cfg, progress, cross)
                     if cfg.save_every and progress.step % cfg.save_every == 0:
                         save_checkpoint(accelerator, out, progress)
                     t_step = time.perf_counter()
@@ -268,7 +280,7 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()  # before any error message, which must be the last line
 
     if cfg.eval_data and (not progress.evals or progress.evals[-1]["step"] != progress.step):
-        _eval(accelerator, distiller, cfg, progress)
+        _eval(accelerator, distiller, cfg, progress, cross)
     accelerator.wait_for_everyone()
     # every process takes part: under FSDP this gathers the shards into full tensors
     state = accelerator.get_state_dict(distiller)
@@ -287,6 +299,7 @@ def train(cfg: TrainConfig) -> dict:
         result = {"steps": progress.step, "tokens": progress.tokens,
                   "final_loss": progress.history[-1]["loss"], **sizes, **peak_memory(accelerator),
                   "rows_decoded_per_process": decoded.tolist(),
+                  "mode": cross.describe() if cross else "teacher's tokenizer",
                   "datasets": [{"path": f, "weight": float(mix.weights[d]),
                                 "target_tokens": progress.consumed[d][0],
                                 "rows": progress.consumed[d][1],
@@ -315,11 +328,14 @@ def peak_memory(accelerator) -> dict:
 
 
 def _step(accelerator, distiller, optimizer, cfg, recipes, total, plan, group, mine,
-          progress) -> None:
+          progress, cross=None) -> None:
     """One optimiser step over `grad_accum` global micro-batches; `mine` are this process's.
 
     loss = sum over datasets d of (1 - w_d) KD_d / KD_n + w_d CE_d / CE_n: each dataset's sums
     with its own recipe and CE weight w_d, all normalised by the step's global counts."""
+    if cross is not None:
+        return _cross_step(accelerator, distiller, optimizer, cfg, total, plan, group, mine,
+                           progress, cross)
     n_proc = accelerator.num_processes
     # Global token counts of the whole step, known to every process from the row index.
     kd_n, ce_n = map(sum, zip(*(plan.counts(m) for m in group)))
@@ -365,7 +381,53 @@ def _step(accelerator, distiller, optimizer, cfg, recipes, total, plan, group, m
                      "train/lr": lr}, step=progress.step)
 
 
-def _eval(accelerator, distiller, cfg: TrainConfig, progress: Progress) -> None:
+def _cross_step(accelerator, distiller, optimizer, cfg, total, plan, group, mine, progress,
+                cross) -> None:
+    """One optimiser step of a student with its own tokenizer (cross.py): its target tokens,
+    chunks and chunk starts are known only once its tokenizer has run, so the step's global
+    counts are summed over this process's micro-batches and all-reduced (one small collective
+    per step) before any backward."""
+    n_proc = accelerator.num_processes
+    counts = accelerator.reduce(torch.tensor([list(b.counts) for b, w in mine if w],
+                                             dtype=torch.float64, device=accelerator.device
+                                             ).reshape(-1, 3).sum(0), reduction="sum").tolist()
+    lr = lr_at(progress.step, cfg, total)
+    for pg in optimizer.param_groups:
+        pg["lr"] = lr
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    for i, (batch, weight) in enumerate(mine):
+        batch = batch.to(accelerator.device)
+        last = i == len(mine) - 1
+        with (contextlib.nullcontext() if last else accelerator.no_sync(distiller)), \
+                accelerator.autocast():
+            s = distiller(batch)  # [alm, dist, ce]
+            loss = cross.loss(s, counts) * n_proc * weight
+            accelerator.backward(loss)
+        sums += s.detach().double() * weight
+    if cfg.max_grad_norm:
+        accelerator.clip_grad_norm_(distiller.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums = accelerator.reduce(sums, reduction="sum").cpu()
+    n, c, m = (max(x, 1) for x in counts)
+    loss_mean = float(cross.loss(sums, counts))
+    progress.step += 1
+    progress.row = plan.end(group[-1])
+    progress.tokens += int(counts[0])  # the student's target tokens
+    by = sum(plan.by_source(m_, len(progress.consumed)) for m_ in group)
+    for d in range(len(progress.consumed)):
+        progress.consumed[d][0] += int(by[0, d])
+        progress.consumed[d][1] += int(by[1, d])
+    progress.history.append({"step": progress.step, "loss": loss_mean,
+                             "alm": float(sums[0]) / c, "dist": float(sums[1]) / m,
+                             "ce": float(sums[2]) / n, "kd": float(cross.kd(sums, counts)),
+                             "lr": lr, "tokens": progress.tokens, "chunks": int(counts[1])})
+    accelerator.log({"train/loss": loss_mean, "train/alm": float(sums[0]) / c,
+                     "train/dist": float(sums[1]) / m, "train/ce": float(sums[2]) / n,
+                     "train/lr": lr}, step=progress.step)
+
+
+def _eval(accelerator, distiller, cfg: TrainConfig, progress: Progress, cross=None) -> None:
     """Each held-out dataset apart, and their token-weighted mean (the top-level numbers)."""
     from softlabels.train_student.evaluate import evaluate_all
 
@@ -374,14 +436,16 @@ def _eval(accelerator, distiller, cfg: TrainConfig, progress: Progress) -> None:
     with unsharded(distiller):
         mean, each = evaluate_all(model, cfg.eval_data, cfg.batch_tokens, chunk=cfg.chunk,
                                   device=accelerator.device, part=accelerator.process_index,
-                                  num_parts=accelerator.num_processes, reduce=accelerator.reduce)
+                                  num_parts=accelerator.num_processes, reduce=accelerator.reduce,
+                                  tokenizer=cross.tokenizer if cross else None)
     distiller.train()
     progress.evals.append({"step": progress.step, **mean,
                            **({"datasets": each} if len(each) > 1 else {})})
-    logged = {f"eval/{k}": v for k, v in mean.items()}
+    logged = {f"eval/{k}": v for k, v in mean.items() if v is not None}
     if len(each) > 1:
-        logged.update({f"eval/{name}/{k}": v for name, m in each.items() for k, v in m.items()})
+        logged.update({f"eval/{name}/{k}": v for name, m in each.items() for k, v in m.items()
+                       if v is not None})
     accelerator.log(logged, step=progress.step)
     for name, m in ({"": mean} | (each if len(each) > 1 else {})).items():
         accelerator.print(f"eval step {progress.step}{' ' + name if name else ''}: " +
-                          " ".join(f"{k}={v:.4g}" for k, v in m.items()))
+                          " ".join(f"{k}={v:.4g}" for k, v in m.items() if v is not None))

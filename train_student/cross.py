@@ -1,0 +1,396 @@
+"""Distillation into a student with its own tokenizer, from targets stored over the teacher's.
+
+Each window's text is rebuilt from the teacher's token bytes (tokenbytes.py) and tokenized by the
+student; both tokenizations are cut into *chunks*, the spans between bytes where both have a token
+boundary. Two losses, either or both (`cross_loss`), beside CE on the student's own tokens:
+
+- ALM, approximate likelihood matching (Minixhofer et al. 2025; tokenkit's losses.py): the
+  teacher's log-likelihood of a chunk is the sum of its stored log-probs of the chunk's tokens
+  (format 4's label log-prob, the "main path"), the student's likewise; the two are compared as
+  Bernoulli probabilities, exp(logp / tau), tau = 100, by binary KL. It needs one number per
+  teacher position, whatever k.
+- "dist": at every chunk start (a boundary both share) the teacher's stored next-token targets
+  (top-k and tail, or draws) are a distribution over teacher token *strings*; each is carried
+  onto the student token its bytes begin with (the longest student token that is a prefix of
+  them: a prefix trie of the student's vocabulary), masses of tokens that meet summed, and the
+  student's softmax at that position is trained on it by forward KL with a tail bucket (the
+  teacher's tail, and tokens with no student prefix, in it). This is a distribution at student
+  positions, not one scalar per chunk; it needs a byte-exact student tokenizer.
+
+A chunk counts only where every teacher token in it has a stored log-prob (its position has a
+target: response-only masks carry over by byte span) and neither side starts it with its
+window's first token (which nothing predicts). CE covers the student tokens of counted chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from softlabels.data.format import Row
+from softlabels.train_student.batches import targets_of
+from softlabels.train_student.losses import NEG, head_logits, kd_ce_sums
+from softlabels.train_student.tokenbytes import TokenBytes, chunks, student_spans
+
+CROSS_LOSSES = ("alm", "dist", "both")
+ALM_TAU = 100.0  # tokenkit's binarisation temperature
+
+
+class Trie:
+    """The teacher's vocabulary seen from the student's tokenizer, for targets at any student
+    position. Each teacher token's bytes are cut as the student cuts them on their own
+    (`segment`); then `path[t, c]` names what the student has emitted of t by byte c (its bytes
+    and where its tokens start; -1 where c is no start of a student token of t), and `next[t, c]`
+    is the student token that starts there (-1 at t's end: the next teacher token decides).
+
+    Conditioning on the student's tokens, not only on the bytes, matters: a Unigram student
+    cuts " ab" as "▁" + "a" + "b" but " lb" as "▁l" + "b", so after "▁" only words it would
+    have begun with "▁" alone can follow."""
+
+    def __init__(self, teacher: TokenBytes, student: TokenBytes, student_tok):
+        backend = student_tok.backend_tokenizer
+        width = int(teacher.lengths.max(initial=0)) + 1
+        self.path = np.full((len(teacher.table), width), -1, np.int64)
+        self.next = np.full((len(teacher.table), width), -1, np.int64)
+        self.names: dict[tuple, int] = {}
+        for t, b in enumerate(teacher.table):
+            ids = segment(b, student, backend)
+            if ids is None:
+                continue
+            starts = np.cumsum([0] + [len(student.table[i]) for i in ids])
+            for n, c in enumerate(starts.tolist()):
+                key = (b[:c], tuple(starts[1:n + 1].tolist()))
+                self.path[t, c] = self.names.setdefault(key, len(self.names))
+                self.next[t, c] = ids[n] if n < len(ids) else -1
+
+    def key(self, text: bytes, starts) -> int:
+        """The path id of the student's tokens `starts` (byte offsets in `text`, after 0)
+        having emitted `text`; -2 if no teacher token has that path."""
+        return self.names.get((text, tuple(starts)), -2)
+
+
+def segment(b: bytes, student: TokenBytes, backend) -> list[int] | None:
+    """The student's tokens of the text `b` on its own (its pre-tokenizer's pieces, its model on
+    each), or None where they do not spell `b` exactly (no whole UTF-8 text, unknown pieces)."""
+    import re
+
+    try:
+        text = b.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if student.kind == "sentencepiece":  # pieces start at each "▁" (no prefix space here)
+        pieces = re.findall("▁?[^▁]+|▁", text.replace(" ", "▁"))
+    elif backend.pre_tokenizer is not None:
+        pieces = [x for x, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+        if student.prefix_space and pieces and not text.startswith(" ") and \
+                pieces[0].startswith("Ġ"):
+            pieces[0] = pieces[0][1:]  # a prefix space the pre-tokenizer adds at a start
+    else:
+        pieces = [text]
+    ids = [t.id for x in pieces if x for t in backend.model.tokenize(x)]
+    return ids if b"".join(student.table[i] for i in ids) == b else None
+
+
+@dataclass
+class CrossTeacher:
+    """One dataset's teacher tokenizer as the student side needs it."""
+
+    tokens: TokenBytes
+    trie: Trie | None  # None: ALM only (the student's tokenizer does not keep its bytes)
+
+
+@dataclass
+class CrossBatch:
+    input_ids: torch.Tensor  # (B, L) student ids, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    pos: torch.Tensor  # (N,) flat positions predicting a student token of a counted chunk
+    labels: torch.Tensor  # (N,) that token
+    chunk: torch.Tensor  # (N,) its chunk, into t_chunk
+    t_chunk: torch.Tensor  # (C,) the teacher's log-likelihood of each chunk
+    d_pos: torch.Tensor  # (M,) flat positions at chunk starts (the dist term)
+    d_ids: torch.Tensor  # (M, W) projected student ids, -1: none
+    d_lp: torch.Tensor  # (M, W) their teacher log-probs
+    d_rest: torch.Tensor  # (M,) log of the teacher's mass on no id of d_ids
+    n_bytes: torch.Tensor  # () bytes of the student target tokens (bits per byte)
+
+    def to(self, device) -> CrossBatch:
+        return CrossBatch(**{k: v.to(device) for k, v in vars(self).items()})
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """(student target tokens, chunks, chunk starts)."""
+        return len(self.pos), len(self.t_chunk), len(self.d_pos)
+
+
+def _row(r: Row, teacher: CrossTeacher, tok, targets: str, dist: bool):
+    """One window -> student ids and its part of the batch (positions in the row)."""
+    text, t_off = teacher.tokens.window(r.input_ids, r.window == 0)
+    s_ids, s_off = student_spans(tok, text)
+    T, S = len(r.input_ids), len(s_ids)
+    _, tch, sch = chunks(t_off, s_off)
+    C = int(max(tch.max(initial=-1), sch.max(initial=-1))) + 1
+    # the teacher's log-prob of token j was stored at position j - 1
+    lp = np.full(T, np.nan)
+    # (formats before 4 have no label log-probs: evaluation still aligns by the mask)
+    lp[1:] = r.label_logprob[:-1] if r.label_logprob is not None else 0.0
+    lp[1:][~r.target_mask[:-1]] = np.nan
+    ok = np.ones(C, bool)
+    if C:
+        on = tch >= 0
+        ok &= np.bincount(tch[on], np.isnan(lp[on]), C) == 0  # every token has its log-prob
+        # (the window's first teacher token has none: nothing predicts it; nor the student's)
+        if S and sch[0] >= 0:
+            ok[sch[0]] = False
+    t_chunk = np.bincount(tch[tch >= 0], np.nan_to_num(lp[tch >= 0]), C)
+    keep = np.flatnonzero(ok)  # counted chunks, renumbered 0..len(keep)-1
+    new = np.full(C, -1)
+    new[keep] = np.arange(len(keep))
+    k = np.flatnonzero((sch >= 0) & (new[np.maximum(sch, 0)] >= 0))  # student tokens counted
+    k = k[k >= 1]
+    out = {"ids": s_ids, "pos": k - 1, "labels": np.asarray(s_ids, np.int64)[k],
+           "chunk": new[sch[k]], "t_chunk": t_chunk[keep],
+           "bytes": int((s_off[k + 1] - s_off[k]).sum())}
+    if dist and len(k):  # a distribution target at every counted student position
+        at, d_ids, d_lp, d_rest = _trie_targets(r, targets, teacher.trie, text, t_off, s_off,
+                                                k)
+        out.update(d_pos=k[at] - 1, d_ids=d_ids, d_lp=d_lp, d_rest=d_rest)
+    return out
+
+
+def _trie_targets(r: Row, targets: str, trie: Trie, text: bytes, t_off: np.ndarray,
+                  s_off: np.ndarray, k: np.ndarray):
+    """Targets at the student positions predicting its tokens k (starting at bytes s_off[k]):
+    the teacher's stored distribution over the teacher token j holding that byte (predicted at
+    j - 1), kept to the tokens the student would have cut as it did so far within j (Trie),
+    carried onto the student token each continues with, masses that meet summed, conditioned
+    on the kept mass. What ends exactly there, and at j's start the teacher's tail, go to the
+    rest. -> (which of k have a target, and their (M, W) ids, (M, W) log-probs, (M,) rest)."""
+    starts = s_off[k]
+    j = np.searchsorted(t_off, starts, side="right") - 1
+    c = starts - t_off[j]  # bytes of token j already in the text
+    ok = (j >= 1) & (j < len(r.input_ids)) & r.target_mask[np.clip(j - 1, 0, None)]
+    j, c, starts = j[ok], c[ok], starts[ok]
+    # what the student emitted of token j so far: its bytes and the student's token starts
+    lo = np.searchsorted(s_off, t_off[j], side="right")
+    hi = np.searchsorted(s_off, starts, side="right")
+    actual = np.array([trie.key(text[a:o], (s_off[x:y] - a).tolist())
+                       for a, o, x, y in zip(t_off[j].tolist(), starts.tolist(), lo.tolist(),
+                                             hi.tolist())], np.int64)
+    ids, lp, rest = targets_of(r, j - 1, targets)  # (M, W) over teacher tokens, sum to 1
+    cand = np.maximum(ids, 0)
+    same = (ids >= 0) & (trie.path[cand, c[:, None]] == actual[:, None])
+    nxt = np.where(same, trie.next[cand, c[:, None]], -1)
+    p = np.where(same, np.exp(lp.astype(np.float64)), 0.0)
+    ended = np.where(nxt < 0, p, 0.0).sum(-1)  # consistent, but end here (or map nowhere)
+    tail = np.where(c == 0, np.exp(rest.astype(np.float64)), 0.0)
+    total = p.sum(-1) + tail
+    live = total > 1e-6
+    p, nxt, ended, tail, total = p[live], nxt[live], ended[live], tail[live], total[live]
+    at = np.flatnonzero(ok)[live]
+    M, W = nxt.shape
+    V = int(trie.next.max()) + 2
+    key = np.repeat(np.arange(M), W) * V + np.maximum(nxt, 0).ravel()
+    on = (nxt >= 0).ravel()
+    uniq, inv = np.unique(key[on], return_inverse=True)
+    mass = np.bincount(inv, p.ravel()[on], len(uniq))
+    urow = uniq // V
+    slot = np.arange(len(uniq)) - np.searchsorted(urow, urow)
+    width = int(slot.max()) + 1 if len(slot) else 1
+    d_ids = np.full((M, width), -1, np.int64)
+    d_lp = np.full((M, width), NEG, np.float32)
+    d_ids[urow, slot] = uniq % V
+    with np.errstate(divide="ignore"):
+        d_lp[urow, slot] = np.log(mass / total[urow])
+        d_rest = np.log((ended + tail) / total)
+    return at, d_ids, d_lp, np.maximum(d_rest, NEG).astype(np.float32)
+
+
+def collate_cross(rows: list[Row], sources, teachers: list[CrossTeacher], tok,
+                  targets: list[str], dist: bool) -> CrossBatch:
+    """Rows (of datasets `sources`) -> the student's batch and what the cross losses read."""
+    parts = [_row(r, teachers[d], tok, targets[d], dist and teachers[d].trie is not None)
+             for r, d in zip(rows, sources)]
+    B, L = len(rows), max(max(len(p["ids"]) for p in parts), 1)
+    input_ids = np.zeros((B, L), np.int64)
+    attn = np.zeros((B, L), np.int64)
+    pos, labels, chunk, t_chunk, d_pos, d_ids, d_lp, d_rest = ([] for _ in range(8))
+    c0 = 0
+    for b, p in enumerate(parts):
+        input_ids[b, :len(p["ids"])] = p["ids"]
+        attn[b, :len(p["ids"])] = 1
+        pos.append(b * L + p["pos"])
+        labels.append(p["labels"])
+        chunk.append(p["chunk"] + c0)
+        t_chunk.append(p["t_chunk"])
+        c0 += len(p["t_chunk"])
+        if "d_pos" in p:
+            d_pos.append(b * L + p["d_pos"])
+            d_ids.append(p["d_ids"])
+            d_lp.append(p["d_lp"])
+            d_rest.append(p["d_rest"])
+    W = max([x.shape[1] for x in d_ids], default=1)
+
+    def pad(xs, value, dtype):
+        return np.concatenate([np.pad(x, ((0, 0), (0, W - x.shape[1])), constant_values=value)
+                               for x in xs]).astype(dtype) if xs else np.zeros((0, W), dtype)
+
+    def cat(xs, dtype):
+        return np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
+
+    return CrossBatch(
+        input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attn),
+        pos=torch.from_numpy(cat(pos, np.int64)), labels=torch.from_numpy(cat(labels, np.int64)),
+        chunk=torch.from_numpy(cat(chunk, np.int64)),
+        t_chunk=torch.from_numpy(cat(t_chunk, np.float32)),
+        d_pos=torch.from_numpy(cat(d_pos, np.int64)), d_ids=torch.from_numpy(pad(d_ids, -1,
+                                                                                 np.int64)),
+        d_lp=torch.from_numpy(pad(d_lp, NEG, np.float32)),
+        d_rest=torch.from_numpy(cat(d_rest, np.float32)),
+        n_bytes=torch.tensor(sum(p["bytes"] for p in parts)))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)),
+                       torch.log(-torch.expm1(x)))
+
+
+def binary_kl(t: torch.Tensor, s: torch.Tensor, tau: float = ALM_TAU) -> torch.Tensor:
+    """KL between Bernoulli(exp(t / tau)) and Bernoulli(exp(s / tau)), per chunk: ALM's binary
+    CE less the teacher's entropy (the same gradient; 0 where the two agree)."""
+    a = (t / tau).clamp(max=-1e-6)
+    b = (s / tau).clamp(max=-1e-6)
+    return torch.exp(a) * (a - b) + (-torch.expm1(a)) * (log1mexp(a) - log1mexp(b))
+
+
+def _label_lps(h, weight, bias, labels, softcap):
+    return torch.log_softmax(head_logits(h, weight, bias, softcap), -1).gather(
+        -1, labels[:, None])[:, 0]
+
+
+def label_logprobs(h: torch.Tensor, head, labels: torch.Tensor, chunk: int = 1024,
+                   softcap: float | None = None) -> torch.Tensor:
+    """(N, H) hidden states -> (N,) the student's log-prob of each label, a chunk of positions
+    at a time (recomputed in the backward pass), never (N, V) logits at once."""
+    out = []
+    for s in range(0, h.shape[0], chunk):
+        args = (h[s:s + chunk], head.weight, head.bias, labels[s:s + chunk], softcap)
+        out.append(checkpoint(_label_lps, *args, use_reentrant=False)
+                   if torch.is_grad_enabled() else _label_lps(*args))
+    return torch.cat(out) if out else h.new_zeros(0)
+
+
+def cross_sums(h: torch.Tensor, batch: CrossBatch, head, chunk: int = 1024,
+               softcap: float | None = None) -> torch.Tensor:
+    """(B, L, H) student hidden states -> [ALM sum over chunks, dist KL sum over chunk starts,
+    CE sum over student target tokens]; zeros that still run through the graph where a batch
+    has none (so backward and DDP's all-reduce happen on every process)."""
+    h = h.reshape(-1, h.shape[-1])
+    zero = head_logits(h[:1], head.weight, head.bias, softcap).sum() * 0.0
+    lq = label_logprobs(h[batch.pos], head, batch.labels, chunk, softcap)
+    ce = zero - lq.sum()
+    s_chunk = torch.zeros(len(batch.t_chunk), device=h.device, dtype=lq.dtype).index_add(
+        0, batch.chunk, lq)
+    alm = zero + binary_kl(batch.t_chunk.to(lq.dtype), s_chunk).sum()
+    dist = zero
+    if len(batch.d_pos):
+        none = torch.full((len(batch.d_pos),), -1, device=h.device)
+        dist = zero + kd_ce_sums(h[batch.d_pos], head, batch.d_ids, batch.d_lp, batch.d_rest,
+                                 torch.full_like(batch.d_rest, float("nan")), none,
+                                 residual="tail", chunk=chunk, softcap=softcap)[0]
+    return torch.stack([alm, dist, ce])
+
+
+def cross_loss(sums: torch.Tensor, counts, kind: str, ce_weight: float) -> torch.Tensor:
+    """The step's loss from its global sums and counts (student tokens, chunks, chunk starts):
+    (1 - w) times ALM per chunk, dist per chunk start, or their mean (`kind`), + w CE per
+    student target token."""
+    n, c, m = (max(x, 1) for x in counts)
+    kd = {"alm": sums[0] / c, "dist": sums[1] / m,
+          "both": 0.5 * (sums[0] / c + sums[1] / m)}[kind]
+    return (1 - ce_weight) * kd + ce_weight * sums[2] / n
+
+
+def check_student(student_tok, student_name: str):
+    """The student's tokens' bytes where its tokenizer keeps them (the dist term), or None."""
+    from softlabels.data.errors import UserError
+
+    try:
+        return TokenBytes(student_tok, student_name)
+    except UserError:
+        return None
+
+
+DEFAULT_CROSS_CE = 0.5  # the best measured (BENCHMARKS.md, "Students with their own tokenizer")
+
+
+@dataclass
+class Cross:
+    """A training whose student tokenizes each window's text itself: the student's tokenizer, each
+    dataset's teacher tokens, which losses, and the CE weight."""
+
+    tokenizer: object
+    teachers: list[CrossTeacher]
+    kind: str  # alm, dist or both
+    ce_weight: float
+    note: str = ""
+
+    @classmethod
+    def setup(cls, tokenizer, mix, recipes, cfg) -> Cross | None:
+        """None when every dataset was written with the student's tokenizer; else the cross
+        setup, or a one-line UserError naming what a dataset lacks."""
+        from softlabels.data.errors import UserError
+        from softlabels.data.show import load_tokenizer
+        from softlabels.train_student.student import same_tokenizer
+
+        toks = [load_tokenizer(f) for f in mix.folders]
+        same = [same_tokenizer(tokenizer, t) for t in toks]
+        if all(same):
+            return None
+        if any(same):
+            raise UserError(f"{mix.folders[same.index(True)]} has the student's tokenizer and "
+                            f"{mix.folders[same.index(False)]} another: train the datasets of "
+                            "another tokenizer in a run of their own")
+        for reader, f in zip(mix.readers, mix.folders):
+            if not reader.manifest.exact:
+                raise UserError(
+                    f"{f} (format {reader.manifest.format_version}) has no label log-probs, which "
+                    "distillation into a student with its own tokenizer needs: regenerate it "
+                    "with this softlabels (format 4)")
+        student = check_student(tokenizer, "the student's tokenizer")
+        kind, note = cfg.cross_loss, ""
+        if kind != "alm" and student is None:
+            if kind == "dist":
+                raise UserError("--cross-loss dist carries the teacher's targets onto the "
+                                "student's tokens by their bytes, which the student's tokenizer "
+                                "does not keep (WordPiece): use --cross-loss alm")
+            kind, note = "alm", " (dist needs a byte-exact student tokenizer)"
+        weights = set(cfg.ce_weight)
+        if len(weights) > 1:
+            raise UserError("--ce-weight: one value for a student with its own tokenizer")
+        teachers = []
+        for tok, f in zip(toks, mix.folders):
+            tb = TokenBytes(tok, f"the tokenizer of {f}")
+            teachers.append(CrossTeacher(tb, Trie(tb, student, tokenizer)
+                                         if kind != "alm" else None))
+        return cls(tokenizer, teachers, kind,
+                   weights.pop() if weights else DEFAULT_CROSS_CE, note)
+
+    def collate(self, rows, sources, targets: list[str]) -> CrossBatch:
+        return collate_cross(rows, sources, self.teachers, self.tokenizer, targets,
+                             self.kind != "alm")
+
+    def loss(self, sums: torch.Tensor, counts) -> torch.Tensor:
+        return cross_loss(sums, counts, self.kind, self.ce_weight)
+
+    def kd(self, sums: torch.Tensor, counts) -> torch.Tensor:
+        return cross_loss(sums, counts, self.kind, 0.0)
+
+    def describe(self) -> str:
+        return (f"cross-tokenizer: the student's tokenizer ({len(self.tokenizer)} tokens) is not "
+                f"the teacher's; losses: {self.kind}{self.note}, CE weight {self.ce_weight:g}, "
+                "over the student's own tokens of each window's text")
