@@ -252,11 +252,12 @@ def main(args) -> int:
 
 
 def _table(r: dict) -> None:
-    print(f"\n{'model':<12} {'held-out CE':>11} {'ppl':>8} {'KL(teacher||model)':>19} "
-          f"{'top-1 agree':>11}")
+    print(f"\n{'model':<12} {'held-out CE':>11} {'ppl':>8} {'bits/byte':>9} "
+          f"{'KL(teacher||model)':>19} {'top-1 agree':>11}")
     for name in ("teacher", "student_kd", "student_ce"):
         m = r[name]
-        print(f"{name:<12} {m['ce']:>11.4f} {m['ppl']:>8.2f} {m['kl']:>19.4f} "
+        bpb = f"{m['bpb']:>9.4f}" if m.get("bpb") is not None else f"{'-':>9}"
+        print(f"{name:<12} {m['ce']:>11.4f} {m['ppl']:>8.2f} {bpb} {m['kl']:>19.4f} "
               f"{m['top1_agreement']:>11.3f}")
     print("\nwall seconds per stage: " + ", ".join(f"{k} {v}" for k, v in r["stages"].items()))
 

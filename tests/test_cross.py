@@ -150,7 +150,8 @@ def _word_teacher_tokenizer(n: int = 120):
 
 def test_trie_targets_equal_a_brute_force_conditional(tmp_path):
     """At every student position the target is the teacher's stored distribution over the
-    teacher token being spelled, kept to the tokens the student would have cut as it did so far
+    teacher token being spelled (and that token itself, from its label log-prob, where the
+    top-k misses it), kept to the tokens the student would have cut as it did so far
     (its own tokenizer on each candidate alone), carried onto the student token that comes next,
     renormalised; recomputed here by brute force from the student's full tokenizer."""
     from softlabels.data.format import Row
@@ -172,10 +173,11 @@ def test_trie_targets_equal_a_brute_force_conditional(tmp_path):
     lp = np.log(rng.dirichlet(np.ones(121) * 0.3, T))
     lp[:, 120] = -50.0  # (the unknown word: never)
     top = np.argsort(-lp, -1)[:, :K]
+    label_lp = np.append(lp[np.arange(T - 1), ids[1:]], 0.0)
     row = Row("0:1", ids.astype(np.int32), top.astype(np.int32),
               np.take_along_axis(lp, top, -1).astype(np.float32), np.ones(T, bool),
               tail_logprob=np.log(1 - np.exp(np.take_along_axis(lp, top, -1)).sum(-1)
-                                  ).astype(np.float32), label_logprob=np.zeros(T, np.float32))
+                                  ).astype(np.float32), label_logprob=label_lp.astype(np.float32))
     text, t_off = tb.window(row.input_ids, False)
     s_ids, s_off = student_spans(student, text)
     k = np.arange(1, len(s_ids))
@@ -186,7 +188,10 @@ def test_trie_targets_equal_a_brute_force_conditional(tmp_path):
         c = o - t_off[j]
         emitted = [i for i, a in zip(s_ids, s_off[:-1]) if t_off[j] <= a < o]
         want, ended = {}, 0.0
-        for t, p in zip(top[j - 1], np.exp(lp[j - 1][top[j - 1]])):
+        cands = list(zip(top[j - 1], np.exp(lp[j - 1][top[j - 1]])))
+        missing = ids[j] not in top[j - 1]  # the text's own token joins with its mass
+        cands += [(ids[j], float(np.exp(label_lp[j - 1])))] * missing
+        for t, p in cands:
             cut = seg[int(t)]
             if cut[:len(emitted)] != emitted:
                 continue
@@ -194,7 +199,7 @@ def test_trie_targets_equal_a_brute_force_conditional(tmp_path):
                 want[cut[len(emitted)]] = want.get(cut[len(emitted)], 0.0) + p
             else:
                 ended += p
-        tail = float(np.exp(row.tail_logprob[j - 1])) if c == 0 else 0.0
+        tail = float(np.exp(row.tail_logprob[j - 1])) - missing * cands[-1][1] if c == 0 else 0.0
         total = sum(want.values()) + ended + tail
         got = {int(i): float(np.exp(v)) for i, v in zip(d_ids[m], d_lp[m]) if i >= 0}
         assert got.keys() == want.keys()
@@ -306,3 +311,138 @@ def test_config_cross_loss_is_checked():
         TrainConfig(student="s", data="d", output="o", cross_loss="ulm")
     assert json.loads(TrainConfig(student="s", data="d", output="o").to_json())[
         "cross_loss"] == "both"
+
+
+def test_a_student_of_another_tokenizer_learns_the_teachers_text(tmp_path, dask_cluster):
+    """The real thing: text sampled from a teacher whose tokens are whole words, `softlabels
+    generate` on it (vLLM on the shared Dask worker), then `softlabels train` of a student with
+    a SentencePiece-style Unigram tokenizer of its own (Accelerate). The targets carried onto
+    the student's tokens are the teacher's conditionals: scored on the text's own next student
+    tokens they multiply out to the teacher's likelihood of each word (the chain rule; before
+    the label log-prob joined them, the real next token had no mass at 12 % of positions); and
+    the student trained on them is far better than untrained, in held-out bits per byte.
+    (Whether it beats its CE-only twin is a benchmark's question, not this test's: on students
+    this small the answer turns on which basin a seed finds; see the issue's note.)"""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from softlabels.data.reader import SoftLabelReader
+    from softlabels.demo import make_model, make_unigram_tokenizer
+    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.cross import Cross
+    from softlabels.train_student.mixture import Mixture
+    from tests.helpers import softlabels
+
+    V = 256
+    teacher_dir = tmp_path / "teacher"
+    words = {"Ġ" + "".join(chr(97 + (i // 26 ** d) % 26) for d in range(2)): i for i in range(V)}
+    t = Tokenizer(models.WordLevel(words, unk_token="Ġaa"))  # every id is a word
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    teacher_tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="Ġaa")
+    teacher_tok.save_pretrained(teacher_dir)
+    model = make_model(teacher_dir, vocab_size=V, hidden=64, layers=2, heads=2, seed=0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8)
+    model.save_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+
+    def sample(n: int, seed: int) -> list[str]:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, V, (n, 1), generator=g)
+        with torch.no_grad():
+            for _ in range(63):
+                p = torch.softmax(model(x).logits[:, -1].double(), -1)
+                x = torch.cat([x, torch.multinomial(p, 1, generator=g)], 1)
+        return [teacher_tok.decode(r) for r in x.tolist()]
+
+    data = {}
+    for name, n, seed in (("train", 128, 1), ("held", 64, 2)):
+        texts = sample(n, seed)
+        pq.write_table(pa.table({"text": texts}), tmp_path / f"{name}.parquet")
+        data[name] = tmp_path / name
+        softlabels("generate", "--teacher", teacher_dir, "--input", tmp_path / f"{name}.parquet",
+                   "--output", data[name], "--top-k", 64, "--max-length", 64,
+                   "--scheduler", dask_cluster)
+        if name == "train":
+            student_tok = make_unigram_tokenizer(texts, 400, tmp_path / "uni")
+
+    held = str(data["held"])
+    cross = Cross.setup(student_tok, Mixture([held], shuffle=False),
+                        TrainConfig(student="s", data=held, output="o"))
+    rows = list(SoftLabelReader(held))
+    b = cross.collate(rows, np.zeros(len(rows), int), ["topk"])
+    label = dict(zip(b.pos.tolist(), b.labels.tolist()))
+    nll = 0.0
+    for i, p in enumerate(b.d_pos.tolist()):
+        hit = (b.d_ids[i] == label[p]).nonzero()
+        assert len(hit), "the student's real next token has no target mass"
+        nll -= float(b.d_lp[i, hit[0, 0]])
+    assert len(b.d_pos) > 0.95 * len(b.pos)
+    assert nll == pytest.approx(-float(b.t_chunk.sum()), rel=0.01)
+
+    (tmp_path / "student.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+        "head_dim": 32, "max_position_embeddings": 512, "tie_word_embeddings": False}))
+
+    def bpb(name: str, steps: int) -> float:
+        out = tmp_path / name
+        p = softlabels("train", "--student", tmp_path / "student.json", "--student-tokenizer",
+                       tmp_path / "uni", "--data", data["train"], "--output", out,
+                       "--max-steps", steps, "--batch-tokens", 1024, "--lr", "1e-2",
+                       "--warmup", 5)
+        assert "cross-tokenizer: the student's tokenizer (" in p.stdout
+        r = json.loads(softlabels("eval", "--model", out, "--data", held, "--json").stdout)
+        assert r["kl"] is None and r["bytes"] > 0
+        return r["bpb"]
+
+    untrained, kd = bpb("untrained", 0), bpb("kd", 60)
+    assert kd < 0.8 * untrained, (kd, untrained)  # measured: 3.14 vs 4.29
+    used = json.loads((tmp_path / "kd" / "train_config.json").read_text())
+    assert used["cross_loss"] == "both" and used["ce_weight"] == [0.0]
+
+
+def test_hf_trainer_takes_the_clis_cross_tokenizer_path(tmp_path, toks, tiny_teacher):
+    """`DistillationTrainer(processing_class=<another tokenizer>)`: the CLI's cross setup (the
+    same kind and CE weight), its collator, and on one batch the CLI's loss, normalised by the
+    step's counts; then it trains (a step moves the weights, the loss is finite)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.cross import DEFAULT_CROSS_CE, Cross
+    from softlabels.train_student.hf import DistillationTrainer, soft_label_dataset
+    from softlabels.train_student.mixture import Mixture
+    from softlabels.train_student.train import Distiller
+    from tests.helpers import reference_rows, write_dataset
+
+    tok, student_tok = AutoTokenizer.from_pretrained(tiny_teacher), toks["unigram"]
+    wins = [tok(t).input_ids[:48] for t in corpus_texts(12, offset=800)]
+    rows = reference_rows(tiny_teacher, wins, 8)
+    data = write_dataset(tmp_path / "ds", rows, 8, len(tok), tokenizer=tiny_teacher)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(student_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=32))
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=2, learning_rate=1e-2,
+                             per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             save_strategy="no", lr_scheduler_type="constant")
+    trainer = DistillationTrainer(model=model, args=args, processing_class=student_tok,
+                                  train_dataset=soft_label_dataset(data, shuffle=False))
+    cli = Cross.setup(student_tok, Mixture([str(data)], shuffle=False),
+                      TrainConfig(student="s", data=str(data), output="o"))
+    assert (trainer.cross.kind, trainer.cross.ce_weight) == (cli.kind, DEFAULT_CROSS_CE)
+    batch = cli.collate(rows[:4], np.zeros(4, int), ["topk"])
+    counts = list(batch.counts)
+    assert counts[1] > 0 and counts[2] > 0  # chunks and chunk starts to learn from
+    want = cli.loss(Distiller(model, [])(batch), counts)
+    inputs = trainer.data_collator([{k: v for k, v in vars(r).items() if v is not None}
+                                    for r in rows[:4]])
+    got = trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor(counts))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = trainer.train()
+    assert math.isfinite(out.training_loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

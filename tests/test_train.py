@@ -362,7 +362,8 @@ def test_loss_goes_down_and_outputs_are_written(tmp_path, dataset):
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     p = softlabels("eval", "--model", out, "--data", dataset, "--json")
     m = json.loads(p.stdout)
-    assert set(m) == {"data", "ce", "ppl", "kl", "top1_agreement", "tokens", "ce_tokens"}
+    assert set(m) == {"data", "ce", "ppl", "kl", "top1_agreement", "tokens", "ce_tokens", "bpb",
+                      "bytes"}
     assert m["tokens"] == sum(32 - (i % 3) for i in range(24))
     assert math.isclose(m["ppl"], math.exp(m["ce"]), rel_tol=1e-6)
     assert m["kl"] == pytest.approx(log(out)["evals"][-1]["kl"], rel=1e-5)
@@ -421,15 +422,21 @@ def test_killed_then_resumed_ends_like_uninterrupted(tmp_path, dataset, kill_dur
     np.testing.assert_allclose(a["evals"][-1]["kl"], b["evals"][-1]["kl"], rtol=1e-5)
 
 
-def test_student_with_another_tokenizer_is_refused(tmp_path, dataset):
+def test_student_with_another_tokenizer_needs_the_label_logprobs(tmp_path, dataset):
+    """A student of another tokenizer learns from the teacher's log-probs of its own tokens
+    (format 4): a dataset of format 3 is refused in one line that says to regenerate it."""
     from softlabels.demo import make_model, make_tokenizer
+    from tests.test_format import as_version
 
+    old = tmp_path / "v3"
+    shutil.copytree(dataset, old)
+    as_version(old, 3)
     other = tmp_path / "other"
     tok = make_tokenizer(corpus_texts(50, offset=900), vocab_size=400, path=other)
     make_model(other, vocab_size=len(tok), hidden=32, layers=1, heads=1)
-    p = softlabels("train", "--student", other, "--data", dataset, "--output", tmp_path / "o",
+    p = softlabels("train", "--student", other, "--data", old, "--output", tmp_path / "o",
                    "--max-steps", 1, check=False)
-    assert p.returncode == 2 and "different tokenizer" in p.stderr
+    assert p.returncode == 2 and "(format 3) has no label log-probs" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "o" / "model.safetensors").exists()
 
 
@@ -838,9 +845,13 @@ def test_distiller_under_fsdp_equals_unsharded(tmp_path, dataset):
     from tests.fsdp_reference import build, micro_batches
 
     out = tmp_path / "fsdp.pt"
-    subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                    str(REPO / "tests" / "fsdp_worker.py"), str(dataset), str(out)],
-                   check=True, cwd=REPO, env=dask_env(), capture_output=True, timeout=600)
+    # --standalone: a free port of its own (the default 29500 may still be held by a process
+    # of an earlier test)
+    p = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                        "--nproc_per_node", "2", str(REPO / "tests" / "fsdp_worker.py"),
+                        str(dataset), str(out)],
+                       cwd=REPO, env=dask_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(out, weights_only=False)  # written by the test itself
     model, cfg = build(str(dataset))
     distiller = Distiller(model, [cfg.recipe()], cfg.chunk)

@@ -165,10 +165,11 @@ def _trie_targets(r: Row, targets: str, trie: Trie, text: bytes, t_off: np.ndarr
                   s_off: np.ndarray, k: np.ndarray):
     """Targets at the student positions predicting its tokens k (starting at bytes s_off[k]):
     the teacher's stored distribution over the teacher token j holding that byte (predicted at
-    j - 1), kept to the tokens the student would have cut as it did so far within j (Trie),
-    carried onto the student token each continues with, masses that meet summed, conditioned
-    on the kept mass. What ends exactly there, and at j's start the teacher's tail, go to the
-    rest. -> (which of k have a target, and their (M, W) ids, (M, W) log-probs, (M,) rest)."""
+    j - 1) and token j itself (its exact label log-prob), kept to the tokens the student would
+    have cut as it did so far within j (Trie), carried onto the student token each continues
+    with, masses that meet summed, conditioned on the kept mass. What ends exactly there, and at
+    j's start the rest of the teacher's tail, go to the rest. -> (which of k have a target,
+    and their (M, W) ids, (M, W) log-probs, (M,) rest)."""
     starts = s_off[k]
     j = np.searchsorted(t_off, starts, side="right") - 1
     c = starts - t_off[j]  # bytes of token j already in the text
@@ -181,6 +182,16 @@ def _trie_targets(r: Row, targets: str, trie: Trie, text: bytes, t_off: np.ndarr
                        for a, o, x, y in zip(t_off[j].tolist(), starts.tolist(), lo.tolist(),
                                              hi.tolist())], np.int64)
     ids, lp, rest = targets_of(r, j - 1, targets)  # (M, W) over teacher tokens, sum to 1
+    # the token the text holds, with its exact mass, where the stored ids miss it: inside j the
+    # tail's spelling is unknown, and without it the student's real next token would get none
+    label = r.input_ids[j].astype(ids.dtype)
+    label_lp = r.label_logprob[j - 1].astype(np.float64)
+    add = ~(ids == label[:, None]).any(-1) & np.isfinite(label_lp)
+    ids = np.concatenate([ids, np.where(add, label, -1)[:, None]], 1)
+    lp = np.concatenate([lp, np.where(add, label_lp, NEG)[:, None]], 1)
+    with np.errstate(divide="ignore"):  # the tail held it: what is left of the tail
+        rest = np.log(np.clip(np.exp(rest.astype(np.float64))
+                              - np.where(add, np.exp(label_lp), 0.0), 0.0, None))
     cand = np.maximum(ids, 0)
     same = (ids >= 0) & (trie.path[cand, c[:, None]] == actual[:, None])
     nxt = np.where(same, trie.next[cand, c[:, None]], -1)
@@ -325,7 +336,7 @@ def check_student(student_tok, student_name: str):
         return None
 
 
-DEFAULT_CROSS_CE = 0.5  # the best measured (BENCHMARKS.md, "Students with their own tokenizer")
+DEFAULT_CROSS_CE = 0.0  # the best measured (BENCHMARKS.md, "Students with their own tokenizer")
 
 
 @dataclass
@@ -340,7 +351,7 @@ class Cross:
     note: str = ""
 
     @classmethod
-    def setup(cls, tokenizer, mix, recipes, cfg) -> Cross | None:
+    def setup(cls, tokenizer, mix, cfg) -> Cross | None:
         """None when every dataset was written with the student's tokenizer; else the cross
         setup, or a one-line UserError naming what a dataset lacks."""
         from softlabels.data.errors import UserError

@@ -9,7 +9,9 @@
 A thin shell over what `softlabels train` uses, never a second implementation: rows come from
 `SoftLabelReader` (the same value and hash checks), the recipe from `Recipe.for_dataset` (the same
 defaults for the dataset and the same one-line refusals), batches from `collate`, the loss from
-`target_sums` (chunked lm_head: no (tokens, vocab) logits for the batch). Under gradient
+`target_sums` (chunked lm_head: no (tokens, vocab) logits for the batch); a student with a
+tokenizer of its own (`processing_class=`) gets `softlabels train --student-tokenizer`'s
+collator and losses (cross.py). Under gradient
 accumulation and across processes the KD loss is normalised by the number of target tokens of
 the whole step and the CE loss by the number of CE tokens (positions with a known next token),
 as the CLI does, not averaged per micro-batch.
@@ -28,6 +30,7 @@ from transformers import Trainer
 from softlabels.data.errors import UserError
 from softlabels.data.format import Row
 from softlabels.train_student.batches import Batch, collate
+from softlabels.train_student.cross import CrossBatch, cross_sums
 from softlabels.train_student.train import target_sums
 
 _MARK = "softlabels"  # key of the dataset's description that names its folder
@@ -98,6 +101,20 @@ class SoftLabelCollator:
         return vars(collate(rows, self.vocab_size, self.targets, sources))
 
 
+@dataclass
+class CrossCollator:
+    """Examples -> the student's own tokens of each window's text and the targets carried onto
+    them (cross.py), for a student with a tokenizer of its own."""
+
+    cross: object  # cross.Cross
+    targets: list[str]
+
+    def __call__(self, examples: list[dict]) -> dict:
+        sources = [e.get("source", 0) for e in examples]
+        rows = [Row(**{k: v for k, v in e.items() if k != "source"}) for e in examples]
+        return vars(self.cross.collate(rows, sources, self.targets))
+
+
 class DistillationTrainer(Trainer):
     """A `transformers.Trainer` whose collator and loss are `softlabels train`'s.
 
@@ -105,16 +122,20 @@ class DistillationTrainer(Trainer):
     what each dataset carries; one for all or a list, one per dataset), `loss`, `ce_weight`
     (None: the default for the targets; one or a list), `beta`, `temperature`, `residual`; and
     `chunk`. `train_dataset` must come from `soft_label_dataset`: the manifests decide the
-    defaults and what is refused, as for the CLI.
+    defaults and what is refused, as for the CLI. A `processing_class` tokenizer other than the
+    datasets' trains the student on its own tokens (`--student-tokenizer`), with `cross_loss`
+    (alm, dist or both) and one `ce_weight` (None: the CLI's default for it).
     """
 
     loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's token counts
 
     def __init__(self, *args, targets="auto", loss: str = "forward_kl", ce_weight=None,
                  temperature: float = 1.0, beta: float = 0.5, residual: str = "label",
-                 chunk: int = 1024, **kwargs):
+                 chunk: int = 1024, cross_loss: str = "both", **kwargs):
         from softlabels.data.manifest import Manifest
         from softlabels.train_student.config import TrainConfig
+        from softlabels.train_student.cross import Cross
+        from softlabels.train_student.mixture import Mixture
 
         folders = dataset_folders(kwargs.get("train_dataset"))
         if folders is None:
@@ -123,14 +144,21 @@ class DistillationTrainer(Trainer):
         # the CLI's config: the same per-dataset values and the same checks
         cfg = TrainConfig(student="-", data=tuple(folders), output="-", targets=targets,
                           ce_weight=() if ce_weight is None else ce_weight, loss=loss,
-                          beta=beta, temperature=temperature, residual=residual)
+                          beta=beta, temperature=temperature, residual=residual,
+                          cross_loss=cross_loss)
+        tokenizer = kwargs.get("processing_class")
+        self.cross = None if tokenizer is None else Cross.setup(
+            tokenizer, Mixture(folders, shuffle=False), cfg)
         self.recipes = [cfg.recipe(i).for_dataset(Manifest.load(f), f)
                         for i, f in enumerate(folders)]
         self.chunk = chunk
         model = kwargs.get("model", args[0] if args else None)
-        if kwargs.get("data_collator") is None and model is not None:
+        targets = [r.targets for r in self.recipes]
+        if kwargs.get("data_collator") is None and self.cross is not None:
+            kwargs["data_collator"] = CrossCollator(self.cross, targets)
+        elif kwargs.get("data_collator") is None and model is not None:
             kwargs["data_collator"] = SoftLabelCollator(
-                model.get_output_embeddings().weight.shape[0], [r.targets for r in self.recipes])
+                model.get_output_embeddings().weight.shape[0], targets)
         targs = kwargs.get("args")
         if targs is not None:
             # the stored columns are not forward() arguments; dropping them would lose the targets
@@ -141,14 +169,21 @@ class DistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The step's micro-batches and its (KD targets, CE targets) over every process: what
-        the loss is normalised by, as in `softlabels train`."""
+        """The step's micro-batches and its (KD targets, CE targets) over every process, or for
+        a student of its own tokenizer its (target tokens, chunks, chunk starts): what the loss
+        is normalised by, as in `softlabels train`."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        counts = torch.tensor([[len(b["ids"]), int((b["labels"] >= 0).sum())] for b in batches],
-                              dtype=torch.long).reshape(-1, 2).sum(0).to(device)
+        counts = torch.tensor([self._counts(b) for b in batches], dtype=torch.long)
+        w = 3 if self.cross is not None else 2
+        counts = counts.reshape(-1, w).sum(0).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            counts = self.accelerator.gather(counts).reshape(-1, 2).sum(0)
+            counts = self.accelerator.gather(counts).reshape(-1, w).sum(0)
         return batches, counts
+
+    def _counts(self, b: dict) -> list[int]:
+        if self.cross is not None:
+            return [len(b["labels"]), len(b["t_chunk"]), len(b["d_pos"])]
+        return [len(b["ids"]), int((b["labels"] >= 0).sum())]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inner = self.accelerator.unwrap_model(model)
@@ -165,17 +200,24 @@ class DistillationTrainer(Trainer):
                   use_cache=False)
         finally:
             hook.remove()
-        batch = Batch(**{f.name: inputs[f.name] for f in fields(Batch)})
         softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
-        kd, ce = target_sums(hidden[0], batch, inner.get_output_embeddings(), self.recipes,
-                             self.chunk, softcap)  # (D,) each
-        if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2:
-            kd_n, ce_n = num_items_in_batch.tolist()
+        w = 3 if self.cross is not None else 2
+        if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == w:
+            counts = num_items_in_batch.tolist()
             scale = (self.accelerator.num_processes if self.args.average_tokens_across_devices
                      and self.accelerator.num_processes > 1 else 1)  # DDP averages gradients
         else:  # evaluation: this batch alone
-            kd_n, ce_n = len(batch.ids), int((batch.labels >= 0).sum())
-            scale = 1
+            counts, scale = self._counts(inputs), 1
+        if self.cross is not None:
+            batch = CrossBatch(**{f.name: inputs[f.name] for f in fields(CrossBatch)})
+            sums = cross_sums(hidden[0], batch, inner.get_output_embeddings(), self.chunk,
+                              softcap)
+            loss = self.cross.loss(sums, counts) * scale
+            return (loss, {"loss": loss.detach()}) if return_outputs else loss
+        batch = Batch(**{f.name: inputs[f.name] for f in fields(Batch)})
+        kd, ce = target_sums(hidden[0], batch, inner.get_output_embeddings(), self.recipes,
+                             self.chunk, softcap)  # (D,) each
+        kd_n, ce_n = counts
         w = torch.tensor([r.ce_weight for r in self.recipes], device=kd.device)
         loss = (((1 - w) * kd).sum() / max(kd_n, 1) + (w * ce).sum() / max(ce_n, 1)) * scale
         return (loss, {"loss": loss.detach()}) if return_outputs else loss

@@ -196,17 +196,19 @@ def train(cfg: TrainConfig) -> dict:
     mix = Mixture(cfg.data, cfg.data_weights, seed=cfg.seed)
     recipes = [cfg.recipe(i).for_dataset(r.manifest, f)
                for i, (r, f) in enumerate(zip(mix.readers, mix.folders))]
-    cfg = cfg.with_recipes(recipes)
-    for d, (r, reader) in enumerate(zip(recipes, mix.readers)):
-        accelerator.print(f"training on {r.describe(reader.manifest)}" + (
-            f" from {mix.folders[d]} ({mix.weights[d]:.1%} of the target tokens, "
-            f"{mix.seen(1)[d]:.2f} passes per epoch)" if len(recipes) > 1 else ""))
     model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code,
                                     cfg.student_tokenizer)
-    cross = Cross.setup(tokenizer, mix, recipes, cfg)  # None: the teacher's tokenizer
+    cross = Cross.setup(tokenizer, mix, cfg)  # None: the teacher's tokenizer
+    cfg = cfg.with_recipes(recipes)
     if cross is not None:
         accelerator.print(cross.describe())
         cfg = replace(cfg, ce_weight=(cross.ce_weight,), cross_loss=cross.kind)
+    for d, (r, reader) in enumerate(zip(recipes, mix.readers)):
+        accelerator.print(("" if cross is None else "teacher targets: ")
+                          + f"training on {r.describe(reader.manifest)}" * (cross is None)
+                          + f"{r.targets}" * (cross is not None) + (
+            f" from {mix.folders[d]} ({mix.weights[d]:.1%} of the target tokens, "
+            f"{mix.seen(1)[d]:.2f} passes per epoch)" if len(recipes) > 1 else ""))
     vocab = model.get_output_embeddings().weight.shape[0]
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
