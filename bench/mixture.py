@@ -58,10 +58,10 @@ def make(cache: Path) -> tuple[list[Path], Path]:
 
 def run(cache: Path, data: list[Path], out: Path, steps: int) -> float:
     """Median seconds per step of one `softlabels train` run (after 5 warm-up steps)."""
-    subprocess.run([sys.executable, "-m", "softlabels", "train", "--student",
-                    cache / "student.json", "--data", *data, "--output", out, "--max-steps",
-                    steps + 5, "--batch-tokens", 4096, "--report-to", "tensorboard"],
-                   check=True, capture_output=True, cwd=REPO)
+    cmd = [sys.executable, "-m", "softlabels", "train", "--student", cache / "student.json",
+           "--data", *data, "--output", out, "--max-steps", steps + 5, "--batch-tokens", 4096,
+           "--report-to", "tensorboard"]
+    subprocess.run(list(map(str, cmd)), check=True, capture_output=True, cwd=REPO)
     hist = json.loads((out / "train_log.json").read_text())["history"][5:]
     return float(np.median([h["step_s"] for h in hist]))
 
