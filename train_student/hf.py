@@ -182,7 +182,7 @@ class DistillationTrainer(Trainer):
 
     def _counts(self, b: dict) -> list[int]:
         if self.cross is not None:
-            return [len(b["labels"]), len(b["t_chunk"]), len(b["d_pos"])]
+            return list(CrossBatch(**b).counts)
         return [len(b["ids"]), int((b["labels"] >= 0).sum())]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
