@@ -310,7 +310,7 @@ def test_config_cross_loss_is_checked():
     with pytest.raises(UserError, match="--cross-loss 'ulm'"):
         TrainConfig(student="s", data="d", output="o", cross_loss="ulm")
     assert json.loads(TrainConfig(student="s", data="d", output="o").to_json())[
-        "cross_loss"] == "both"
+        "cross_loss"] == "auto"
 
 
 def test_a_student_of_another_tokenizer_learns_the_teachers_text(tmp_path, dask_cluster):
@@ -402,7 +402,7 @@ def test_a_student_of_another_tokenizer_learns_the_teachers_text(tmp_path, dask_
     untrained, kd = bpb("untrained", 0), bpb("kd", 60)
     assert kd < 0.8 * untrained, (kd, untrained)  # measured: 3.14 vs 4.29
     used = json.loads((tmp_path / "kd" / "train_config.json").read_text())
-    assert used["cross_loss"] == "both" and used["ce_weight"] == [0.5]
+    assert used["cross_loss"] == "dist" and used["ce_weight"] == [0.5]
 
 
 def test_hf_trainer_takes_the_clis_cross_tokenizer_path(tmp_path, toks, tiny_teacher):

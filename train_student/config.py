@@ -151,10 +151,11 @@ class TrainConfig:
     student_tokenizer: str | None = opt(None, "tokenizer folder of a fresh student (--student "
                                               "a config file) other than the teacher's: the "
                                               "training is then cross-tokenizer")
-    cross_loss: str = opt("both", "with a student tokenizer other than the teacher's: alm "
-                                  "(chunk likelihoods, approximate likelihood matching), dist "
-                                  "(the teacher's next-token distribution carried onto the "
-                                  "student's tokens at shared boundaries) or both",
+    cross_loss: str = opt("auto", "with a student tokenizer other than the teacher's: dist "
+                                  "(the teacher's next-token distributions carried onto the "
+                                  "student's tokens), alm (chunk likelihoods, approximate "
+                                  "likelihood matching), both, or auto: dist, alm where the "
+                                  "student's tokenizer does not keep bytes",
                           choices=CROSS_LOSSES)
     max_steps: int = opt(0, "optimiser steps; 0: use --epochs")
     epochs: int = opt(1, "passes over the data when --max-steps is 0")

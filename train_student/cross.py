@@ -4,18 +4,20 @@ Each window's text is rebuilt from the teacher's token bytes (tokenbytes.py) and
 student; both tokenizations are cut into *chunks*, the spans between bytes where both have a token
 boundary. Two losses, either or both (`cross_loss`), beside CE on the student's own tokens:
 
+- "dist" (the default): at every student position the teacher's stored next-token targets
+  (top-k and tail, or draws) are a distribution over teacher token *strings*; those the student
+  would have cut as it did so far (`Trie`) are carried onto the student token they continue
+  with, masses that meet summed, and the student's softmax is trained on it by forward KL with
+  a tail bucket. The token the text holds joins with its exact label log-prob (format 4). It
+  needs a byte-exact student tokenizer.
 - ALM, approximate likelihood matching (Minixhofer et al. 2025; tokenkit's losses.py): the
   teacher's log-likelihood of a chunk is the sum of its stored log-probs of the chunk's tokens
-  (format 4's label log-prob, the "main path"), the student's likewise; the two are compared as
-  Bernoulli probabilities, exp(logp / tau), tau = 100, by binary KL. It needs one number per
-  teacher position, whatever k.
-- "dist": at every chunk start (a boundary both share) the teacher's stored next-token targets
-  (top-k and tail, or draws) are a distribution over teacher token *strings*; each is carried
-  onto the student token its bytes begin with (the longest student token that is a prefix of
-  them: a prefix trie of the student's vocabulary), masses of tokens that meet summed, and the
-  student's softmax at that position is trained on it by forward KL with a tail bucket (the
-  teacher's tail, and tokens with no student prefix, in it). This is a distribution at student
-  positions, not one scalar per chunk; it needs a byte-exact student tokenizer.
+  (the "main path"), the student's likewise; the two are compared as Bernoulli probabilities,
+  exp(logp / tau), tau = 100, by binary KL. It needs one number per teacher position, whatever
+  k, and any student tokenizer.
+
+Measured on a confident teacher (BENCHMARKS.md, "Students with their own tokenizer"), dist +
+0.5 CE recovers most of the same-tokenizer gain; ALM beside it or alone does worse than CE only.
 
 A chunk counts only where every teacher token in it has a stored log-prob (its position has a
 target: response-only masks carry over by byte span) and neither side starts it with its
@@ -36,7 +38,7 @@ from softlabels.train_student.batches import targets_of
 from softlabels.train_student.losses import NEG, head_logits, kd_ce_sums
 from softlabels.train_student.tokenbytes import TokenBytes, chunks, student_spans
 
-CROSS_LOSSES = ("alm", "dist", "both")
+CROSS_LOSSES = ("auto", "alm", "dist", "both")
 ALM_TAU = 100.0  # tokenkit's binarisation temperature
 
 
@@ -374,12 +376,14 @@ class Cross:
                     "with this softlabels (format 4)")
         student = check_student(tokenizer, "the student's tokenizer")
         kind, note = cfg.cross_loss, ""
-        if kind != "alm" and student is None:
-            if kind == "dist":
-                raise UserError("--cross-loss dist carries the teacher's targets onto the "
-                                "student's tokens by their bytes, which the student's tokenizer "
-                                "does not keep (WordPiece): use --cross-loss alm")
-            kind, note = "alm", " (dist needs a byte-exact student tokenizer)"
+        if kind == "auto":  # the best measured, where the student's tokenizer allows it
+            kind = "dist" if student is not None else "alm"
+            note = " (the default" + "; dist needs a byte-exact student tokenizer" * (
+                student is None) + ")"
+        elif kind != "alm" and student is None:
+            raise UserError(f"--cross-loss {kind} carries the teacher's targets onto the "
+                            "student's tokens by their bytes, which the student's tokenizer "
+                            "does not keep (WordPiece): use --cross-loss alm")
         weights = set(cfg.ce_weight)
         if len(weights) > 1:
             raise UserError("--ce-weight: one value for a student with its own tokenizer")

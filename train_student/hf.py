@@ -124,14 +124,14 @@ class DistillationTrainer(Trainer):
     `chunk`. `train_dataset` must come from `soft_label_dataset`: the manifests decide the
     defaults and what is refused, as for the CLI. A `processing_class` tokenizer other than the
     datasets' trains the student on its own tokens (`--student-tokenizer`), with `cross_loss`
-    (alm, dist or both) and one `ce_weight` (None: the CLI's default for it).
+    (auto, dist, alm or both) and one `ce_weight` (None: the CLI's default for it).
     """
 
     loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's token counts
 
     def __init__(self, *args, targets="auto", loss: str = "forward_kl", ce_weight=None,
                  temperature: float = 1.0, beta: float = 0.5, residual: str = "label",
-                 chunk: int = 1024, cross_loss: str = "both", **kwargs):
+                 chunk: int = 1024, cross_loss: str = "auto", **kwargs):
         from softlabels.data.manifest import Manifest
         from softlabels.train_student.config import TrainConfig
         from softlabels.train_student.cross import Cross
