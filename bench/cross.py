@@ -81,22 +81,28 @@ def label_bytes_per_token(data: Path) -> float:
     return size / sum(s["tokens"] for s in shards)
 
 
-def run(cache: Path, name: str, seed: int, steps: int) -> dict:
-    tok, extra = ROWS[name]
-    out = cache / "cross-runs" / f"{name.split(' (')[0].replace(' ', '_').replace(',', '')}-{seed}"
+def train_cmd(cache: Path, out: Path, steps: int, seed: int, tok: str | None,
+              extra: list) -> list[str]:
+    """The `softlabels train` command of one run: the confident bench's student and recipe."""
     cmd = [sys.executable, "-m", "softlabels", "train", "--student", cache / "student.json",
            "--data", cache / "k64", "--output", out, "--max-steps", steps, "--batch-tokens",
            4096, "--lr", "3e-3", "--warmup", 10, "--seed", seed, *extra]
     if tok:
         cmd += ["--student-tokenizer", cache / tok]
+    return list(map(str, cmd))
+
+
+def run(cache: Path, name: str, seed: int, steps: int) -> dict:
+    tok, extra = ROWS[name]
+    out = cache / "cross-runs" / f"{name.split(' (')[0].replace(' ', '_').replace(',', '')}-{seed}"
     if not (out / "train_log.json").is_file():
-        subprocess.run(list(map(str, cmd)), check=True, capture_output=True, cwd=REPO)
+        subprocess.run(train_cmd(cache, out, steps, seed, tok, extra), check=True,
+                       capture_output=True, cwd=REPO)
     r = json.loads(subprocess.run(
         [sys.executable, "-m", "softlabels", "eval", "--model", str(out), "--data",
          str(cache / "heldout-k64"), "--json"], check=True, capture_output=True, text=True,
         cwd=REPO).stdout)
-    hist = json.loads((out / "train_log.json").read_text())["history"][5:]
-    return {"bpb": r["bpb"], "ce": r["ce"], "step_s": float(np.median([h["step_s"] for h in hist]))}
+    return {"bpb": r["bpb"], "ce": r["ce"]}
 
 
 def speed(cache: Path, steps: int, repeats: int) -> None:
@@ -107,12 +113,9 @@ def speed(cache: Path, steps: int, repeats: int) -> None:
     for r in range(repeats):
         for name, (tok, extra) in sides.items():
             out = cache / "speed-runs" / f"{tok or 'same'}-{r}"
-            cmd = [sys.executable, "-m", "softlabels", "train", "--student",
-                   cache / "student.json", "--data", cache / "k64", "--output", out,
-                   "--max-steps", steps, "--batch-tokens", 4096, "--lr", "3e-3", "--seed", 0,
-                   *extra, *(["--student-tokenizer", cache / tok] if tok else [])]
             if not (out / "train_log.json").is_file():
-                subprocess.run(list(map(str, cmd)), check=True, capture_output=True, cwd=REPO)
+                subprocess.run(train_cmd(cache, out, steps, 0, tok, extra), check=True,
+                               capture_output=True, cwd=REPO)
             hist = json.loads((out / "train_log.json").read_text())["history"][5:]
             tps = (hist[-1]["tokens"] - hist[0]["tokens"]) / sum(h["step_s"] for h in hist[1:])
             best[name] = max(best.get(name, 0.0), tps)
@@ -151,8 +154,8 @@ def main() -> None:
             print(key, res[key], file=sys.stderr, flush=True)
             res_file.write_text(json.dumps(res, indent=1))
 
-    def cells(name: str, field: str = "bpb") -> np.ndarray:
-        return np.array([res[f"{name} | seed {s}"][field] for s in a.seeds
+    def cells(name: str) -> np.ndarray:
+        return np.array([res[f"{name} | seed {s}"]["bpb"] for s in a.seeds
                          if f"{name} | seed {s}" in res])
 
     same_ce = cells("teacher's tokenizer, CE only")
