@@ -221,7 +221,7 @@ def as_format_3(src: Path, dst: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from softlabels.data.writer import sha256_file
+    from softlabels.data.dataset import sha256_file
 
     if (dst / "manifest.json").is_file():
         return dst

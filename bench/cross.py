@@ -51,7 +51,7 @@ for _tok in TOKENIZERS:
 def tokenizers(cache: Path) -> None:
     import pyarrow.parquet as pq
 
-    from softlabels.data.show import load_tokenizer
+    from softlabels.data.dataset import load_tokenizer
     from softlabels.demo import make_tokenizer, make_unigram_tokenizer
 
     if not (cache / TWIN).is_dir():

@@ -98,7 +98,7 @@ def head_part(teacher: Path, model, c: dict, device: str) -> dict:
         n = 0
         for b in range(len(ids)):
             labels = np.append(ids[b, 1:].cpu().numpy(), -1)
-            t = head.targets(h[b], K, labels)
+            t = head.outputs(h[b], K, labels)
             v, i = ref[b].topk(K, -1)
             tail = torch.logsumexp(ref[b].scatter(-1, i, -torch.inf), -1).cpu().numpy()
             top_ok += float((t.topk_ids == i.cpu().numpy()).mean())
@@ -112,20 +112,20 @@ def head_part(teacher: Path, model, c: dict, device: str) -> dict:
         # speed: positions/s of the whole targets() call, top-k only and with 50 draws
         x = torch.randn(c["head_positions"], h.shape[-1], generator=g).to(device, torch.float32)
         for draws in (0, 50):
-            head.targets(x[:head.chunk], K, np.full(head.chunk, -1), draws, seed=0)  # warm-up
+            head.outputs(x[:head.chunk], K, np.full(head.chunk, -1), draws, seed=0)  # warm-up
             _sync(device)
             t0 = time.perf_counter()
-            head.targets(x, K, np.full(len(x), -1), draws, seed=0)
+            head.outputs(x, K, np.full(len(x), -1), draws, seed=0)
             _sync(device)
             out[name][f"positions_per_s_draws_{draws}"] = len(x) / (time.perf_counter() - t0)
     head = Head(teacher, torch.float32, device)
-    a = head.targets(h[0], K, np.full(256, -1), 50, seed=7)
-    b = head.targets(h[0], K, np.full(256, -1), 50, seed=7)
+    a = head.outputs(h[0], K, np.full(256, -1), 50, seed=7)
+    b = head.outputs(h[0], K, np.full(256, -1), 50, seed=7)
     out["draws_reproducible"] = bool(np.array_equal(a.sample_ids, b.sample_ids)
                                      and np.array_equal(a.sample_counts, b.sample_counts))
     if device == "cuda":  # the same uniforms inverted on the CPU: how often the same id
-        cpu = Head(teacher, torch.float32, "cpu").targets(h[0].cpu(), K, np.full(256, -1), 50,
-                                                         seed=7)
+        cpu = Head(teacher, torch.float32, "cpu").outputs(h[0].cpu(), K, np.full(256, -1), 50,
+                                                          seed=7)
         out["draws_same_as_cpu"] = float(np.mean([
             np.array_equal(x[y > 0], p[q > 0]) for x, y, p, q in
             zip(a.sample_ids, a.sample_counts, cpu.sample_ids, cpu.sample_counts)]))
@@ -138,10 +138,10 @@ def make_dataset(teacher: Path, model, out: Path, c: dict, device: str) -> Path:
     from transformers import AutoTokenizer
 
     from softlabels.data.card import publish
-    from softlabels.data.format import DEFAULT_LOGPROB_STEP, Row
+    from softlabels.data.dataset import TOKENIZER_DIR
+    from softlabels.data.format import DEFAULT_LOGPROB_STEP, Encoding, Row
     from softlabels.data.manifest import Manifest
-    from softlabels.data.show import TOKENIZER_DIR
-    from softlabels.data.writer import write_shard
+    from softlabels.data.shard import write_shard
     from softlabels.generate.head import Head
 
     head = Head(teacher, torch.float32, device)
@@ -152,11 +152,13 @@ def make_dataset(teacher: Path, model, out: Path, c: dict, device: str) -> Path:
         with torch.no_grad():
             h = model.model(input_ids=ids.to(device)).last_hidden_state[0].float()
         w = ids[0].numpy().astype(np.int32)
-        t = head.targets(h, K, np.append(w[1:], -1))
+        t = head.outputs(h, K, np.append(w[1:], -1))
         rows.append(Row(f"{r}:0", w, t.topk_ids, t.topk_logprobs, np.ones(len(w), bool),
                         tail_logprob=t.tail_logprob, label_logprob=t.label_logprob))
     out.mkdir(parents=True, exist_ok=True)
-    shards = [write_shard(out / f"shard-{s:05d}.parquet", rows[s::4], K) for s in range(4)]
+    enc = Encoding(K, DEFAULT_LOGPROB_STEP)
+    shards = [write_shard(out / f"shard-{s:05d}.parquet", rows[s::4], enc)
+              for s in range(4)]
     publish(out, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=c["vocab"],
                           shards=shards, provenance={"made_by": "bench/gpu.py"}))
     AutoTokenizer.from_pretrained(teacher).save_pretrained(out / TOKENIZER_DIR)

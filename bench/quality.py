@@ -32,17 +32,17 @@ def truncate(src: Path, dst: Path, k: int) -> None:
     import shutil
 
     from softlabels.data.card import publish
-    from softlabels.data.format import Row
+    from softlabels.data.format import Encoding, Row
     from softlabels.data.manifest import Manifest
     from softlabels.data.reader import SoftLabelReader
-    from softlabels.data.writer import write_shard
+    from softlabels.data.shard import write_shard
 
     if (dst / "manifest.json").is_file():
         return
     m = Manifest.load(src)
     rows = [Row(r.row_id, r.input_ids, r.topk_ids[:, :k].copy(), r.topk_logprobs[:, :k].copy(),
                 r.target_mask) for r in SoftLabelReader(src)]
-    info = write_shard(dst / "shard-00000.parquet", rows, k, m.logprob_step)
+    info = write_shard(dst / "shard-00000.parquet", rows, Encoding(k, m.logprob_step))
     publish(dst, Manifest(k=k, logprob_step=m.logprob_step, vocab_size=m.vocab_size,
                           provenance={**m.provenance, "truncated_from_k": m.k}, shards=[info]))
     shutil.copytree(src / "tokenizer", dst / "tokenizer", dirs_exist_ok=True)

@@ -24,7 +24,7 @@ from softlabels.data.card import publish
 from softlabels.data.format import DEFAULT_LOGPROB_STEP, Encoding, Row, decode, row_id
 from softlabels.data.manifest import Manifest
 from softlabels.data.reader import SoftLabelReader
-from softlabels.data.writer import write_shard
+from softlabels.data.shard import write_shard
 from softlabels.demo import make_model, make_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus" / "kjv-train.parquet"
@@ -47,7 +47,8 @@ def make_dataset(d: Path, tokens: int, k: int) -> Manifest:
                 v, top = torch.log_softmax(model(x).logits[0], -1).topk(k, -1)
                 rows.append(Row(row_id(i // 512, 0), w, top.numpy().astype(np.int32), v.numpy(),
                                 np.ones(len(w), bool)))
-            shards.append(write_shard(d / f"shard-{s // per:05d}.parquet", rows, k))
+            shards.append(write_shard(d / f"shard-{s // per:05d}.parquet",
+                                      rows, Encoding(k, DEFAULT_LOGPROB_STEP)))
     m = Manifest(k=k, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=len(tok), shards=shards)
     publish(d, m)
     return m

@@ -60,7 +60,7 @@ def hidden(teacher, k, max_len, draws):
     from softlabels.generate.engine import EngineConfig, Teacher
     t = Teacher(EngineConfig(teacher=teacher, k=k, max_length=max_len, draws=draws))
     def score(ws):
-        r = t.targets(ws, [f"{i}:0" for i in range(len(ws))])
+        r = t.outputs(ws, [f"{i}:0" for i in range(len(ws))])
         return [(x.topk_ids[:-1], x.topk_logprobs[:-1]) for x in r]
     return score
 

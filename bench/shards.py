@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from softlabels.data.format import Row
-from softlabels.data.writer import concat_shards, write_shard
+from softlabels.data.format import DEFAULT_LOGPROB_STEP, Encoding, Row
+from softlabels.data.shard import concat_shards, write_shard
 
 
 def rows(n_tokens: int, k: int, seed: int, vocab: int = 32768) -> list[Row]:
@@ -46,7 +46,8 @@ def main() -> None:
         d = Path(tmp)
         units = [rows(a.unit_tokens, a.k, s) for s in range(a.units)]
         t = time.perf_counter()
-        infos = [write_shard(d / f"unit-{i}.parquet", r, a.k) for i, r in enumerate(units)]
+        infos = [write_shard(d / f"unit-{i}.parquet", r, Encoding(a.k, DEFAULT_LOGPROB_STEP))
+                 for i, r in enumerate(units)]
         write_s = time.perf_counter() - t
         handles = [open(d / i.file, "rb") for i in infos]
         t = time.perf_counter()

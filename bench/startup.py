@@ -32,7 +32,7 @@ def dataset(d: Path, tokens: int) -> int:
     sys.path.insert(0, str(REPO / "bench"))
     from reader import make_dataset
 
-    from softlabels.data.show import TOKENIZER_DIR
+    from softlabels.data.dataset import TOKENIZER_DIR
 
     m = make_dataset(d, tokens, 64)
     (d / "model").rename(d / TOKENIZER_DIR)

@@ -24,9 +24,16 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from softlabels.data.format import DEFAULT_LOGPROB_STEP, Row, dequantise, quantise, row_id  # noqa: E402
+from softlabels.data.format import (  # noqa: E402
+    DEFAULT_LOGPROB_STEP,
+    Encoding,
+    Row,
+    dequantise,
+    quantise,
+    row_id,
+)
 from softlabels.data.reader import SoftLabelReader  # noqa: E402
-from softlabels.data.writer import write_shard  # noqa: E402
+from softlabels.data.shard import write_shard  # noqa: E402
 from softlabels.demo import make_model, make_tokenizer  # noqa: E402
 
 KS = (8, 32, 64, 128)
@@ -125,7 +132,7 @@ def ours(windows, k, step) -> tuple[int, float]:
         from softlabels.data.card import publish
         from softlabels.data.manifest import Manifest
 
-        info = write_shard(Path(d) / "s.parquet", rows, k, step)
+        info = write_shard(Path(d) / "s.parquet", rows, Encoding(k, step))
         publish(d, Manifest(k=k, logprob_step=step, vocab_size=1 << 20, shards=[info]))
         best = 0.0
         for _ in range(3):

@@ -34,7 +34,7 @@ def one_mode(mode: str, data: str, student: str, steps: int, batch_tokens: int) 
     import torch
 
     from softlabels.data.reader import SoftLabelReader
-    from softlabels.train_student.batches import chunks, collate
+    from softlabels.train_student.batches import collate, token_batches
     from softlabels.train_student.config import Recipe
     from softlabels.train_student.student import add_lora, load_student
     from softlabels.train_student.train import Distiller
@@ -51,7 +51,7 @@ def one_mode(mode: str, data: str, student: str, steps: int, batch_tokens: int) 
     distiller = Distiller(model, [Recipe(residual="tail", ce_weight=0.0, targets="topk")])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    stream = chunks(SoftLabelReader(data, shuffle=True, seed=0).rows(), batch_tokens)
+    stream = token_batches(SoftLabelReader(data, shuffle=True, seed=0).rows(), batch_tokens)
     times = []
     for i in range(1 + steps):
         t = time.perf_counter()
@@ -83,7 +83,7 @@ def speed(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         m = make_dataset(d, 4 * a.batch_tokens * (a.steps + 2), 64)
-        from softlabels.data.show import TOKENIZER_DIR
+        from softlabels.data.dataset import TOKENIZER_DIR
 
         (d / "model").rename(d / TOKENIZER_DIR)  # the dataset carries its tokenizer
         student = d / "student.json"

@@ -64,10 +64,10 @@ def derive(src: Path, dst: Path, k: int, draws: int, seed: int = 0) -> Path:
     """A dataset cut from `src` (top-64, or 50 draws): its first k of the top-k, or `draws` of
     its draws taken without replacement."""
     from softlabels.data.card import publish
-    from softlabels.data.format import Row
+    from softlabels.data.format import Encoding, Row
     from softlabels.data.manifest import Manifest
     from softlabels.data.reader import SoftLabelReader
-    from softlabels.data.writer import write_shard
+    from softlabels.data.shard import write_shard
     from softlabels.generate.head import unique_counts
 
     if (dst / "manifest.json").is_file():
@@ -87,7 +87,7 @@ def derive(src: Path, dst: Path, k: int, draws: int, seed: int = 0) -> Path:
                         r.topk_logprobs[:, :k].copy(), r.target_mask, sample_ids=s_ids,
                         sample_counts=s_counts))
     dst.mkdir(parents=True, exist_ok=True)
-    info = write_shard(dst / "shard-00000.parquet", rows, k, m.logprob_step, draws=draws)
+    info = write_shard(dst / "shard-00000.parquet", rows, Encoding(k, m.logprob_step, draws))
     publish(dst, Manifest(k=k, logprob_step=m.logprob_step, vocab_size=m.vocab_size, draws=draws,
                           provenance={**m.provenance, "cut_from": str(src)}, shards=[info]))
     shutil.copytree(src / "tokenizer", dst / "tokenizer", dirs_exist_ok=True)

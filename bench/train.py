@@ -26,7 +26,7 @@ def one_mode(mode: str, data: str, student: str, steps: int, batch_tokens: int, 
     import torch
 
     from softlabels.data.reader import SoftLabelReader
-    from softlabels.train_student.batches import chunks, collate
+    from softlabels.train_student.batches import collate, token_batches
     from softlabels.train_student.config import Recipe
     from softlabels.train_student.student import load_student
     from softlabels.train_student.train import Distiller
@@ -38,7 +38,7 @@ def one_mode(mode: str, data: str, student: str, steps: int, batch_tokens: int, 
     distiller = Distiller(model, [Recipe(residual="tail", ce_weight=0.0, targets="topk")],
                           k_chunk)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    stream = chunks(SoftLabelReader(data, shuffle=True, seed=0).rows(), batch_tokens)
+    stream = token_batches(SoftLabelReader(data, shuffle=True, seed=0).rows(), batch_tokens)
     warm, times = 3, []
     for i in range(warm + steps):
         t = time.perf_counter()

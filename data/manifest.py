@@ -6,25 +6,22 @@ folder with a manifest is a complete dataset.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from softlabels.data.atomic import write_text
+from softlabels.data.dataset import MANIFEST, ShardInfo
 from softlabels.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     LABEL_STEP,
     READS_VERSIONS,
     TAIL_STEP,
+    Encoding,
     FormatError,
-    tail_draws,
 )
-from softlabels.data.writer import ShardInfo
-
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -71,15 +68,21 @@ class Manifest:
         self.targets = t
 
     @property
+    def encoding(self) -> Encoding:
+        """The encoding every shard's schema must state (its fields are this manifest's)."""
+        return Encoding(self.k, self.logprob_step, self.draws, self.sample_temperature,
+                        self.format_version, self.tail_step, self.label_step)
+
+    @property
     def tail_draws(self) -> bool:
         """Whether the draws come from outside the top-k (format 3 with both)."""
-        return tail_draws(self.format_version, self.k, self.draws)
+        return self.encoding.tail_draws
 
     @property
     def exact(self) -> bool:
         """Whether the shards store the exact tail mass and the label's log-prob (version 4);
         older datasets give the tail only as 1 - sum(decoded top-k) and no label log-prob."""
-        return self.format_version >= 4
+        return self.encoding.exact
 
     @property
     def rows(self) -> int:
@@ -114,59 +117,3 @@ class Manifest:
             )
         d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
         return cls(**d)
-
-
-def fingerprint_files(paths: list[Path], root: Path | None = None, rehash: bool = False) -> str:
-    """sha256 over (relative name, sha256 of content) of files: a content hash of a teacher's
-    weights and tokenizer, or of an input corpus.
-
-    Each file's sha256 is cached by (absolute path, size, mtime) in the user's cache folder, so
-    a rerun does not read a 15-140 GB teacher again; a file rewritten in place gets a new mtime
-    and is hashed anew. `rehash` ignores the cache (`generate --rehash`)."""
-    cache = _HashCache.load()
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(str(p.relative_to(root) if root else p.name).encode() + b"\0")
-        h.update(cache.sha256(p, rehash).encode() + b"\0")
-    cache.save()
-    return h.hexdigest()
-
-
-class _HashCache:
-    """{absolute path: [size, mtime_ns, sha256]} in $XDG_CACHE_HOME/softlabels/file-hashes.json."""
-
-    def __init__(self, path: Path, entries: dict):
-        self.path, self.entries, self.changed = path, entries, False
-
-    @classmethod
-    def load(cls) -> _HashCache:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        path = base / "softlabels" / "file-hashes.json"
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError):
-            entries = {}
-        return cls(path, entries if isinstance(entries, dict) else {})
-
-    def sha256(self, p: Path, rehash: bool) -> str:
-        from softlabels.data.writer import sha256_file
-
-        key, st = str(p.resolve()), p.stat()
-        hit = self.entries.get(key)
-        if not rehash and isinstance(hit, list) and hit[:2] == [st.st_size, st.st_mtime_ns]:
-            return hit[2]
-        digest = sha256_file(p)
-        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
-        self.changed = True
-        return digest
-
-    def save(self) -> None:
-        if not self.changed:
-            return
-        # files that are gone (temporary folders, deleted models) leave the cache
-        self.entries = {k: v for k, v in self.entries.items() if os.path.exists(k)}
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text(self.path, json.dumps(self.entries))
-        except OSError:  # a read-only home: the cache is an optimisation, never a failure
-            pass

@@ -12,7 +12,7 @@ shards, while memory holds at most `window` row groups. `part`/`num_parts` (for 
 num_parts-th row of the global order, so N readers together see every row exactly once.
 
 What the reader hands out has passed the checks `softlabels verify` makes: every row group's values
-(`bad_rows`, vectorised), each row's length against its footer count, and, the first time a shard
+(checks.py, vectorised), each row's length against its footer count, and, the first time a shard
 is opened, its sha256 against the manifest (one extra sequential read of the file, ~1 % of decoding
 it). A dataset whose publisher controls the manifest can make hashes agree, hence the value checks.
 """
@@ -29,17 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from softlabels.data.format import (
-    BadRows,
-    Encoding,
-    FormatError,
-    Row,
-    count_rows,
-    decode,
-    read_row_counts,
-)
+from softlabels.data.checks import problems
+from softlabels.data.counts import count_rows, read_row_counts
+from softlabels.data.dataset import sha256_file
+from softlabels.data.format import Encoding, FormatError, Row, decode, flatten, one_batch
 from softlabels.data.manifest import Manifest
-from softlabels.data.writer import sha256_file
 
 SHUFFLE_WINDOW = 8  # row groups shuffled together (~32k tokens each)
 
@@ -52,8 +46,8 @@ class RowIndex:
     group: np.ndarray  # (R,) row group within the shard
     local: np.ndarray  # (R,) row within the row group
     tokens: np.ndarray  # (R,) tokens
-    targets: np.ndarray  # (R,) positions with a target (KD)
-    ce_targets: np.ndarray  # (R,) positions with a target and a known next token (CE)
+    kd_positions: np.ndarray  # (R,) positions with a target (KD)
+    ce_positions: np.ndarray  # (R,) positions with a target and a known next token (CE)
 
     def take(self, order: np.ndarray) -> RowIndex:
         return RowIndex(*(a[order] for a in vars(self).values()))
@@ -178,21 +172,23 @@ class SoftLabelReader:
             taken = table.take(idx.local[at])
             # the footer's counts planned the batches and weigh the loss: they must be true
             counted = count_rows(taken)
-            planned = np.stack([idx.tokens[at], idx.targets[at], idx.ce_targets[at]])
+            planned = np.stack([idx.tokens[at], idx.kd_positions[at], idx.ce_positions[at]])
             if (counted != planned).any():
                 j = int(np.flatnonzero((counted != planned).any(0))[0])
                 raise FormatError(
                     f"{self.manifest.shards[si].file} row {taken.column('row_id')[j]}: "
                     f"tokens/targets {counted[:, j].tolist()}, its footer says "
                     f"{planned[:, j].tolist()}; regenerate or re-download the dataset")
-            try:
-                decoded = decode(taken, enc, self.manifest.vocab_size)  # values checked too
-            except BadRows as e:
-                rid, why = e.rows[0]
+            batch = one_batch(taken)
+            flat = flatten(batch, enc)
+            bad = problems(batch, flat, self.manifest.vocab_size, enc)  # what verify checks
+            if bad:
+                rid, why = bad[0]
                 raise FormatError(
-                    f"{self.manifest.shards[si].file} row {rid}: {why} ({len(e.rows)} bad rows "
+                    f"{self.manifest.shards[si].file} row {rid}: {why} ({len(bad)} bad rows "
                     f"in row group {g}); this dataset fails `softlabels verify {self.dir}`: "
-                    "regenerate or re-download it") from e
+                    "regenerate or re-download it")
+            decoded = decode(batch, enc, flat)
             for i, row in zip(at.tolist(), decoded):
                 rows[i] = row
         self.decoded += len(rows)

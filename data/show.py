@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
+from softlabels.data.dataset import load_tokenizer
 from softlabels.data.errors import UserError
 from softlabels.data.format import Row
 from softlabels.data.reader import SoftLabelReader
-
-TOKENIZER_DIR = "tokenizer"  # generate copies the teacher's tokenizer here
 
 
 def get_row(directory: str | os.PathLike, n: int) -> tuple[Row, int]:
@@ -50,15 +48,6 @@ def row_json(row: Row, draws: int = 0) -> dict:
                                               row.target_mask)]
         d["draws"] = draws
     return d
-
-
-def load_tokenizer(directory: str | os.PathLike):
-    path = Path(directory) / TOKENIZER_DIR
-    if not path.is_dir():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # a dataset runs no code
 
 
 def render(row: Row, tok, top: int = 5, draws: int = 0) -> str:

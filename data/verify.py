@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from softlabels.data.format import Encoding, FormatError, bad_rows, count_rows, read_row_counts
+from softlabels.data.checks import bad_rows
+from softlabels.data.counts import count_rows, read_row_counts
+from softlabels.data.dataset import sha256_file
+from softlabels.data.format import Encoding, FormatError
 from softlabels.data.manifest import Manifest
-from softlabels.data.writer import sha256_file
 
 
 def verify(directory: str | os.PathLike) -> list[str]:

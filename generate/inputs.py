@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softlabels.data.errors import UserError
-from softlabels.data.manifest import fingerprint_files
+from softlabels.generate.fingerprint import fingerprint_files
 
 PIECE_BYTES = 4 << 20  # ~1M tokens of text: ~1-2 s of tokenizing; 10k pieces at 10B tokens
 

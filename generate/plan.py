@@ -1,10 +1,11 @@
 """Planning: tokenize the corpus, cut records into windows, pack windows into work units.
 
 The corpus is planned piece by piece (inputs.Piece), each piece by one Dask task: it writes
-`.softlabels/plan/piece-NNNNN.parquet` (its windows' row_id, token ids and target mask, one row
-group per unit) and then `piece-NNNNN.json` (its units and counts), both atomically. A unit's
-windows never span pieces, so the teacher can start on a piece's units while later pieces are
-still being tokenized, and a rerun plans only the pieces that have no record yet. When every
+`plan/piece-NNNNN.parquet` in the state folder (state.py: its windows' row_id, token ids and
+target mask, one row group per unit) and then `piece-NNNNN.json` (its units and counts), both
+atomically. A unit's windows never span pieces, so the teacher can start on a piece's units
+while later pieces are still being tokenized, and a rerun plans only the pieces that have no
+record yet. When every
 piece is planned, `plan.json` lists all units and how they are grouped into published shards
 (`--shard-tokens`: many units per file, so 10B tokens make a few thousand files, not 76k).
 
@@ -30,9 +31,9 @@ import pyarrow.parquet as pq
 
 from softlabels.data.atomic import atomic_path, write_text
 from softlabels.data.errors import UserError
-from softlabels.data.format import FORMAT_VERSION, row_id
+from softlabels.data.format import FORMAT_VERSION, Encoding, row_id
+from softlabels.generate.state import job_path, piece_path, plan_path
 
-STATE_DIR = ".softlabels"
 PLAN_SCHEMA = pa.schema([("row_id", pa.string()), ("input_ids", pa.list_(pa.int32())),
                          ("target_mask", pa.list_(pa.bool_()))])
 
@@ -59,6 +60,11 @@ class Job:
     # the code that writes the numbers: a job resumed by another version would mix two formats
     format_version: int = FORMAT_VERSION
     softlabels: str = field(default_factory=lambda: softlabels_version())
+
+    @property
+    def encoding(self) -> Encoding:
+        """How the job's shards store the teacher's numbers."""
+        return Encoding(self.k, self.logprob_step, self.draws, self.sample_temperature)
 
     def id(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
@@ -98,7 +104,7 @@ class PiecePlan:
     @classmethod
     def load(cls, out: Path, piece: int) -> PiecePlan | None:
         try:
-            d = json.loads(_piece_path(out, piece, ".json").read_text())
+            d = json.loads(piece_path(out, piece, ".json").read_text())
         except (OSError, ValueError):
             return None
         d["units"] = [Unit(**u) for u in d["units"]]
@@ -128,7 +134,7 @@ class Plan:
 
     @classmethod
     def load(cls, out: Path) -> Plan | None:
-        path = out / STATE_DIR / "plan.json"
+        path = plan_path(out)
         if not path.is_file():
             return None
         d = json.loads(path.read_text())
@@ -137,14 +143,10 @@ class Plan:
         return cls(**d)
 
 
-def _piece_path(out: Path, piece: int, suffix: str) -> Path:
-    return out / STATE_DIR / "plan" / f"piece-{piece:05d}{suffix}"
-
-
 def claim(out: Path, job: Job) -> None:
     """Record which job `out` holds; refuse a different one (teacher, input or settings)."""
-    path = out / STATE_DIR / "job.json"
-    if not path.is_file() and (out / STATE_DIR / "plan.json").is_file():
+    path = job_path(out)
+    if not path.is_file() and plan_path(out).is_file():
         raise UserError(f"{out} holds a job planned by an older softlabels; finish it with that "
                         "version, or use a new --output folder")
     if path.is_file():
@@ -249,7 +251,7 @@ def plan_piece(corpus, piece, tokenizer, job: Job, out: Path, fields,
                         result.context_windows += 1
                 record += 1
 
-    with atomic_path(_piece_path(out, piece.index, ".parquet")) as tmp, \
+    with atomic_path(piece_path(out, piece.index, ".parquet")) as tmp, \
             pq.ParquetWriter(tmp, PLAN_SCHEMA) as w:
         values: list[tuple] = []
         for v in corpus.records(piece):
@@ -265,7 +267,7 @@ def plan_piece(corpus, piece, tokenizer, job: Job, out: Path, fields,
         raise UserError(f"input piece {piece.index} ({piece.files[0]}) has {result.records} "
                         f"records, {piece.records} when planning began: is the input being "
                         "written? Rerun when it is complete")
-    write_text(_piece_path(out, piece.index, ".json"), json.dumps(asdict(result)) + "\n")
+    write_text(piece_path(out, piece.index, ".json"), json.dumps(asdict(result)) + "\n")
     return result
 
 
@@ -291,7 +293,7 @@ def finish_plan(out: Path, job: Job, pieces: list[PiecePlan]) -> Plan:
         shards[-1].tokens += u.tokens
     plan = Plan(job.id(), units, shards, records, empty, tokens, too_long,
                 sum(p.context_windows for p in pieces), untargeted)
-    write_text(out / STATE_DIR / "plan.json", json.dumps(asdict(plan)) + "\n")
+    write_text(plan_path(out), json.dumps(asdict(plan)) + "\n")
     return plan
 
 
@@ -308,6 +310,6 @@ def make_plan(corpus, tokenizer, job: Job, out: Path, fields, response_budget: i
 
 
 def read_unit(out: Path, unit: Unit) -> tuple[list[str], list[list[int]], list[list[bool]]]:
-    t = pq.ParquetFile(_piece_path(out, unit.piece, ".parquet")).read_row_group(unit.group)
+    t = pq.ParquetFile(piece_path(out, unit.piece, ".parquet")).read_row_group(unit.group)
     return (t.column("row_id").to_pylist(), t.column("input_ids").to_pylist(),
             t.column("target_mask").to_pylist())

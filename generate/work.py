@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from softlabels.data.atomic import fsync_dir, write_text
+from softlabels.data.dataset import ShardInfo, sha256_file
 from softlabels.data.errors import UserError
-from softlabels.data.format import Row
-from softlabels.data.writer import ShardInfo, concat_shards, sha256_file, write_shard
+from softlabels.data.format import Encoding, Row
+from softlabels.data.shard import concat_shards, write_shard
 from softlabels.generate.engine import EngineConfig, Responder, Sampling, Teacher, on_cpu
-from softlabels.generate.plan import STATE_DIR, Job, PiecePlan, Shard, Unit, plan_piece, read_unit
+from softlabels.generate.plan import Job, PiecePlan, Shard, Unit, plan_piece, read_unit
+from softlabels.generate.state import attempts_path, done_path, shard_record_path, unit_path
 
 _TEACHER: list[Teacher | Responder] = []  # this worker process's engine (one at a time)
 _TOKENIZER: dict = {}  # this worker process's tokenizer, by teacher path
@@ -63,24 +65,12 @@ class UnitTask:
     out: str
     unit: Unit
     engine: EngineConfig
-    logprob_step: float
+    encoding: Encoding  # how the unit's shard stores the numbers (the Job's)
     # per local worker (by worker name): its CPU cores, or its GPUs (CUDA_VISIBLE_DEVICES), so
     # two engines never share a core or a GPU; empty for workers the user started
     cpu_binds: tuple[str, ...] = ()
     gpu_binds: tuple[str, ...] = ()
     sampling: Sampling | None = None  # set: the teacher writes the responses
-
-
-def unit_path(out: Path, unit: Unit) -> Path:
-    return out / STATE_DIR / "units" / unit.name
-
-
-def done_path(out: Path, unit: Unit) -> Path:
-    return out / STATE_DIR / "done" / f"{unit.name}.json"
-
-
-def shard_record_path(out: Path, shard: Shard) -> Path:
-    return out / STATE_DIR / "shards" / f"{shard.name}.json"
 
 
 def _identity(path: Path | int) -> list[int]:
@@ -260,10 +250,6 @@ def _responses(task: UnitTask, teacher: Teacher, row_ids, prompts) -> list[Row]:
     return rows
 
 
-def attempts_path(out: Path) -> Path:
-    return out / STATE_DIR / "attempts.log"
-
-
 def _log_attempt(out: Path, unit: Unit) -> None:
     """One line per time a unit reaches the teacher: how much teacher work lost workers cost
     (lines beyond the number of units). An append of one short line is atomic on POSIX."""
@@ -288,7 +274,7 @@ def run_unit(task: UnitTask) -> dict:
                     np.asarray(m, bool), sample_ids=t.sample_ids, sample_counts=t.sample_counts,
                     tail_logprob=t.tail_logprob, label_logprob=t.label_logprob)
                 for rid, w, m, t in zip(row_ids, windows, masks,
-                                        teacher.targets(windows, row_ids))
+                                        teacher.outputs(windows, row_ids))
             ]
             if task.engine.draws:  # positions without a target store no samples
                 for r in rows:
@@ -300,8 +286,7 @@ def run_unit(task: UnitTask) -> dict:
         raise
     t2 = time.perf_counter()
     path = unit_path(out, task.unit)
-    info = write_shard(path, rows, task.engine.k, task.logprob_step,
-                       draws=task.engine.draws, sample_temperature=task.engine.sample_temperature)
+    info = write_shard(path, rows, task.encoding)
     summary = {
         **asdict(info),
         "engine_start_s": t1 - t0,

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     from softlabels.demo import add_arguments as demo_args
     from softlabels.generate.cli import add_arguments as gen_args
     from softlabels.train_student.cli import add_arguments as train_args
-    from softlabels.train_student.evaluate import add_arguments as eval_args
+    from softlabels.train_student.cli import add_eval_arguments as eval_args
 
     g = sub.add_parser("generate", help="run the teacher over a corpus, write a soft-label dataset")
     gen_args(g)

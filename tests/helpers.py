@@ -185,13 +185,14 @@ def write_dataset(path, rows, k: int, vocab: int, draws: int = 0, tokenizer=None
     import shutil
 
     from softlabels.data.card import publish
-    from softlabels.data.format import DEFAULT_LOGPROB_STEP
+    from softlabels.data.dataset import TOKENIZER_DIR
+    from softlabels.data.format import DEFAULT_LOGPROB_STEP, Encoding
     from softlabels.data.manifest import Manifest
-    from softlabels.data.show import TOKENIZER_DIR
-    from softlabels.data.writer import write_shard
+    from softlabels.data.shard import write_shard
 
     path.mkdir(parents=True, exist_ok=True)
-    infos = [write_shard(path / f"shard-{s}.parquet", rows[s::shards], k, draws=draws,
+    infos = [write_shard(path / f"shard-{s}.parquet", rows[s::shards],
+                         Encoding(k, DEFAULT_LOGPROB_STEP, draws),
                          row_group_tokens=300) for s in range(shards)]
     publish(path, Manifest(k=k, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab,
                            draws=draws, shards=infos))

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from softlabels.generate.cli import OutputLock
+from softlabels.generate.state import OutputLock
 from tests.helpers import softlabels
 
 

@@ -437,7 +437,7 @@ def test_hf_trainer_takes_the_clis_cross_tokenizer_path(tmp_path, toks, tiny_tea
     batch = cli.collate(rows[:4], np.zeros(4, int), ["topk"])
     counts = list(batch.counts)
     assert counts[1] > 0 and counts[2] > 0  # chunks and chunk starts to learn from
-    want = cli.loss(Distiller(model, [])(batch), counts)
+    want = cli.loss(Distiller(model, cli)(batch), counts)
     inputs = trainer.data_collator([{k: v for k, v in vars(r).items() if v is not None}
                                     for r in rows[:4]])
     got = trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor(counts))

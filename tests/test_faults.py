@@ -16,7 +16,8 @@ import pytest
 from softlabels.data.manifest import Manifest
 from softlabels.data.verify import verify
 from softlabels.generate.plan import Plan
-from softlabels.generate.work import done_path, is_done
+from softlabels.generate.state import done_path
+from softlabels.generate.work import is_done
 from tests.helpers import (
     REPO,
     corpus_texts,

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from softlabels.data.card import publish
+from softlabels.data.checks import bad_rows, check_rows
 from softlabels.data.format import (
     DEFAULT_LOGPROB_STEP,
     FORMAT_VERSION,
@@ -25,7 +26,6 @@ from softlabels.data.format import (
     Encoding,
     FormatError,
     Row,
-    bad_rows,
     decode,
     decode_tail,
     dequantise,
@@ -35,11 +35,12 @@ from softlabels.data.format import (
 )
 from softlabels.data.manifest import Manifest
 from softlabels.data.reader import SoftLabelReader
+from softlabels.data.shard import write_shard
 from softlabels.data.verify import verify
-from softlabels.data.writer import write_shard
 from tests.helpers import REPO, assert_same_targets, corpus_texts, reference_rows
 
 K = 8
+ENC = Encoding(K, DEFAULT_LOGPROB_STEP)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +57,14 @@ def real_rows(tiny_teacher):
     return reference_rows(tiny_teacher, token_lists, K, masks), len(tok)
 
 
-def make_dataset(path, rows, vocab, shards=2, **kw):
+def make_dataset(path, rows, vocab, shards=2, draws=0, **kw):
+    enc = Encoding(K, DEFAULT_LOGPROB_STEP, draws)
     infos = [
-        write_shard(path / f"shard-{s:05d}.parquet", rows[s::shards], K, **kw)
+        write_shard(path / f"shard-{s:05d}.parquet", rows[s::shards], enc, **kw)
         for s in range(shards)
     ]
     m = Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab, shards=infos,
-                 draws=kw.get("draws", 0))
+                 draws=draws)
     publish(path, m)
     return m
 
@@ -76,7 +78,7 @@ def test_pinned_encoding_of_one_position():
               np.array([[-0.1, -1.0, -0.0], [-3.0, -3.1, -3.2]], np.float32),
               np.array([True, True]), tail_logprob=np.log([0.01, 0.9]).astype(np.float32),
               label_logprob=np.array([-0.5, np.nan], np.float32))
-    b = encode([row], 3, 1 / 16)
+    b = encode([row], Encoding(3, 1 / 16))
     assert b.column("topk_id_gaps").to_pylist() == [[[3, 4, 5], [1, 1, 2]]]
     assert b.column("topk_logprobs_q").to_pylist() == [[[16, 2, 0], [48, 50, 51]]]
     assert b.column("tail_mass_q").to_pylist() == [[147, 32842]]
@@ -97,7 +99,7 @@ def test_duplicate_ids_are_refused():
               np.array([[-0.1, -1.0]], np.float32), np.array([True]),
               tail_logprob=np.array([-3.0], np.float32), label_logprob=np.array([np.nan]))
     with pytest.raises(FormatError, match="row 4:1: .*same token id twice"):
-        encode([row], 2)
+        encode([row], Encoding(2, DEFAULT_LOGPROB_STEP))
 
 
 @pytest.mark.parametrize("row_group_tokens", [1, 50, 100000])
@@ -122,8 +124,8 @@ def test_encode_sorts_positions_by_probability(real_rows):
     perm = np.random.default_rng(0).permutation(K)
     shuffled = replace(r, topk_ids=r.topk_ids[:, perm], topk_logprobs=r.topk_logprobs[:, perm])
 
-    a = decode(encode([r], K), Encoding(K, DEFAULT_LOGPROB_STEP))[0]
-    b = decode(encode([shuffled], K), Encoding(K, DEFAULT_LOGPROB_STEP))[0]
+    a = decode(encode([r], ENC), ENC)[0]
+    b = decode(encode([shuffled], ENC), ENC)[0]
     np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
     np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
 
@@ -169,7 +171,8 @@ def test_failed_write_leaves_nothing(tmp_path, real_rows):
     bad = replace(rows[0], row_id="9:0", topk_ids=rows[0].topk_ids[:, :3],
                   topk_logprobs=rows[0].topk_logprobs[:, :3])
     with pytest.raises(FormatError, match="row 9:0"):
-        write_shard(tmp_path / "shard-00000.parquet", [rows[1], bad], K, row_group_tokens=1)
+        write_shard(tmp_path / "shard-00000.parquet", [rows[1], bad], ENC,
+                    row_group_tokens=1)
     assert os.listdir(tmp_path) == []
 
 
@@ -178,8 +181,8 @@ def test_killed_writer_leaves_no_partial_shard(tmp_path):
     code = f"""
 import numpy as np, sys
 sys.path.insert(0, {str(REPO)!r})
-from softlabels.data.format import Row
-from softlabels.data.writer import write_shard
+from softlabels.data.format import Encoding, Row
+from softlabels.data.shard import write_shard
 rng = np.random.default_rng(0)
 rows = [Row(f"{{i}}:0", rng.integers(0, 30000, 2048, dtype=np.int32),
             (np.arange(64) * 400 + rng.integers(0, 400, (2048, 1))).astype(np.int32),
@@ -187,7 +190,8 @@ rows = [Row(f"{{i}}:0", rng.integers(0, 30000, 2048, dtype=np.int32),
             np.ones(2048, bool), tail_logprob=np.full(2048, -5, np.float32),
             label_logprob=np.full(2048, -1, np.float32)) for i in range(60)]
 print("ready", flush=True)
-write_shard({str(tmp_path / "shard-00000.parquet")!r}, rows, 64, row_group_tokens=2048)
+write_shard({str(tmp_path / "shard-00000.parquet")!r}, rows, Encoding(64, 1 / 16),
+            row_group_tokens=2048)
 """
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
@@ -226,7 +230,7 @@ def test_verify_catches_bad_values_and_counts(tmp_path, real_rows):
     r = rows[0]
     too_much = replace(r, row_id="0:0", topk_logprobs=np.zeros_like(r.topk_logprobs))
     out_of_vocab = replace(r, row_id="1:0", topk_ids=r.topk_ids + vocab)
-    info = write_shard(tmp_path / "shard-00000.parquet", [too_much, out_of_vocab, rows[1]], K)
+    info = write_shard(tmp_path / "shard-00000.parquet", [too_much, out_of_vocab, rows[1]], ENC)
     info.rows += 1  # the manifest lies about the count
     publish(tmp_path, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab,
                                shards=[info]))
@@ -323,7 +327,7 @@ def _tamper_first_id(shard, vocab):
     t = t.set_column(t.schema.get_field_index("topk_id_gaps"), t.schema.field("topk_id_gaps"),
                      pa.ListArray.from_arrays(gaps.offsets, inner))
     pq.write_table(t, shard)
-    from softlabels.data.writer import sha256_file
+    from softlabels.data.dataset import sha256_file
 
     return sha256_file(shard), shard.stat().st_size
 
@@ -363,16 +367,16 @@ def test_bad_rows_flags_each_rule(real_rows):
             label_logprob=np.where(np.arange(len(r.input_ids)) == 6, r.topk_logprobs[6, 0] - 0.5,
                                    r.label_logprob)),
     }
-    batch = encode(list(cases.values()), K)
+    batch = encode(list(cases.values()), enc)
     got = dict(bad_rows(batch, enc, vocab))
     assert set(got) == {"1:0", "2:0", "4:0", "5:0"}
     assert "sum to more than 1" in got["1:0"] and "input id outside" in got["2:0"]
     assert "do not sum to 1" in got["4:0"] and "label's log-prob disagrees" in got["5:0"]
     with pytest.raises(FormatError, match="same token id twice"):  # encode refuses duplicates
-        encode([replace(r, row_id="3:0", topk_ids=dup)], K)
+        encode([replace(r, row_id="3:0", topk_ids=dup)], enc)
     # the same rows checked one by one agree with the batch
     for rid, row in cases.items():
-        one = dict(bad_rows(encode([row], K), enc, vocab))
+        one = dict(bad_rows(encode([row], enc), enc, vocab))
         assert bool(one) == (row.row_id in got), rid
 
 
@@ -381,7 +385,7 @@ def test_footer_counts_that_lie_are_caught(tmp_path, real_rows):
     differs from the row's mask (manifest re-hashed to match) fails verify and the reader."""
     import base64
 
-    from softlabels.data.writer import sha256_file
+    from softlabels.data.dataset import sha256_file
 
     rows, vocab = real_rows
     m = make_dataset(tmp_path, rows, vocab, shards=1)
@@ -429,7 +433,8 @@ def test_samples_round_trip_verify_inspect_and_load_dataset(tmp_path, real_rows,
 
     rows, vocab = real_rows
     rows = _with_samples(rows, 20)
-    info = write_shard(tmp_path / "shard-00000.parquet", rows, k, draws=20, row_group_tokens=100)
+    enc = Encoding(k, DEFAULT_LOGPROB_STEP, 20)
+    info = write_shard(tmp_path / "shard-00000.parquet", rows, enc, row_group_tokens=100)
     publish(tmp_path, Manifest(k=k, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=vocab,
                                draws=20, shards=[info]))
     assert verify(tmp_path) == []
@@ -467,19 +472,20 @@ def test_bad_samples_are_flagged(real_rows):
     rows, vocab = real_rows
     good = _with_samples(rows[:1], 20)[0]
     enc = Encoding(K, DEFAULT_LOGPROB_STEP, draws=20)
-    assert bad_rows(encode([good], K, draws=20), enc, vocab) == []
+    assert bad_rows(encode([good], enc), enc, vocab) == []
     short = replace(good, row_id="1:0", sample_counts=good.sample_counts.copy())
     short.sample_counts[0, np.flatnonzero(short.sample_counts[0])[0]] -= 1
     with pytest.raises(FormatError, match="sum to 20"):
-        encode([short], K, draws=20)  # the writer refuses it ...
-    batch = encode([good], K, draws=20)
+        check_rows([short], enc)  # the writer refuses it ...
+    batch = encode([good], enc)
     assert "sum to 21" in bad_rows(batch, Encoding(K, DEFAULT_LOGPROB_STEP, draws=21), vocab)[0][1]
     top = int(good.sample_ids[good.sample_counts > 0].max())
+    alone_enc = Encoding(0, DEFAULT_LOGPROB_STEP, 20)
     alone = replace(good, row_id="2:0", input_ids=np.zeros_like(good.input_ids),
                     topk_ids=np.zeros((len(good.input_ids), 0)),
                     topk_logprobs=np.zeros((len(good.input_ids), 0)),
                     label_logprob=np.where(np.isnan(good.label_logprob), np.nan, -1.0))
-    assert bad_rows(encode([alone], 0, draws=20), Encoding(0, DEFAULT_LOGPROB_STEP, 20), top) \
+    assert bad_rows(encode([alone], alone_enc), alone_enc, top) \
         == [("2:0", f"sampled id outside [0, {top})")]
     # beside a top-k (format 3) a draw of a top-k id is refused; format 2 drew from everything
     inside = replace(good, row_id="3:0", sample_ids=good.sample_ids.copy(),
@@ -492,11 +498,11 @@ def test_bad_samples_are_flagged(real_rows):
     inside.sample_ids[t, :n], inside.sample_counts[t, :n] = ids[order], \
         good.sample_counts[t, :n][order]
     with pytest.raises(FormatError, match="in the top-k"):
-        encode([inside], K, draws=20)
+        check_rows([inside], enc)
     # ... and the reader too: good's top-k columns beside inside's sample columns
     no_k = np.zeros((len(good.input_ids), 0))
-    top_k, samples = encode([good], K, draws=20), encode([replace(
-        inside, topk_ids=no_k, topk_logprobs=no_k)], 0, draws=20)
+    top_k, samples = encode([good], enc), encode([replace(
+        inside, topk_ids=no_k, topk_logprobs=no_k)], alone_enc)
     spliced = pa.RecordBatch.from_arrays(
         [samples.column(c) if c.startswith("sample") else top_k.column(c)
          for c in top_k.schema.names], schema=top_k.schema)
@@ -508,7 +514,7 @@ def test_bad_samples_are_flagged(real_rows):
 def as_version(path: Path, version: int) -> None:
     """Rewrite a dataset written by this package as an older format version: without version
     4's columns and steps, without version 2's draws keys for version 1."""
-    from softlabels.data.writer import sha256_file
+    from softlabels.data.dataset import sha256_file
 
     d = json.loads((path / "manifest.json").read_text())
     for shard in d["shards"]:

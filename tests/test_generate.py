@@ -364,17 +364,19 @@ def test_stale_engine_results_are_refused_and_the_engine_dropped(tmp_path, tiny_
 
     from distributed import Client
 
+    from softlabels.data.format import Encoding
     from softlabels.generate.engine import EngineConfig
-    from softlabels.generate.work import UnitTask, done_path
+    from softlabels.generate.state import done_path
+    from softlabels.generate.work import UnitTask
 
     out = tmp_path / "ds"
     shutil.copytree(generated, out)
     unit = Plan.load(out).units[0]
     record = done_path(out, unit).read_text()
     engine = EngineConfig(teacher=str(tiny_teacher.resolve()), k=K, max_length=MAXLEN)
+    task = UnitTask(str(out), unit, engine, Encoding(K, DEFAULT_LOGPROB_STEP))
     with Client(dask_cluster) as c:
-        msg, engines_left = c.submit(_leave_a_stale_request_then_run,
-                                     UnitTask(str(out), unit, engine, DEFAULT_LOGPROB_STEP),
+        msg, engines_left = c.submit(_leave_a_stale_request_then_run, task,
                                      resources={"teacher": 1}, pure=False).result()
     assert msg.startswith("EngineMismatch"), msg
     assert engines_left == 0

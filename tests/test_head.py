@@ -65,7 +65,7 @@ def test_head_gives_the_models_own_log_probs(tmp_path, kind):
     ref = torch.log_softmax(out.logits[0].double(), -1)
     head = Head(tmp_path, torch.float32)
     labels = np.append(ids[0, 1:].numpy(), -1)
-    t = head.targets(out.hidden_states[-1][0], k=10, labels=labels, draws=200, seed=3)
+    t = head.outputs(out.hidden_states[-1][0], k=10, labels=labels, draws=200, seed=3)
     want_lp, want_ids = ref.topk(10, -1)
     np.testing.assert_allclose(t.topk_logprobs, want_lp.numpy(), atol=2e-5)
     assert (t.topk_ids == want_ids.numpy()).mean() > 0.99  # ties may swap
@@ -85,7 +85,7 @@ def test_head_gives_the_models_own_log_probs(tmp_path, kind):
     drawn_lp = np.take_along_axis(outside, t.sample_ids.astype(np.int64), -1)
     assert (drawn_lp[t.sample_counts > 0] > -25).all()
     assert (t.sample_counts.sum(-1) == 200).all()
-    empty = head.targets(out.hidden_states[-1][0], k=300, labels=labels, draws=5, seed=3)
+    empty = head.outputs(out.hidden_states[-1][0], k=300, labels=labels, draws=5, seed=3)
     assert (empty.sample_counts == 0).all()  # no tail at all
     if kind == "gemma2":  # the cap bounds the logits, so the head must have applied it
         assert float(out.logits.abs().max()) <= 2.0

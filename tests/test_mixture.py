@@ -87,7 +87,7 @@ def test_order_is_the_seeds_and_one_dataset_is_its_reader(sets):
     np.testing.assert_allclose(one.weights, one.target_tokens / one.target_tokens.sum())
     alone, reader = Mixture([sets["a"]], seed=3), SoftLabelReader(sets["a"], shuffle=True, seed=3)
     for e in (0, 2):
-        for f in ("shard", "group", "local", "targets"):
+        for f in ("shard", "group", "local", "kd_positions"):
             assert np.array_equal(getattr(alone.index(e), f), getattr(reader.index(e), f))
 
 

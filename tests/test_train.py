@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from softlabels.data.card import publish
+from softlabels.data.dataset import TOKENIZER_DIR, sha256_file
 from softlabels.data.format import (
     DEFAULT_LOGPROB_STEP,
     TAIL_STEP,
@@ -28,10 +29,10 @@ from softlabels.data.format import (
 )
 from softlabels.data.manifest import Manifest
 from softlabels.data.reader import SoftLabelReader
-from softlabels.data.show import TOKENIZER_DIR
-from softlabels.data.writer import sha256_file, write_shard
+from softlabels.data.shard import write_shard
 from softlabels.train_student.batches import EpochPlan
-from softlabels.train_student.losses import LOSSES, kd_ce_sums
+from softlabels.train_student.config import LOSSES
+from softlabels.train_student.losses import kd_ce_sums
 from tests.helpers import REPO, corpus_texts, dask_env, reference_rows, softlabels
 
 K = 8
@@ -41,6 +42,10 @@ STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
 
 
 # ---------------------------------------------------------------- the loss against a dense one
+
+def _enc() -> Encoding:
+    return Encoding(K, DEFAULT_LOGPROB_STEP)
+
 
 def _divergence(p, q, loss, beta):
     """Dense float64 divergence between two lists of bucket probabilities (each summing to 1)."""
@@ -160,7 +165,8 @@ def test_stored_targets_sum_to_one_at_every_confidence():
         row = Row("0:0", np.arange(40, dtype=np.int32), ids.numpy().astype(np.int32),
                   lp.float().numpy(), np.ones(40, bool), tail_logprob=tail.float().numpy(),
                   label_logprob=np.full(40, -1.0, np.float32))
-        (back,) = decode(encode([row], K), Encoding(K, DEFAULT_LOGPROB_STEP))
+        enc = Encoding(K, DEFAULT_LOGPROB_STEP)
+        (back,) = decode(encode([row], enc), enc)
         t = np.arange(40)
         _, got_lp, got_rest = targets_of(back, t, "topk")
         total = np.exp(got_lp.astype(np.float64)).sum(-1) + np.exp(got_rest.astype(np.float64))
@@ -298,7 +304,7 @@ def dataset(tmp_path_factory, tiny_teacher):
     ids = [t for text in corpus_texts(20, offset=500) for t in tok(text).input_ids]
     wins = [ids[i * 32:(i + 1) * 32] for i in range(24)]
     rows = reference_rows(tiny_teacher, wins, K, [np.arange(32) >= (i % 3) for i in range(24)])
-    shards = [write_shard(d / f"shard-{s}.parquet", rows[s::2], K, row_group_tokens=200)
+    shards = [write_shard(d / f"shard-{s}.parquet", rows[s::2], _enc(), row_group_tokens=200)
               for s in range(2)]
     publish(d, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=len(tok),
                         shards=shards))
@@ -694,7 +700,7 @@ def heldout(tmp_path_factory, tiny_teacher):
     wins = [ids[i * 32:(i + 1) * 32] for i in range(8)]
     rows = reference_rows(tiny_teacher, wins, K)
     publish(d, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=len(tok),
-                        shards=[write_shard(d / "shard-0.parquet", rows, K)]))
+                        shards=[write_shard(d / "shard-0.parquet", rows, _enc())]))
     tok.save_pretrained(d / TOKENIZER_DIR)
     return d
 
@@ -745,7 +751,7 @@ def test_hf_trainer_weights_accumulated_micro_batches_by_tokens(tmp_path, datase
     d.mkdir()
     m = Manifest.load(dataset)
     publish(d, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=m.vocab_size,
-                        shards=[write_shard(d / "shard-0.parquet", rows, K)]))
+                        shards=[write_shard(d / "shard-0.parquet", rows, _enc())]))
     a = _hf_train(d, tmp_path / "a", 3, 4, 2, shuffle=False)
     b = _hf_train(d, tmp_path / "b", 3, 8, 1, shuffle=False)
     for pa_, pb in zip(a.parameters(), b.parameters()):
@@ -804,7 +810,7 @@ def with_context_rows(tmp_path_factory, dataset):
              for i, r in enumerate(rows[:8])]
     m = Manifest.load(dataset)
     publish(d, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=m.vocab_size,
-                        shards=[write_shard(d / "shard-0.parquet", rows, K,
+                        shards=[write_shard(d / "shard-0.parquet", rows, _enc(),
                                             row_group_tokens=200)]))
     shutil.copytree(dataset / TOKENIZER_DIR, d / TOKENIZER_DIR)
     (d.parent / "student.json").write_text(json.dumps(STUDENT))
@@ -883,7 +889,7 @@ def test_every_epoch_has_its_own_step_count(tmp_path, dataset):
     d.mkdir()
     m = Manifest.load(dataset)
     publish(d, Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=m.vocab_size,
-                        shards=[write_shard(d / f"shard-{s}.parquet", rows[s::3], K,
+                        shards=[write_shard(d / f"shard-{s}.parquet", rows[s::3], _enc(),
                                             row_group_tokens=60) for s in range(3)]))
     shutil.copytree(dataset / TOKENIZER_DIR, d / TOKENIZER_DIR)
     (tmp_path / "student.json").write_text(json.dumps(STUDENT))
@@ -911,7 +917,7 @@ def test_shards_without_footer_counts_still_plan(tmp_path, real_rows_train):
     m.save(d)
     assert pq.read_metadata(d / m.shards[0].file).metadata.get(b"softlabels.row_tokens") is None
     without = SoftLabelReader(d).index(0)
-    for name in ("tokens", "targets", "ce_targets", "shard"):  # (row groups were rewritten)
+    for name in ("tokens", "kd_positions", "ce_positions", "shard"):  # (row groups were rewritten)
         np.testing.assert_array_equal(getattr(with_counts, name), getattr(without, name))
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from softlabels.data.format import Row
+from softlabels.data.format import Row, log1mexp
 from softlabels.data.reader import RowIndex
 from softlabels.train_student.losses import NEG
 
@@ -37,9 +37,6 @@ class Batch:
         return Batch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
-TARGETS = ("topk", "samples", "both")
-
-
 def _log(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.log(x)
@@ -55,9 +52,9 @@ def _topk(row: Row, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     total = np.logaddexp.reduce(lp, -1) if lp.shape[1] else np.full(len(t), -np.inf)
     if row.tail_logprob is not None:
         rest = row.tail_logprob[t].astype(np.float64)
-        lp = lp - total[:, None] + _log(-np.expm1(np.minimum(rest, -1e-12)))[:, None]
+        lp = lp - total[:, None] + log1mexp(np.minimum(rest, -1e-12))[:, None]
     else:
-        rest = _log(np.clip(-np.expm1(np.minimum(total, 0.0)), 0.0, None))
+        rest = log1mexp(np.minimum(total, 0.0))
         lp = lp - np.maximum(total, 0.0)[:, None]
     return row.topk_ids[t].astype(np.int64), lp, rest
 
@@ -154,7 +151,8 @@ def collate(rows: list[Row], student_vocab: int, targets: str | list[str] = "top
     )
 
 
-def chunks(stream: Iterator[tuple[int, Row]], batch_tokens: int) -> Iterator[tuple[int, list]]:
+def token_batches(stream: Iterator[tuple[int, Row]], batch_tokens: int
+                  ) -> Iterator[tuple[int, list]]:
     """Cut (index, row) into lists of rows of at most batch_tokens tokens (at least one row).
 
     Yields (global index after the chunk's last row, rows). For evaluation, which streams."""
@@ -214,13 +212,13 @@ class EpochPlan:
     def counts(self, m: int) -> tuple[int, int]:
         """(KD target tokens, CE tokens) of micro-batch m over all processes."""
         a, b = self.start(m), self.end(m)
-        return int(self.index.targets[a:b].sum()), int(self.index.ce_targets[a:b].sum())
+        return int(self.index.kd_positions[a:b].sum()), int(self.index.ce_positions[a:b].sum())
 
     def by_source(self, m: int, n: int) -> np.ndarray:
         """(2, n) KD target tokens and rows of each of n datasets in micro-batch m."""
         a, b = self.start(m), self.end(m)
         src = np.zeros(b - a, np.int64) if self.source is None else self.source[a:b]
-        return np.stack([np.bincount(src, self.index.targets[a:b], n),
+        return np.stack([np.bincount(src, self.index.kd_positions[a:b], n),
                          np.bincount(src, minlength=n)]).astype(np.int64)
 
     def start(self, m: int) -> int:

@@ -14,14 +14,20 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from softlabels.data.errors import UserError
-from softlabels.train_student.batches import TARGETS
-from softlabels.train_student.cross import CROSS_LOSSES
-from softlabels.train_student.losses import (
-    LABEL_RESIDUAL_LOSS,
-    LOSSES,
-    RESIDUALS,
-    TAIL_TEMPERATURE,
-)
+
+# The choices of the recipe's options, here with the flags (no torch is imported for --help);
+# losses.py, batches.py and cross.py implement each.
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+RESIDUALS = ("tail", "label", "none")
+TARGETS = ("topk", "samples", "both")  # batches.targets_of
+CROSS_LOSSES = ("auto", "alm", "dist", "both")  # cross.py
+TAIL_TEMPERATURE = ("a temperature other than 1 with a residual (tail or label) is not exact: "
+                    "the teacher's mass outside the top-k at T != 1 depends on tokens the "
+                    "dataset does not store; use --residual none (softmax(top-k / T), exact on "
+                    "the stored ids) or --temperature 1")
+LABEL_RESIDUAL_LOSS = ("--residual label without the label's log-prob (datasets before format "
+                       "4) puts the teacher's whole rest on the real next token, a target for "
+                       "the student's full softmax: use it with --loss forward_kl")
 
 # The default CE mix per kind of targets: the best measured (BENCHMARKS.md, "Stored targets").
 DEFAULT_CE = {"topk": 0.5, "samples": 0.0, "both": 0.0}
@@ -228,13 +234,10 @@ class TrainConfig:
                       ce_weight=at(self.ce_weight), temperature=self.temperature,
                       residual=self.residual)
 
-    def with_recipes(self, recipes: list[Recipe]) -> TrainConfig:
-        """This config with the datasets' resolved recipes (what train_config.json records)."""
-        return replace(self, targets=tuple(r.targets for r in recipes),
-                       ce_weight=tuple(r.ce_weight for r in recipes))
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+    def to_json(self, resolved: dict | None = None) -> str:
+        """The config as given, with `resolved` (what the objective made of `auto` and the
+        default CE weights: objective.resolved()) in place of those options, as run."""
+        return json.dumps({**asdict(self), **(resolved or {})}, indent=2) + "\n"
 
 
 def _kind(name: str):

@@ -26,8 +26,7 @@ window's first token (which nothing predicts). CE covers the student tokens of c
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -35,10 +34,9 @@ from torch.utils.checkpoint import checkpoint
 
 from softlabels.data.format import Row
 from softlabels.train_student.batches import targets_of
-from softlabels.train_student.losses import NEG, head_logits, kd_ce_sums
+from softlabels.train_student.losses import NEG, head_logits, kd_ce_sums, log1mexp
 from softlabels.train_student.tokenbytes import TokenBytes, chunks, student_spans
 
-CROSS_LOSSES = ("auto", "alm", "dist", "both")
 ALM_TAU = 100.0  # tokenkit's binarisation temperature
 
 
@@ -266,12 +264,6 @@ def collate_cross(rows: list[Row], sources, teachers: list[CrossTeacher], tok,
         n_bytes=torch.tensor(sum(p["bytes"] for p in parts)))
 
 
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, stable at both ends."""
-    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)),
-                       torch.log(-torch.expm1(x)))
-
-
 def binary_kl(t: torch.Tensor, s: torch.Tensor, tau: float = ALM_TAU) -> torch.Tensor:
     """KL between Bernoulli(exp(t / tau)) and Bernoulli(exp(s / tau)), per chunk: ALM's binary
     CE less the teacher's entropy (the same gradient; 0 where the two agree)."""
@@ -343,21 +335,30 @@ DEFAULT_CROSS_CE = 0.5  # the best measured (BENCHMARKS.md, "Students with their
 
 @dataclass
 class Cross:
-    """A training whose student tokenizes each window's text itself: the student's tokenizer, each
-    dataset's teacher tokens, which losses, and the CE weight."""
+    """The cross-tokenizer objective (objective.py's interface): a student that tokenizes each
+    window's text itself. The student's tokenizer, each dataset's teacher tokens, which losses,
+    the CE weight, and each dataset's resolved targets (topk, samples, both).
+
+    Its target tokens, chunks and chunk starts are known only once its tokenizer has run, so the
+    step's global counts are summed over this process's micro-batches and all-reduced (one small
+    collective per step) before any backward."""
 
     tokenizer: object
     teachers: list[CrossTeacher]
     kind: str  # alm, dist or both
     ce_weight: float
     note: str = ""
+    targets: tuple = ("topk",)  # per dataset
+
+    n_counts = 3
 
     @classmethod
-    def setup(cls, tokenizer, mix, cfg) -> Cross | None:
+    def setup(cls, tokenizer, mix, cfg, targets=("topk",)) -> Cross | None:
         """None when every dataset was written with the student's tokenizer; else the cross
-        setup, or a one-line UserError naming what a dataset lacks."""
+        setup, or a one-line UserError naming what a dataset lacks. `targets`: each dataset's
+        resolved kind of stored targets."""
+        from softlabels.data.dataset import load_tokenizer
         from softlabels.data.errors import UserError
-        from softlabels.data.show import load_tokenizer
         from softlabels.train_student.student import same_tokenizer
 
         toks = [load_tokenizer(f) for f in mix.folders]
@@ -393,17 +394,42 @@ class Cross:
             teachers.append(CrossTeacher(tb, Trie(tb, student, tokenizer)
                                          if kind != "alm" else None))
         return cls(tokenizer, teachers, kind,
-                   weights.pop() if weights else DEFAULT_CROSS_CE, note)
+                   weights.pop() if weights else DEFAULT_CROSS_CE, note, tuple(targets))
 
-    def collate(self, rows, sources, targets: list[str]) -> CrossBatch:
-        return collate_cross(rows, sources, self.teachers, self.tokenizer, targets,
-                             self.kind != "alm")
+    def collate(self, rows, sources, targets: list[str] | None = None) -> CrossBatch:
+        return collate_cross(rows, sources, self.teachers, self.tokenizer,
+                             list(targets or self.targets), self.kind != "alm")
+
+    def sums(self, h, batch: CrossBatch, head, chunk: int, softcap) -> torch.Tensor:
+        return cross_sums(h, batch, head, chunk, softcap)
+
+    def step_counts(self, plan, group, mine, reduce) -> list[float]:
+        return reduce(torch.tensor([list(b.counts) for b, w in mine if w], dtype=torch.float64
+                                   ).reshape(-1, 3).sum(0)).tolist()
+
+    def batch_counts(self, b: dict) -> list[int]:
+        return list(CrossBatch(**b).counts)
+
+    def unpack(self, inputs: dict) -> CrossBatch:
+        return CrossBatch(**{f.name: inputs[f.name] for f in fields(CrossBatch)})
 
     def loss(self, sums: torch.Tensor, counts) -> torch.Tensor:
         return cross_loss(sums, counts, self.kind, self.ce_weight)
 
     def kd(self, sums: torch.Tensor, counts) -> torch.Tensor:
         return cross_loss(sums, counts, self.kind, 0.0)
+
+    def record(self, sums: torch.Tensor, counts) -> dict:
+        n, c, m = (max(x, 1) for x in counts)
+        return {"loss": float(self.loss(sums, counts)), "alm": float(sums[0]) / c,
+                "dist": float(sums[1]) / m, "ce": float(sums[2]) / n,
+                "kd": float(self.kd(sums, counts)), "chunks": int(counts[1])}
+
+    def resolved(self) -> dict:
+        """What train_config.json records beside the flags: the losses and CE weight used, and
+        the teacher targets of each dataset."""
+        return {"targets": list(self.targets), "ce_weight": [self.ce_weight],
+                "cross_loss": self.kind}
 
     def describe(self) -> str:
         return (f"cross-tokenizer: the student's tokenizer ({len(self.tokenizer)} tokens) is not "

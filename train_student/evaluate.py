@@ -19,7 +19,7 @@ import math
 import torch
 
 from softlabels.data.reader import SoftLabelReader
-from softlabels.train_student.batches import chunks, collate
+from softlabels.train_student.batches import collate, token_batches
 from softlabels.train_student.losses import (
     NEG,
     divergence,
@@ -29,23 +29,13 @@ from softlabels.train_student.losses import (
 )
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="HF causal-LM folder (student or teacher)")
-    p.add_argument("--data", required=True, nargs="+",
-                   help="held-out soft-label dataset(s): a row (--json: an object) for each")
-    p.add_argument("--batch-tokens", type=int, default=8192)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let the model folder run its own Python (auto_map); off by default")
-
-
 @torch.no_grad()
 def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, num_parts=1,
              reduce=None, tokenizer=None) -> dict:
     """Held-out metrics of `model` (see the module docstring); `tokenizer`: the model's, where it
     may differ from the dataset's."""
+    from softlabels.data.dataset import load_tokenizer
     from softlabels.data.errors import UserError
-    from softlabels.data.show import load_tokenizer
     from softlabels.train_student.cross import CrossTeacher, collate_cross, label_logprobs
     from softlabels.train_student.student import same_tokenizer
     from softlabels.train_student.tokenbytes import TokenBytes
@@ -67,7 +57,7 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
     # ce, ce tokens, kl, top1 hits, kd tokens, bytes of the ce tokens
     sums = torch.zeros(6, dtype=torch.float64)
     targets = "topk" if reader.manifest.k else "samples"
-    for _, rows in chunks(reader.rows(), batch_tokens):
+    for _, rows in token_batches(reader.rows(), batch_tokens):
         if cross:
             b = collate_cross(rows, [0] * len(rows), [CrossTeacher(tb, None)], tokenizer,
                               [targets], False).to(device)
@@ -142,7 +132,7 @@ def names_of(folders) -> list[str]:
 def main(args) -> int:
     from transformers import AutoTokenizer
 
-    from softlabels.data.show import load_tokenizer
+    from softlabels.data.dataset import load_tokenizer
     from softlabels.train_student.student import load_model
 
     model = load_model(args.model, args.trust_remote_code)

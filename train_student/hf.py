@@ -8,10 +8,10 @@
 
 A thin shell over what `softlabels train` uses, never a second implementation: rows come from
 `SoftLabelReader` (the same value and hash checks), the recipe from `Recipe.for_dataset` (the same
-defaults for the dataset and the same one-line refusals), batches from `collate`, the loss from
-`target_sums` (chunked lm_head: no (tokens, vocab) logits for the batch); a student with a
-tokenizer of its own (`processing_class=`) gets `softlabels train --student-tokenizer`'s
-collator and losses (cross.py). Under gradient
+defaults for the dataset and the same one-line refusals), batches and the loss from the CLI's
+objective (objective.py; chunked lm_head: no (tokens, vocab) logits for the batch); a student
+with a tokenizer of its own (`processing_class=`) gets `softlabels train --student-tokenizer`'s
+objective (cross.py). Under gradient
 accumulation and across processes the KD loss is normalised by the number of target tokens of
 the whole step and the CE loss by the number of CE tokens (positions with a known next token),
 as the CLI does, not averaged per micro-batch.
@@ -20,7 +20,7 @@ as the CLI does, not averaged per micro-batch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,7 @@ from transformers import Trainer
 
 from softlabels.data.errors import UserError
 from softlabels.data.format import Row
-from softlabels.train_student.batches import Batch, collate
-from softlabels.train_student.cross import CrossBatch, cross_sums
-from softlabels.train_student.train import target_sums
+from softlabels.train_student.objective import SameTokenizer
 
 _MARK = "softlabels"  # key of the dataset's description that names its folder
 
@@ -90,29 +88,15 @@ def dataset_folders(ds) -> list[str] | None:
 
 @dataclass
 class SoftLabelCollator:
-    """Examples of `soft_label_dataset` -> the tensors `DistillationTrainer.compute_loss` reads."""
+    """Examples of `soft_label_dataset` -> the tensors `DistillationTrainer.compute_loss` reads:
+    the objective's batch (objective.py), as `softlabels train` collates it."""
 
-    vocab_size: int  # the student's output size: teacher ids beyond it carry no target
-    targets: list[str]  # per dataset, resolved (Recipe.for_dataset): topk, samples or both
-
-    def __call__(self, examples: list[dict]) -> dict:
-        sources = [e.get("source", 0) for e in examples]
-        rows = [Row(**{k: v for k, v in e.items() if k != "source"}) for e in examples]
-        return vars(collate(rows, self.vocab_size, self.targets, sources))
-
-
-@dataclass
-class CrossCollator:
-    """Examples -> the student's own tokens of each window's text and the targets carried onto
-    them (cross.py), for a student with a tokenizer of its own."""
-
-    cross: object  # cross.Cross
-    targets: list[str]
+    objective: object  # objective.SameTokenizer or cross.Cross
 
     def __call__(self, examples: list[dict]) -> dict:
         sources = [e.get("source", 0) for e in examples]
         rows = [Row(**{k: v for k, v in e.items() if k != "source"}) for e in examples]
-        return vars(self.cross.collate(rows, sources, self.targets))
+        return vars(self.objective.collate(rows, sources))
 
 
 class DistillationTrainer(Trainer):
@@ -147,18 +131,17 @@ class DistillationTrainer(Trainer):
                           beta=beta, temperature=temperature, residual=residual,
                           cross_loss=cross_loss)
         tokenizer = kwargs.get("processing_class")
-        self.cross = None if tokenizer is None else Cross.setup(
-            tokenizer, Mixture(folders, shuffle=False), cfg)
         self.recipes = [cfg.recipe(i).for_dataset(Manifest.load(f), f)
                         for i, f in enumerate(folders)]
+        targets = [r.targets for r in self.recipes]
+        self.cross = None if tokenizer is None else Cross.setup(
+            tokenizer, Mixture(folders, shuffle=False), cfg, targets)
         self.chunk = chunk
         model = kwargs.get("model", args[0] if args else None)
-        targets = [r.targets for r in self.recipes]
-        if kwargs.get("data_collator") is None and self.cross is not None:
-            kwargs["data_collator"] = CrossCollator(self.cross, targets)
-        elif kwargs.get("data_collator") is None and model is not None:
-            kwargs["data_collator"] = SoftLabelCollator(
-                model.get_output_embeddings().weight.shape[0], targets)
+        vocab = model.get_output_embeddings().weight.shape[0] if model is not None else 0
+        self.objective = self.cross or SameTokenizer(self.recipes, vocab)
+        if kwargs.get("data_collator") is None and (self.cross is not None or model is not None):
+            kwargs["data_collator"] = SoftLabelCollator(self.objective)
         targs = kwargs.get("args")
         if targs is not None:
             # the stored columns are not forward() arguments; dropping them would lose the targets
@@ -173,17 +156,13 @@ class DistillationTrainer(Trainer):
         a student of its own tokenizer its (target tokens, chunks, chunk starts): what the loss
         is normalised by, as in `softlabels train`."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        counts = torch.tensor([self._counts(b) for b in batches], dtype=torch.long)
-        w = 3 if self.cross is not None else 2
+        counts = torch.tensor([self.objective.batch_counts(b) for b in batches],
+                              dtype=torch.long)
+        w = self.objective.n_counts
         counts = counts.reshape(-1, w).sum(0).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = self.accelerator.gather(counts).reshape(-1, w).sum(0)
         return batches, counts
-
-    def _counts(self, b: dict) -> list[int]:
-        if self.cross is not None:
-            return list(CrossBatch(**b).counts)
-        return [len(b["ids"]), int((b["labels"] >= 0).sum())]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inner = self.accelerator.unwrap_model(model)
@@ -201,23 +180,14 @@ class DistillationTrainer(Trainer):
         finally:
             hook.remove()
         softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
-        w = 3 if self.cross is not None else 2
+        w = self.objective.n_counts
         if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == w:
             counts = num_items_in_batch.tolist()
             scale = (self.accelerator.num_processes if self.args.average_tokens_across_devices
                      and self.accelerator.num_processes > 1 else 1)  # DDP averages gradients
         else:  # evaluation: this batch alone
-            counts, scale = self._counts(inputs), 1
-        if self.cross is not None:
-            batch = CrossBatch(**{f.name: inputs[f.name] for f in fields(CrossBatch)})
-            sums = cross_sums(hidden[0], batch, inner.get_output_embeddings(), self.chunk,
-                              softcap)
-            loss = self.cross.loss(sums, counts) * scale
-            return (loss, {"loss": loss.detach()}) if return_outputs else loss
-        batch = Batch(**{f.name: inputs[f.name] for f in fields(Batch)})
-        kd, ce = target_sums(hidden[0], batch, inner.get_output_embeddings(), self.recipes,
-                             self.chunk, softcap)  # (D,) each
-        kd_n, ce_n = counts
-        w = torch.tensor([r.ce_weight for r in self.recipes], device=kd.device)
-        loss = (((1 - w) * kd).sum() / max(kd_n, 1) + (w * ce).sum() / max(ce_n, 1)) * scale
+            counts, scale = self.objective.batch_counts(inputs), 1
+        sums = self.objective.sums(hidden[0], self.objective.unpack(inputs),
+                                   inner.get_output_embeddings(), self.chunk, softcap)
+        loss = self.objective.loss(sums, counts) * scale
         return (loss, {"loss": loss.detach()}) if return_outputs else loss

@@ -11,7 +11,7 @@ Buckets: both sides become (N, S + 2) log-probs over [the S ids, the label, the 
 absent on both sides holding NEG (exp() is 0 there, so it adds nothing to any divergence). Where
 the rest goes is `residual`:
 - "tail": a bucket for all other tokens on both sides (student: 1 - sum q over the same ids).
-  Tails are computed in log space, log(-expm1(logsumexp(.))): `1 - sum` in fp32 loses them.
+  Tails are computed in log space, log1mexp(logsumexp(.)): `1 - sum` in fp32 loses them.
 - "label": the real next token gets its own bucket. Where the dataset stores the label's
   log-prob (format 4) this is exact: the label outside the ids gets its own mass, the rest of the
   rest stays a tail bucket, and every loss applies. Where it does not (older formats) the whole
@@ -37,8 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
-RESIDUALS = ("tail", "label", "none")
+from softlabels.train_student.config import (  # the choices, declared with the flags
+    LABEL_RESIDUAL_LOSS,
+    LOSSES,
+    RESIDUALS,
+    TAIL_TEMPERATURE,
+)
+
 NEG = -1e4  # log-prob of an absent bucket: exp() is 0, and 0 * NEG stays finite
 
 
@@ -46,16 +51,14 @@ def log_tail(logp: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
     """log(1 - sum(exp(logp))) over the last dim, stable; (N, k) -> (N, 1). The mass is kept
     above about `floor` (log(0) has no gradient)."""
     lse = torch.logsumexp(logp, -1, keepdim=True).clamp(max=-floor)
-    return torch.log(-torch.expm1(lse)).clamp(min=NEG)
+    return log1mexp(lse).clamp(min=NEG)
 
 
-TAIL_TEMPERATURE = ("a temperature other than 1 with a residual (tail or label) is not exact: "
-                    "the teacher's mass outside the top-k at T != 1 depends on tokens the "
-                    "dataset does not store; use --residual none (softmax(top-k / T), exact on "
-                    "the stored ids) or --temperature 1")
-LABEL_RESIDUAL_LOSS = ("--residual label without the label's log-prob (datasets before format "
-                       "4) puts the teacher's whole rest on the real next token, a target for "
-                       "the student's full softmax: use it with --loss forward_kl")
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends: the one torch form (data/format.py has the
+    numpy one). Callers keep x below 0 where they need a gradient (at 0 it is -inf)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)),
+                       torch.log(-torch.expm1(x)))
 
 
 def _label_slots(ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +87,7 @@ def teacher_buckets(lp: torch.Tensor, rest: torch.Tensor, temperature: float = 1
     exact = torch.isfinite(label_lp)[:, None]
     # format 4: the label's own mass (at most the rest: rounding), the remainder a tail bucket
     mine = torch.minimum(label_lp[:, None].nan_to_num(NEG), rest)
-    left = (rest + torch.log1p(-torch.exp(mine - rest).clamp(max=1 - 1e-7))).clamp(min=NEG)
+    left = (rest + log1mexp((mine - rest).clamp(max=-1e-7))).clamp(min=NEG)
     # older formats: the whole rest onto the label, in its slot or its own bucket
     ground = torch.where(at & ~exact, torch.logaddexp(lp, rest), lp)
     extra = torch.where(own, torch.where(exact, mine, rest), absent)

@@ -58,7 +58,7 @@ class Mixture:
     def __init__(self, folders, weights=None, seed: int = 0, shuffle: bool = True):
         self.folders = [str(f) for f in folders]
         self.readers = [SoftLabelReader(f, shuffle=shuffle, seed=seed) for f in self.folders]
-        self.target_tokens = np.array([int(r._stored_index().targets.sum())
+        self.target_tokens = np.array([int(r._stored_index().kd_positions.sum())
                                        for r in self.readers], np.float64)
         empty = [f for f, t in zip(self.folders, self.target_tokens) if t == 0]
         if empty:
@@ -91,11 +91,11 @@ class Mixture:
             reps = [reader.index(self._sub_epoch(epoch, r)) for r in range(self.passes[d])]
             idx = RowIndex(*(np.concatenate([getattr(x, f) for x in reps])
                              for f in vars(reps[0])))
-            c = np.cumsum(idx.targets, dtype=np.float64)
+            c = np.cumsum(idx.kd_positions, dtype=np.float64)
             keep = int(np.searchsorted(c, self.need[d] - 1e-9) + 1)  # the last pass cut short
             parts.append(idx.take(np.arange(min(keep, len(c)))))
             used.append(d)
-        order, source = merge([p.targets for p in parts], self.weights[used])
+        order, source = merge([p.kd_positions for p in parts], self.weights[used])
         merged = RowIndex(*(np.concatenate([getattr(p, f) for p in parts])[order]
                             for f in vars(parts[0])))
         source = np.asarray(used)[source]

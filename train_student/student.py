@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from softlabels.data.dataset import load_tokenizer
 from softlabels.data.errors import UserError
-from softlabels.data.show import load_tokenizer
 
 
 def _config_from_file(path: Path) -> dict:

@@ -13,49 +13,32 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from softlabels.data.atomic import fsync_dir, write_text
 from softlabels.data.errors import UserError
-from softlabels.train_student.batches import Batch, EpochPlan, collate, prefetch
-from softlabels.train_student.config import Recipe, TrainConfig
-from softlabels.train_student.cross import Cross, CrossBatch, cross_sums
-from softlabels.train_student.losses import head_logits, kd_ce_sums
+from softlabels.train_student.batches import EpochPlan, prefetch
+from softlabels.train_student.config import TrainConfig
+from softlabels.train_student.cross import Cross
 from softlabels.train_student.mixture import Mixture
+from softlabels.train_student.objective import SameTokenizer, by_dataset
 from softlabels.train_student.student import add_lora, load_student
 
 
-def target_sums(h: torch.Tensor, batch: Batch, head, recipes: list[Recipe], chunk: int,
-                softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, H) student hidden states -> (D,) summed KD and (D,) summed CE losses of each
-    dataset's target positions in the batch, each with its dataset's recipe.
-
-    A micro-batch without a target (rows of context only, in datasets from before generate
-    skipped them) gives zero losses that still run through the decoder and the head, so backward
-    and DDP's all-reduce happen on every process as on any other step."""
-    h = h.reshape(-1, h.shape[-1])  # (B*L, H)
-    zero = head_logits(h[:1], head.weight, head.bias, softcap).sum() * 0.0
-    kd, ce = [zero] * len(recipes), [zero] * len(recipes)
-    for d in batch.source.unique().tolist():
-        at = batch.source == d
-        r = recipes[d]
-        kd[d], ce[d] = kd_ce_sums(
-            h[batch.pos[at]], head, batch.ids[at], batch.lp[at], batch.rest[at],
-            batch.label_lp[at], batch.labels[at], loss=r.loss, beta=r.beta,
-            temperature=r.temperature, residual=r.residual, chunk=chunk, softcap=softcap)
-    return torch.stack(kd), torch.stack(ce)
-
-
 class Distiller(torch.nn.Module):
-    """Student forward + sparse KD/CE sums, as one module so DDP sees every parameter use."""
+    """Student forward + the objective's sums, as one module so DDP sees every parameter use.
 
-    def __init__(self, model, recipes: list[Recipe], chunk: int = 1024):
+    `objective`: an objective (objective.py), or a list of resolved recipes for the
+    same-tokenizer one."""
+
+    def __init__(self, model, objective, chunk: int = 1024):
         super().__init__()
         self.model = model
-        self.recipes, self.chunk = recipes, chunk
+        self.objective = SameTokenizer(objective) if isinstance(objective, list) else objective
+        self.chunk = chunk
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
     @property
@@ -63,16 +46,13 @@ class Distiller(torch.nn.Module):
         """The student's layer classes: what FSDP's transformer auto-wrap shards one by one."""
         return getattr(self.model, "_no_split_modules", None)
 
-    def forward(self, batch: Batch | CrossBatch):
+    def forward(self, batch):
         # (B, L, H) hidden states; the (tokens, vocab) logits are never built at once
         h = self.model.get_decoder()(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        if isinstance(batch, CrossBatch):  # [alm, dist, ce] sums
-            return cross_sums(h, batch, self.model.get_output_embeddings(), self.chunk,
-                              self.softcap)
-        return target_sums(h, batch, self.model.get_output_embeddings(), self.recipes,
-                           self.chunk, self.softcap)
+        return self.objective.sums(h, batch, self.model.get_output_embeddings(), self.chunk,
+                                   self.softcap)
 
 
 @dataclass
@@ -132,19 +112,17 @@ def total_steps(mix: Mixture, cfg: TrainConfig, n_proc: int) -> int:
                for e in range(cfg.epochs))
 
 
-def step_batches(mix: Mixture, cfg, plan: EpochPlan, epoch: int, m0: int, p: int, vocab: int,
-                 cross=None):
+def step_batches(mix: Mixture, cfg, plan: EpochPlan, epoch: int, m0: int, p: int, objective):
     """Per optimiser step from micro-batch m0 on: (micro-batch ids, [(batch, weight)] of this
-    process). Only this process's rows are decoded; with `cross` (Cross), the student tokenizes
-    and aligns them here too, in the background thread, off the step."""
+    process). Only this process's rows are decoded and collated (a cross-tokenizer student
+    tokenizes and aligns them here too), in the background thread, off the step."""
     for m in range(m0, plan.micro_batches, cfg.grad_accum):
         group = range(m, min(m + cfg.grad_accum, plan.micro_batches))
         mine = []
         for g in group:
             pos, weight = plan.rows(g, p)
             rows, sources = mix.read(epoch, pos)
-            mine.append((cross.collate(rows, sources, list(cfg.targets)) if cross else
-                         collate(rows, vocab, list(cfg.targets), sources), weight))
+            mine.append((objective.collate(rows, sources), weight))
         yield group, mine
 
 
@@ -198,18 +176,18 @@ def train(cfg: TrainConfig) -> dict:
                for i, (r, f) in enumerate(zip(mix.readers, mix.folders))]
     model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code,
                                     cfg.student_tokenizer)
-    cross = Cross.setup(tokenizer, mix, cfg)  # None: the teacher's tokenizer
-    cfg = cfg.with_recipes(recipes)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    # None: the teacher's tokenizer
+    cross = Cross.setup(tokenizer, mix, cfg, [r.targets for r in recipes])
+    objective = cross if cross is not None else SameTokenizer(recipes, vocab)
     if cross is not None:
         accelerator.print(cross.describe())
-        cfg = replace(cfg, ce_weight=(cross.ce_weight,), cross_loss=cross.kind)
     for d, (r, reader) in enumerate(zip(recipes, mix.readers)):
         accelerator.print(("" if cross is None else "teacher targets: ")
                           + f"training on {r.describe(reader.manifest)}" * (cross is None)
                           + f"{r.targets}" * (cross is not None) + (
             f" from {mix.folders[d]} ({mix.weights[d]:.1%} of the target tokens, "
             f"{mix.seen(1)[d]:.2f} passes per epoch)" if len(recipes) > 1 else ""))
-    vocab = model.get_output_embeddings().weight.shape[0]
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_r else None
@@ -219,7 +197,7 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"{' '.join(cfg.data)} gives no training steps; check --batch-tokens "
                         "and the data")
 
-    distiller = Distiller(model, recipes, cfg.chunk)  # with LoRA, `model` holds the adapters
+    distiller = Distiller(model, objective, cfg.chunk)  # with LoRA, `model` holds the adapters
     trainable = [p for p in distiller.parameters() if p.requires_grad]
     sizes = {"parameters": sum(p.numel() for p in distiller.parameters()),
              "trainable_parameters": sum(p.numel() for p in trainable)}
@@ -243,7 +221,7 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.print(f"resumed from {resumed} (step {progress.step})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "train_config.json", cfg.to_json())
+        write_text(out / "train_config.json", cfg.to_json(objective.resolved()))
     accelerator.init_trackers("softlabels")
 
     bar = tqdm(total=total, initial=progress.step, desc="train", unit="step",
@@ -256,13 +234,13 @@ def train(cfg: TrainConfig) -> dict:
             plan = plan_epoch(mix, cfg, n_proc, progress.epoch)
             first = plan.at_row(progress.row)  # 0, or where a resumed run stopped
             steps = contextlib.closing(prefetch(step_batches(
-                mix, cfg, plan, progress.epoch, first, accelerator.process_index, vocab, cross)))
+                mix, cfg, plan, progress.epoch, first, accelerator.process_index, objective)))
             with steps as steps:  # closed on every exit: the prefetch thread ends with the loop
                 for group, mine in steps:
                     if progress.step >= total:
                         break
-                    _step(accelerator, distiller, optimizer, cfg, recipes, total, plan, group,
-                          mine, progress, cross)
+                    _step(accelerator, distiller, optimizer, objective, cfg, total, plan,
+                          group, mine, progress)
                     now = time.perf_counter()
                     progress.history[-1]["step_s"] = now - t_step  # waiting for data included
                     if now - t_last > 1.0 or progress.step == total:
@@ -329,103 +307,48 @@ def peak_memory(accelerator) -> dict:
             "peak_memory_of": "process RSS"}
 
 
-def _step(accelerator, distiller, optimizer, cfg, recipes, total, plan, group, mine,
-          progress, cross=None) -> None:
+def _step(accelerator, distiller, optimizer, objective, cfg, total, plan, group, mine,
+          progress) -> None:
     """One optimiser step over `grad_accum` global micro-batches; `mine` are this process's.
 
-    loss = sum over datasets d of (1 - w_d) KD_d / KD_n + w_d CE_d / CE_n: each dataset's sums
-    with its own recipe and CE weight w_d, all normalised by the step's global counts."""
-    if cross is not None:
-        return _cross_step(accelerator, distiller, optimizer, cfg, total, plan, group, mine,
-                           progress, cross)
+    The objective's sums of every micro-batch are normalised by the step's global counts (known
+    before any backward), so accumulation and processes give the loss of one big batch."""
     n_proc = accelerator.num_processes
-    # Global token counts of the whole step, known to every process from the row index.
-    kd_n, ce_n = map(sum, zip(*(plan.counts(m) for m in group)))
-    w = torch.tensor([r.ce_weight for r in recipes], device=accelerator.device)
+    counts = objective.step_counts(plan, group, mine,
+                                   lambda t: accelerator.reduce(t.to(accelerator.device),
+                                                                reduction="sum"))
     lr = lr_at(progress.step, cfg, total)
     for pg in optimizer.param_groups:
         pg["lr"] = lr
-    kd_sum = ce_sum = 0.0
+    sums = 0.0
     for i, (batch, weight) in enumerate(mine):
         # past the end of the data a process gets a zero-weight copy, so DDP still syncs
         batch = batch.to(accelerator.device)
         last = i == len(mine) - 1
         with (contextlib.nullcontext() if last else accelerator.no_sync(distiller)), \
                 accelerator.autocast():
-            kd, ce = distiller(batch)  # (D,) each
-            # Normalised by the step's global counts; times n_proc as DDP averages gradients.
-            loss = (((1 - w) * kd).sum() / max(kd_n, 1)
-                    + (w * ce).sum() / max(ce_n, 1)) * n_proc * weight
-            accelerator.backward(loss)
-        kd_sum = kd_sum + kd.detach().float() * weight
-        ce_sum = ce_sum + ce.detach().float() * weight
+            s = distiller(batch)
+            # times n_proc as DDP averages gradients
+            accelerator.backward(objective.loss(s, counts) * n_proc * weight)
+        sums = sums + s.detach().double() * weight
     if cfg.max_grad_norm:
         accelerator.clip_grad_norm_(distiller.parameters(), cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-    sums = accelerator.reduce(torch.stack([kd_sum, ce_sum]), reduction="sum").cpu()  # (2, D)
-    kd_mean, ce_mean = float(sums[0].sum()) / max(kd_n, 1), float(sums[1].sum()) / max(ce_n, 1)
-    loss_mean = float(((1 - w.cpu()) * sums[0]).sum() / max(kd_n, 1)
-                      + (w.cpu() * sums[1]).sum() / max(ce_n, 1))
-    by = sum(plan.by_source(m, len(recipes)) for m in group)  # (2, D) targets, rows
-    for d in range(len(recipes)):
-        progress.consumed[d][0] += int(by[0, d])
-        progress.consumed[d][1] += int(by[1, d])
-    progress.step += 1
-    progress.row = plan.end(group[-1])
-    progress.tokens += kd_n
-    progress.history.append({"step": progress.step, "loss": loss_mean, "kd": kd_mean,
-                             "ce": ce_mean, "lr": lr, "tokens": progress.tokens,
-                             **({"targets_by_dataset": by[0].tolist()} if len(recipes) > 1
-                                else {})})
-    accelerator.log({"train/loss": loss_mean, "train/kd": kd_mean, "train/ce": ce_mean,
-                     "train/lr": lr}, step=progress.step)
-
-
-def _cross_step(accelerator, distiller, optimizer, cfg, total, plan, group, mine, progress,
-                cross) -> None:
-    """One optimiser step of a student with its own tokenizer (cross.py): its target tokens,
-    chunks and chunk starts are known only once its tokenizer has run, so the step's global
-    counts are summed over this process's micro-batches and all-reduced (one small collective
-    per step) before any backward."""
-    n_proc = accelerator.num_processes
-    counts = accelerator.reduce(torch.tensor([list(b.counts) for b, w in mine if w],
-                                             dtype=torch.float64, device=accelerator.device
-                                             ).reshape(-1, 3).sum(0), reduction="sum").tolist()
-    lr = lr_at(progress.step, cfg, total)
-    for pg in optimizer.param_groups:
-        pg["lr"] = lr
-    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-    for i, (batch, weight) in enumerate(mine):
-        batch = batch.to(accelerator.device)
-        last = i == len(mine) - 1
-        with (contextlib.nullcontext() if last else accelerator.no_sync(distiller)), \
-                accelerator.autocast():
-            s = distiller(batch)  # [alm, dist, ce]
-            loss = cross.loss(s, counts) * n_proc * weight
-            accelerator.backward(loss)
-        sums += s.detach().double() * weight
-    if cfg.max_grad_norm:
-        accelerator.clip_grad_norm_(distiller.parameters(), cfg.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sums = accelerator.reduce(sums, reduction="sum").cpu()
-    n, c, m = (max(x, 1) for x in counts)
-    loss_mean = float(cross.loss(sums, counts))
-    progress.step += 1
-    progress.row = plan.end(group[-1])
-    progress.tokens += int(counts[0])  # the student's target tokens
-    by = sum(plan.by_source(m_, len(progress.consumed)) for m_ in group)
+    record = objective.record(accelerator.reduce(sums, reduction="sum").cpu(), counts)
+    by = by_dataset(plan, group, len(progress.consumed))  # (2, D) targets, rows
     for d in range(len(progress.consumed)):
         progress.consumed[d][0] += int(by[0, d])
         progress.consumed[d][1] += int(by[1, d])
-    progress.history.append({"step": progress.step, "loss": loss_mean,
-                             "alm": float(sums[0]) / c, "dist": float(sums[1]) / m,
-                             "ce": float(sums[2]) / n, "kd": float(cross.kd(sums, counts)),
-                             "lr": lr, "tokens": progress.tokens, "chunks": int(counts[1])})
-    accelerator.log({"train/loss": loss_mean, "train/alm": float(sums[0]) / c,
-                     "train/dist": float(sums[1]) / m, "train/ce": float(sums[2]) / n,
+    progress.step += 1
+    progress.row = plan.end(group[-1])
+    progress.tokens += int(counts[0])  # the student's target tokens
+    progress.history.append({"step": progress.step, **record, "lr": lr,
+                             "tokens": progress.tokens,
+                             **({"targets_by_dataset": by[0].tolist()}
+                                if len(progress.consumed) > 1 else {})})
+    accelerator.log({**{f"train/{k}": v for k, v in record.items() if k != "chunks"},
                      "train/lr": lr}, step=progress.step)
 
 

