@@ -118,6 +118,27 @@ def test_round_trip(tmp_path, real_rows, row_group_tokens):
     assert verify(tmp_path) == []
 
 
+def test_read_shard_gives_back_what_write_shard_wrote(tmp_path, real_rows):
+    """The symmetric pair: rows and their encoding in, the same rows and encoding out (values
+    within half a quantisation step), and a value check against a vocabulary on request."""
+    from softlabels.data.checks import BadRows
+    from softlabels.data.shard import read_shard
+
+    rows, vocab = real_rows
+    path = tmp_path / "shard-00000.parquet"
+    write_shard(path, rows, ENC, row_group_tokens=50)
+    got, enc = read_shard(path, vocab_size=vocab)
+    assert enc == ENC
+    assert [r.row_id for r in got] == [r.row_id for r in rows]
+    for a, b in zip(rows, got):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        m = a.target_mask
+        assert_same_targets(a.topk_ids[m], a.topk_logprobs[m], b.topk_ids[m],
+                            b.topk_logprobs[m], DEFAULT_LOGPROB_STEP / 2 + 1e-6)
+    with pytest.raises(BadRows, match="outside"):
+        read_shard(path, vocab_size=int(max(r.input_ids.max() for r in rows)))
+
+
 def test_encode_sorts_positions_by_probability(real_rows):
     rows, _ = real_rows
     r = rows[0]

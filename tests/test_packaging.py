@@ -42,3 +42,22 @@ def test_wheel_holds_only_the_softlabels_package(tmp_path):
               "softlabels/train_student/train.py", "softlabels/data/FORMAT.md",
               "softlabels/data/corpus/kjv-train.parquet", "softlabels/cli.py"):
         assert f in names, f
+
+
+def test_help_of_every_command_imports_no_torch():
+    """`softlabels --help` and each command's --help answer without torch (2.5 s) or vLLM."""
+    code = (
+        "import sys\n"
+        "from softlabels.cli import build_parser\n"
+        "p = build_parser()\n"
+        "for argv in ([], ['generate'], ['train'], ['eval'], ['verify'], ['inspect'], ['demo']):\n"
+        "    try:\n"
+        "        p.parse_args([*argv, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "HEAVY []" in p.stderr, p.stderr[-500:]
