@@ -116,4 +116,9 @@ class Manifest:
                 "release or regenerate it"
             )
         d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+        for s in d["shards"]:  # a manifest names files of its own folder, never others
+            name = str(s.file)
+            if not name or name != Path(name).name or name in (".", ".."):
+                raise FormatError(f"{path} lists shard {name!r}, which is not a file of the "
+                                  "dataset's own folder; a dataset names only its own files")
         return cls(**d)

@@ -188,8 +188,27 @@ def _top_k(args) -> int:
 
 
 def _check_numbers(args, k: int) -> None:
-    if not 0 <= args.samples <= 65535 or args.sample_temperature <= 0:
-        raise UserError("--samples must be between 0 and 65535, --sample-temperature above 0")
+    """Every number a flag gives, checked before anything runs: a NaN temperature or a negative
+    step would otherwise cost the whole teacher run (and be found only by verify, or never)."""
+    import math
+
+    from softlabels.data.format import MIN_LOGPROB
+
+    if not 0 <= args.samples <= 65535 or not args.sample_temperature > 0 or \
+            not math.isfinite(args.sample_temperature):
+        raise UserError("--samples must be between 0 and 65535, --sample-temperature a finite "
+                        "number above 0")
+    low = -MIN_LOGPROB / 65535  # the smallest step whose uint16 codes reach the floor
+    if not (math.isfinite(args.logprob_step) and low <= args.logprob_step <= 1.0):
+        raise UserError(f"--logprob-step {args.logprob_step:g} must be between {low:.4g} (uint16 "
+                        f"codes reach log-prob {MIN_LOGPROB:g}) and 1 nat; the default is 1/16")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or \
+            not 0 < args.top_p <= 1:
+        raise UserError("--temperature must be a finite number >= 0 and --top-p in (0, 1]")
+    if args.retries < 0 or not args.worker_timeout > 0 or args.kv_cache_gib < 1 or \
+            args.tensor_parallel_size < 1:
+        raise UserError("--retries must be >= 0, --worker-timeout above 0, --kv-cache-gib and "
+                        "--tensor-parallel-size >= 1")
     if k == 0 and not args.samples:
         raise UserError("--top-k 0 stores nothing: give --top-k K, --samples N, or both")
     if k and args.samples and args.sample_temperature != 1.0:
@@ -244,6 +263,9 @@ def main(args) -> int:
     from softlabels.generate.state import OutputLock, state_dir
 
     t_start = time.time()
+    if "://" in args.output:  # Path() would make s3://b/x the local folder s3:/b/x
+        raise UserError(f"--output {args.output}: writing to a URL is not supported yet; give a "
+                        "local folder (then copy it to the store)")
     teacher, out = Path(args.teacher), Path(args.output)
     fields = Fields(text=args.text_column, prompt=args.prompt_column,
                     response=args.response_column, messages=args.messages_column)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from softlabels.generate.state import OutputLock
-from tests.helpers import softlabels
+from tests.helpers import REPO, softlabels
 
 
 def generate(tiny_teacher, inp, out, *extra):
@@ -211,3 +211,30 @@ def test_windows_of_context_only_are_never_planned(tmp_path, tiny_teacher):
     assert masks and all(any(m) for m in masks)
     # no template: the empty response is its EOS alone, a target: nothing is untargeted here
     assert plan.untargeted == []
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--samples", 8, "--top-k", 0, "--sample-temperature", "nan"], "--sample-temperature"),
+    (["--logprob-step", "-0.0625"], "--logprob-step -0.0625"),
+    (["--logprob-step", "inf"], "--logprob-step inf"),
+    (["--logprob-step", "0.001"], "uint16"),
+    (["--generate-responses", "--prompt-column", "text", "--temperature", "nan"], "--temperature"),
+    (["--generate-responses", "--prompt-column", "text", "--top-p", 0], "--top-p"),
+    (["--retries", -1], "--retries"),
+])
+def test_numbers_that_would_waste_the_teacher_run_are_refused_first(tmp_path, tiny_teacher,
+                                                                     flags, needle):
+    """Each numeric flag is checked before any engine starts (a NaN sample temperature drew the
+    same token everywhere and passed verify; a negative step failed verify after the run)."""
+    pq.write_table(pa.table({"text": ["some text"]}), tmp_path / "in.parquet")
+    p = generate(tiny_teacher, tmp_path / "in.parquet", tmp_path / "out", *flags)
+    assert_one_line_error(p, needle)
+    assert not (tmp_path / "out").exists()  # refused before the folder was taken
+
+
+def test_a_url_output_is_never_a_local_folder(tmp_path, tiny_teacher):
+    pq.write_table(pa.table({"text": ["some text"]}), tmp_path / "in.parquet")
+    p = softlabels("generate", "--teacher", tiny_teacher, "--input", tmp_path / "in.parquet",
+                   "--output", "s3://bucket/x", "--top-k", 4, check=False)
+    assert_one_line_error(p, "s3://bucket/x", "URL")
+    assert not (REPO / "s3:").exists()

@@ -368,6 +368,29 @@ def test_reader_refuses_what_verify_rejects(tmp_path, real_rows):
         list(SoftLabelReader(tmp_path / "b"))
 
 
+@pytest.mark.parametrize("name", ["../outside.parquet", "ABSOLUTE", "sub/x.parquet", "..", ""])
+def test_shard_names_stay_inside_their_dataset(tmp_path, real_rows, name):
+    """A manifest that names a file outside its folder (with a matching hash, as a publisher
+    can) is refused by verify and by every reader, before anything is opened."""
+    import shutil
+
+    rows, vocab = real_rows
+    d = tmp_path / "ds"
+    m = make_dataset(d, rows, vocab, shards=1)
+    name = str(tmp_path / "abs.parquet") if name == "ABSOLUTE" else name
+    outside = (d / name) if name not in ("", "..") else d
+    if name.endswith(".parquet"):
+        outside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(d / m.shards[0].file, outside)
+    raw = json.loads((d / "manifest.json").read_text())
+    raw["shards"][0]["file"] = name
+    (d / "manifest.json").write_text(json.dumps(raw))
+    problems = verify(d)
+    assert len(problems) == 1 and "not a file of the dataset's own folder" in problems[0]
+    with pytest.raises(FormatError, match="dataset's own folder"):
+        SoftLabelReader(d)
+
+
 def test_bad_rows_flags_each_rule(real_rows):
     rows, vocab = real_rows
     r = rows[1]
