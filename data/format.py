@@ -13,6 +13,7 @@ shard.py's. The codec checks nothing it does not need to encode.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,6 +110,29 @@ class Encoding:
     tail_step: float = TAIL_STEP  # version 4
     label_step: float = LABEL_STEP  # version 4
 
+    def __post_init__(self):
+        """Numbers only a damaged or hand-made file holds are refused here, where every reader
+        and the writer build their Encoding: a step of inf or 0 decodes every log-prob to -inf or
+        0 (targets that are no distribution, found by no other check)."""
+        for name in ("logprob_step", "tail_step", "label_step"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v)
+                    and -MIN_LOGPROB / 65535 <= v <= 1.0):
+                raise FormatError(f"{name} {v!r} is outside what softlabels writes "
+                                  f"([{-MIN_LOGPROB / 65535:.4g}, 1] nats): a damaged or "
+                                  "hand-edited dataset; regenerate it")
+        t = self.sample_temperature
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise FormatError(f"sample_temperature {t!r} is not a positive finite number: a "
+                              "damaged or hand-edited dataset; regenerate it")
+        for name in ("k", "draws"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 16:
+                raise FormatError(f"{name} {v!r} is not a count softlabels writes (an integer "
+                                  "in [0, 65535]): a damaged or hand-edited dataset")
+        if not self.k and not self.draws:
+            raise FormatError("k and draws are both 0: the dataset stores no targets")
+
     @property
     def tail_draws(self) -> bool:
         """Whether the draws come from outside the top-k (see the module docstring)."""
@@ -139,19 +163,27 @@ class Encoding:
         meta = {k.decode(): v.decode() for k, v in (s.metadata or {}).items()}
         if meta.get("softlabels.format") != FORMAT_NAME:
             raise FormatError("not a softlabels shard (schema metadata has no softlabels.format)")
-        version = int(meta.get("softlabels.format_version", -1))
+        try:
+            version = int(meta.get("softlabels.format_version", -1))
+        except ValueError:
+            version = -1
         if version not in READS_VERSIONS:
             raise FormatError(
                 f"format version {version}, this softlabels reads versions "
                 f"{', '.join(map(str, READS_VERSIONS))}: use the softlabels release that wrote "
                 "it, or regenerate the dataset"
             )
-        return cls(k=int(meta["softlabels.k"]), logprob_step=float(meta["softlabels.logprob_step"]),
-                   draws=int(meta.get("softlabels.draws", 0)),
-                   sample_temperature=float(meta.get("softlabels.sample_temperature", 1.0)),
-                   version=version,
-                   tail_step=float(meta.get("softlabels.tail_step", TAIL_STEP)),
-                   label_step=float(meta.get("softlabels.label_step", LABEL_STEP)))
+        try:
+            return cls(k=int(meta["softlabels.k"]),
+                       logprob_step=float(meta["softlabels.logprob_step"]),
+                       draws=int(meta.get("softlabels.draws", 0)),
+                       sample_temperature=float(meta.get("softlabels.sample_temperature", 1.0)),
+                       version=version,
+                       tail_step=float(meta.get("softlabels.tail_step", TAIL_STEP)),
+                       label_step=float(meta.get("softlabels.label_step", LABEL_STEP)))
+        except (KeyError, ValueError) as e:
+            raise FormatError(f"schema metadata: {type(e).__name__} {e} (a key missing or not "
+                              "a number)") from None
 
 
 def tail_draws(version: int, k: int, draws: int) -> bool:

@@ -105,9 +105,9 @@ class Manifest:
             )
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{path} is not valid JSON ({e}); regenerate the dataset") from e
-        if d.get("format") != FORMAT_NAME:
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise FormatError(f"{path} is not a softlabels manifest")
         if d.get("format_version") not in READS_VERSIONS:
             raise FormatError(
@@ -115,10 +115,60 @@ class Manifest:
                 f"reads versions {', '.join(map(str, READS_VERSIONS))}: use the matching "
                 "release or regenerate it"
             )
-        d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
-        for s in d["shards"]:  # a manifest names files of its own folder, never others
-            name = str(s.file)
-            if not name or name != Path(name).name or name in (".", ".."):
-                raise FormatError(f"{path} lists shard {name!r}, which is not a file of the "
-                                  "dataset's own folder; a dataset names only its own files")
-        return cls(**d)
+        d = _typed(d, path)
+        m = cls(**d)
+        try:
+            enc = m.encoding  # its numbers in the range the writer produces
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
+        if not enc.k <= m.vocab_size:
+            raise FormatError(f"{path}: k {m.k} is larger than vocab_size {m.vocab_size}")
+        return m
+
+
+_TYPES = {"k": int, "logprob_step": float, "vocab_size": int, "draws": int,
+          "sample_temperature": float, "tail_step": float, "label_step": float,
+          "provenance": dict, "shards": list, "format": str, "format_version": int,
+          "targets": dict}
+_SHARD_TYPES = {"file": str, "rows": int, "tokens": int, "sha256": str, "bytes": int}
+_REQUIRED = ("k", "logprob_step", "vocab_size")
+
+
+def _typed(d, path: Path) -> dict:
+    """The manifest's keys as the dataclass expects them, or one FormatError naming the first
+    key that is unknown, missing or of the wrong type (a JSON number where a count goes must be
+    an integer; booleans are not numbers)."""
+    def ok(v, t) -> bool:
+        if t is float:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        return isinstance(v, t) and not (t is int and isinstance(v, bool))
+
+    def check(obj: dict, types: dict, required, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise FormatError(f"{path}: {where} is not a JSON object")
+        for key in obj:
+            if key not in types:
+                raise FormatError(f"{path}: unknown key {where}{key!r} (this softlabels knows "
+                                  f"{', '.join(types)}); a damaged or hand-edited manifest")
+        for key in required:
+            if key not in obj:
+                raise FormatError(f"{path}: {where}{key!r} is missing")
+        for key, v in obj.items():
+            if not ok(v, types[key]):
+                raise FormatError(f"{path}: {where}{key!r} is {v!r}, expected a JSON "
+                                  f"{types[key].__name__}")
+
+    check(d, _TYPES, _REQUIRED, "")
+    if d["vocab_size"] < 1:
+        raise FormatError(f"{path}: vocab_size {d['vocab_size']} must be at least 1")
+    shards = []
+    for i, s in enumerate(d.get("shards", [])):
+        check(s, _SHARD_TYPES, tuple(_SHARD_TYPES), f"shards[{i}].")
+        name = s["file"]  # a manifest names files of its own folder, never others
+        if not name or name != Path(name).name or name in (".", ".."):
+            raise FormatError(f"{path} lists shard {name!r}, which is not a file of the "
+                              "dataset's own folder; a dataset names only its own files")
+        if min(s["rows"], s["tokens"], s["bytes"]) < 0:
+            raise FormatError(f"{path}: shards[{i}] has a negative count")
+        shards.append(ShardInfo(**s))
+    return {**d, "shards": shards}

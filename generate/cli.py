@@ -174,9 +174,9 @@ def check_teacher(path: Path, k: int, trust_remote_code: bool = False,
     if not 0 <= k <= vocab:
         raise UserError(f"--top-k {k} must be between 1 and the vocabulary size {vocab}")
     if scoring:  # softlabels applies the output head itself
-        from softlabels.generate.head import check_architecture
+        from softlabels.data.heads import logit_transform
 
-        check_architecture(config)
+        logit_transform(config)
     return config, tok
 
 

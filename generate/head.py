@@ -23,29 +23,8 @@ import numpy as np
 import torch
 
 from softlabels.data.errors import UserError
+from softlabels.data.heads import logit_transform
 
-# model_type -> (the transform after the head's matmul, the config attribute of its factor). A
-# family missing here is refused: its head might scale or cap logits in a way these targets would
-# silently miss. Each entry was read off its *ForCausalLM.forward in transformers 5.19
-# (models/<family>/modeling_<family>.py, the line `logits = self.lm_head(...)` and the one after):
-# plain lm_head for the first group; gemma2/gemma3/gemma3n cap (`final_logit_softcapping`);
-# cohere/cohere2 multiply by `logit_scale`, falcon_h1 by `lm_head_multiplier`; granite and
-# granitemoe(hybrid) divide by `logits_scaling`.
-PLAIN = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
-         "gemma", "olmo2", "gpt2", "gpt_neox",
-         # the large teachers distilled from today
-         "deepseek_v2", "deepseek_v3",  # DeepSeek-V3 / R1, Kimi-K2 (model_type deepseek_v3)
-         "gpt_oss", "llama4_text", "glm4", "glm4_moe", "qwen3_next", "ministral", "ministral3",
-         "olmo3", "smollm3", "exaone4", "ernie4_5", "ernie4_5_moe", "seed_oss")
-TRANSFORMS = {
-    **{t: ("none", None) for t in PLAIN},
-    **{t: ("softcap", "final_logit_softcapping")  # cap * tanh(x / cap)
-       for t in ("gemma2", "gemma3", "gemma3_text", "gemma3n_text")},
-    "cohere": ("scale", "logit_scale"),  # x * factor
-    "cohere2": ("scale", "logit_scale"),
-    "falcon_h1": ("scale", "lm_head_multiplier"),
-    **{t: ("divide", "logits_scaling") for t in ("granite", "granitemoe", "granitemoehybrid")},
-}
 CHUNK_BYTES = 256 << 20  # per chunk: its (positions, vocab) float32 logits and exponentials
 
 
@@ -65,18 +44,6 @@ class TeacherOutput:
     sample_counts: np.ndarray | None = None
 
 
-def check_architecture(config) -> tuple[str, str | None]:
-    """(transform, factor attribute) of this teacher's head, or a one-line UserError for an
-    unknown family."""
-    model_type = config.get_text_config().model_type
-    if model_type not in TRANSFORMS:
-        raise UserError(
-            f"teacher architecture {model_type!r}: softlabels does not know how its output head "
-            f"turns hidden states into logits (it knows {', '.join(sorted(TRANSFORMS))}); add it "
-            "to generate/head.py TRANSFORMS")
-    return TRANSFORMS[model_type]
-
-
 def window_seed(seed: int, row_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:8], "little") >> 1
 
@@ -89,9 +56,7 @@ class Head:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code)
-        text = config.get_text_config()
-        self.transform, attr = check_architecture(config)
-        self.factor = getattr(text, attr, None) if attr else None
+        self.transform = logit_transform(config)
         weight, self.bias = _load_head(Path(teacher), config, trust_remote_code)
         self.weight = weight.to(device=device, dtype=dtype)
         if self.bias is not None:
@@ -101,16 +66,8 @@ class Head:
         self.chunk = max(16, CHUNK_BYTES // (12 * self.vocab))  # logits, exp, exp outside
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.linear(h.to(self.device, self.weight.dtype), self.weight,
-                                       self.bias).float()
-        if self.factor:
-            if self.transform == "softcap":
-                x = self.factor * torch.tanh(x / self.factor)
-            elif self.transform == "scale":
-                x = x * self.factor
-            else:
-                x = x / self.factor
-        return x
+        return self.transform(torch.nn.functional.linear(
+            h.to(self.device, self.weight.dtype), self.weight, self.bias).float())
 
     @torch.inference_mode()
     def outputs(self, h: torch.Tensor, k: int, labels: np.ndarray, draws: int = 0,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from softlabels.data.errors import UserError
-from softlabels.generate.head import TRANSFORMS, Head, check_architecture, draw, unique_counts
+from softlabels.data.heads import TRANSFORMS, logit_transform
+from softlabels.generate.head import Head, draw, unique_counts
 
 
 def test_draws_follow_the_distribution_and_never_pick_a_zero_weight_id():
@@ -196,6 +197,68 @@ def test_a_multimodal_wrapper_reads_its_text_head(tmp_path):
 def test_unknown_architecture_is_refused_in_one_line():
     from transformers import GPTBigCodeConfig
 
-    with pytest.raises(UserError, match="'gpt_bigcode'.*generate/head.py") as e:
-        check_architecture(GPTBigCodeConfig())
+    with pytest.raises(UserError, match="'gpt_bigcode'.*data/heads.py") as e:
+        logit_transform(GPTBigCodeConfig())
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- the same table, as students
+
+@pytest.fixture(scope="module")
+def vocab300(tmp_path_factory):
+    """Three 16-token rows of valid random targets over a 300-id vocabulary (COMMON's)."""
+    from tests.helpers import synthetic_rows, write_dataset
+
+    d = tmp_path_factory.mktemp("v300") / "data"
+    write_dataset(d, synthetic_rows(3, 300, 4, seed=3, lengths=(16, 17)), k=4, vocab=300)
+    return d
+
+
+@pytest.mark.parametrize("model_type", sorted(set(TRANSFORMS) - {"gemma3"}))
+def test_every_known_family_trains_and_reports_its_own_logits(tmp_path, vocab300, model_type):
+    """A student of each family: the CE that `train` optimises (Distiller), that the
+    `transformers.Trainer` adapter optimises (DistillationTrainer, CE weight 1), that the cross
+    path's head gives (label_logprobs) and that `eval` reports all equal its own transformers
+    forward on the same rows. Granite divides, Cohere and Falcon-H1 multiply, Gemma caps: a head
+    that skips the transform reports another CE (measured 0.102 against 4.849)."""
+    from transformers import TrainingArguments
+
+    from softlabels.data.heads import decoder_of
+    from softlabels.data.reader import SoftLabelReader
+    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.cross import label_logprobs
+    from softlabels.train_student.evaluate import evaluate
+    from softlabels.train_student.hf import DistillationTrainer, soft_label_dataset
+    from softlabels.train_student.objective import SameTokenizer
+    from softlabels.train_student.train import Distiller
+
+    model = _family_model(tmp_path / "m", model_type)
+    rows = list(SoftLabelReader(vocab300, shuffle=False))
+    ids = torch.from_numpy(np.stack([r.input_ids for r in rows]).astype(np.int64))
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits.double()
+        want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 300),
+                                                 ids[:, 1:].reshape(-1))
+    recipe = TrainConfig(student="s", data=str(vocab300), output="o", ce_weight=1.0).recipe(
+        ).for_dataset(SoftLabelReader(vocab300).manifest, str(vocab300))
+    objective = SameTokenizer([recipe], 300)
+    batch = objective.collate(rows, np.zeros(len(rows), np.int64))
+    with torch.no_grad():
+        sums = Distiller(model, objective)(batch)
+        cli = sums[1, 0] / int((batch.labels >= 0).sum())
+        trainer = DistillationTrainer(
+            model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), report_to=[],
+                                                use_cpu=True, max_steps=1),
+            train_dataset=soft_label_dataset(vocab300, shuffle=False), ce_weight=1.0)
+        inputs = trainer.data_collator([{k: v for k, v in vars(r).items() if v is not None}
+                                        for r in rows])
+        hf = trainer.compute_loss(model, inputs)
+        h = decoder_of(model)(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, 64)
+
+        cross = -label_logprobs(h, model.get_output_embeddings(), ids[:, 1:].reshape(-1),
+                                transform=logit_transform(model.config)).mean()
+    got = evaluate(model, vocab300, batch_tokens=256)["ce"]
+    for name, v in (("train", cli), ("DistillationTrainer", hf), ("cross", cross),
+                    ("eval", got)):
+        assert float(v) == pytest.approx(float(want), rel=1e-4, abs=1e-5), name
+

@@ -971,3 +971,27 @@ def test_prefetch_hands_errors_to_the_consumer_and_stops_when_abandoned():
     assert len(produced) == n <= 3 + 2 + 1  # the producer stopped, at most depth ahead
     assert not any(t.name == "softlabels-prefetch" and t.is_alive()
                    for t in threading.enumerate())
+
+
+def test_a_student_of_unknown_family_is_refused_in_one_line(tmp_path, dataset):
+    """Its head might scale its logits (the CE it trains would not be its own): train and the
+    Trainer adapter refuse it before the first step, in one line naming the family."""
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, TrainingArguments
+
+    from softlabels.data.errors import UserError
+    from softlabels.train_student.hf import DistillationTrainer, soft_label_dataset
+
+    vocab = Manifest.load(dataset).vocab_size
+    (tmp_path / "s.json").write_text(json.dumps(dict(
+        model_type="gpt_bigcode", n_embd=32, n_layer=1, n_head=2, vocab_size=vocab)))
+    p = softlabels("train", "--student", tmp_path / "s.json", "--data", dataset, "--output",
+                   tmp_path / "out", "--max-steps", 1, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "student architecture 'gpt_bigcode'" in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(n_embd=32, n_layer=1, n_head=2,
+                                                   vocab_size=vocab))
+    with pytest.raises(UserError, match="student architecture 'gpt_bigcode'"):
+        DistillationTrainer(model=model, args=TrainingArguments(
+            output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True, max_steps=1),
+            train_dataset=soft_label_dataset(dataset))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from softlabels.data.errors import UserError
 from softlabels.data.format import Row, log1mexp
 from softlabels.data.reader import RowIndex
 from softlabels.train_student.losses import NEG
@@ -130,6 +131,12 @@ def collate(rows: list[Row], student_vocab: int, targets: str | list[str] = "top
     lp = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=NEG)
                          for x in lps])
     rest = np.concatenate(rests)
+    if student_vocab and input_ids.max() >= student_vocab:  # an IndexError (a device assert) below
+        b = int(np.argmax(input_ids.max(-1)))
+        raise UserError(f"row {rows[b].row_id}: input id {int(input_ids[b].max())} is beyond the "
+                        f"student's vocabulary ({student_vocab}): the dataset holds ids its "
+                        "tokenizer cannot have made (softlabels verify names them) or the "
+                        "student's embeddings are too small")
     # A teacher id the student cannot produce (teacher's padded vocab) is no target (-1): its
     # teacher mass joins the rest, and the slot adds nothing on either side.
     beyond = ids >= student_vocab

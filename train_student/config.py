@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -209,6 +210,12 @@ class TrainConfig:
         if not lengths:
             for i in range(max(1, len(self.data))):
                 errors += [e for e in self.recipe(i).problems() if e not in errors]
+        for flag, folders in (("--data", self.data), ("--eval-data", self.eval_data)):
+            seen = [os.path.realpath(f) if "://" not in str(f) else str(f) for f in folders]
+            twice = [f for i, f in enumerate(folders) if seen[i] in seen[:i]]
+            if twice:  # trained (or averaged) twice per epoch without a word
+                errors.append(f"{flag} names {twice[0]} twice: give each dataset once (to "
+                              "weigh one dataset more, use --data-weights)")
         if self.cross_loss not in CROSS_LOSSES:
             errors.append(f"--cross-loss {self.cross_loss!r}: choose from "
                           f"{', '.join(CROSS_LOSSES)}")

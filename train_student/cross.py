@@ -33,6 +33,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from softlabels.data.format import Row
+from softlabels.data.heads import PLAIN_HEAD, LogitTransform
 from softlabels.train_student.batches import targets_of
 from softlabels.train_student.losses import NEG, head_logits, kd_ce_sums, log1mexp
 from softlabels.train_student.tokenbytes import TokenBytes, chunks, student_spans
@@ -272,31 +273,31 @@ def binary_kl(t: torch.Tensor, s: torch.Tensor, tau: float = ALM_TAU) -> torch.T
     return torch.exp(a) * (a - b) + (-torch.expm1(a)) * (log1mexp(a) - log1mexp(b))
 
 
-def _label_lps(h, weight, bias, labels, softcap):
-    return torch.log_softmax(head_logits(h, weight, bias, softcap), -1).gather(
+def _label_lps(h, weight, bias, labels, transform):
+    return torch.log_softmax(head_logits(h, weight, bias, transform), -1).gather(
         -1, labels[:, None])[:, 0]
 
 
 def label_logprobs(h: torch.Tensor, head, labels: torch.Tensor, chunk: int = 1024,
-                   softcap: float | None = None) -> torch.Tensor:
+                   transform: LogitTransform = PLAIN_HEAD) -> torch.Tensor:
     """(N, H) hidden states -> (N,) the student's log-prob of each label, a chunk of positions
     at a time (recomputed in the backward pass), never (N, V) logits at once."""
     out = []
     for s in range(0, h.shape[0], chunk):
-        args = (h[s:s + chunk], head.weight, head.bias, labels[s:s + chunk], softcap)
+        args = (h[s:s + chunk], head.weight, head.bias, labels[s:s + chunk], transform)
         out.append(checkpoint(_label_lps, *args, use_reentrant=False)
                    if torch.is_grad_enabled() else _label_lps(*args))
     return torch.cat(out) if out else h.new_zeros(0)
 
 
 def cross_sums(h: torch.Tensor, batch: CrossBatch, head, chunk: int = 1024,
-               softcap: float | None = None) -> torch.Tensor:
+               transform: LogitTransform = PLAIN_HEAD) -> torch.Tensor:
     """(B, L, H) student hidden states -> [ALM sum over chunks, dist KL sum over chunk starts,
     CE sum over student target tokens]; zeros that still run through the graph where a batch
     has none (so backward and DDP's all-reduce happen on every process)."""
     h = h.reshape(-1, h.shape[-1])
-    zero = head_logits(h[:1], head.weight, head.bias, softcap).sum() * 0.0
-    lq = label_logprobs(h[batch.pos], head, batch.labels, chunk, softcap)
+    zero = head_logits(h[:1], head.weight, head.bias, transform).sum() * 0.0
+    lq = label_logprobs(h[batch.pos], head, batch.labels, chunk, transform)
     ce = zero - lq.sum()
     s_chunk = torch.zeros(len(batch.t_chunk), device=h.device, dtype=lq.dtype).index_add(
         0, batch.chunk, lq)
@@ -306,7 +307,7 @@ def cross_sums(h: torch.Tensor, batch: CrossBatch, head, chunk: int = 1024,
         none = torch.full((len(batch.d_pos),), -1, device=h.device)
         dist = zero + kd_ce_sums(h[batch.d_pos], head, batch.d_ids, batch.d_lp, batch.d_rest,
                                  torch.full_like(batch.d_rest, float("nan")), none,
-                                 residual="tail", chunk=chunk, softcap=softcap)[0]
+                                 residual="tail", chunk=chunk, transform=transform)[0]
     return torch.stack([alm, dist, ce])
 
 
@@ -400,8 +401,8 @@ class Cross:
         return collate_cross(rows, sources, self.teachers, self.tokenizer,
                              list(targets or self.targets), self.kind != "alm")
 
-    def sums(self, h, batch: CrossBatch, head, chunk: int, softcap) -> torch.Tensor:
-        return cross_sums(h, batch, head, chunk, softcap)
+    def sums(self, h, batch: CrossBatch, head, chunk: int, transform) -> torch.Tensor:
+        return cross_sums(h, batch, head, chunk, transform)
 
     def step_counts(self, plan, group, mine, reduce) -> list[float]:
         return reduce(torch.tensor([list(b.counts) for b, w in mine if w], dtype=torch.float64

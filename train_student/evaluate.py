@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from softlabels.data.heads import decoder_of, logit_transform
 from softlabels.data.reader import SoftLabelReader
 from softlabels.train_student.batches import collate, token_batches
 from softlabels.train_student.losses import (
@@ -53,7 +54,7 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
         tb = None  # no bits per byte: its tokens do not keep their bytes
     vocab = model.get_output_embeddings().weight.shape[0]
     lm_head = model.get_output_embeddings()
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    transform = logit_transform(model.config, "student")
     # ce, ce tokens, kl, top1 hits, kd tokens, bytes of the ce tokens
     sums = torch.zeros(6, dtype=torch.float64)
     targets = "topk" if reader.manifest.k else "samples"
@@ -61,19 +62,19 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
         if cross:
             b = collate_cross(rows, [0] * len(rows), [CrossTeacher(tb, None)], tokenizer,
                               [targets], False).to(device)
-            h = model.get_decoder()(input_ids=b.input_ids,
+            h = decoder_of(model)(input_ids=b.input_ids,
                                     attention_mask=b.attention_mask).last_hidden_state
             lq = label_logprobs(h.reshape(-1, h.shape[-1])[b.pos], lm_head, b.labels, chunk,
-                                softcap)
+                                transform)
             sums += torch.tensor([-float(lq.sum()), len(lq), 0, 0, 0, float(b.n_bytes)],
                                  dtype=torch.float64)
             continue
         b = collate(rows, vocab, targets).to(device)
-        h = model.get_decoder()(input_ids=b.input_ids,
+        h = decoder_of(model)(input_ids=b.input_ids,
                                 attention_mask=b.attention_mask).last_hidden_state
         h = h.reshape(-1, h.shape[-1])[b.pos]
         for s in range(0, h.shape[0], chunk):
-            logits = head_logits(h[s : s + chunk], lm_head.weight, lm_head.bias, softcap)
+            logits = head_logits(h[s : s + chunk], lm_head.weight, lm_head.bias, transform)
             ids, lp, labels = b.ids[s : s + chunk], b.lp[s : s + chunk], b.labels[s : s + chunk]
             has = labels >= 0
             ce = torch.nn.functional.cross_entropy(logits[has], labels[has], reduction="sum")
@@ -121,25 +122,31 @@ def weighted_mean(metrics: list[dict]) -> dict:
 
 
 def names_of(folders) -> list[str]:
-    """Short names for datasets in logs: the folder's name, its parent's too where two clash."""
-    from pathlib import Path
+    """Short names for datasets in logs and metrics: the folder's name, or as many of its last
+    path parts as make every name distinct (`x/held/data` and `y/held/data` ->
+    `x/held/data`, `y/held/data`); a name is a key, so two datasets must never share one."""
+    from pathlib import PurePath
 
-    short = [Path(f).name for f in folders]
-    return [f"{Path(f).parent.name}/{n}" if short.count(n) > 1 else n
-            for f, n in zip(folders, short)]
+    parts = [PurePath(str(f)).parts or (str(f),) for f in folders]
+    for n in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{name}#{i}" for i, name in enumerate(names)]  # the same folder twice
 
 
 def main(args) -> int:
     from transformers import AutoTokenizer
 
     from softlabels.data.dataset import load_tokenizer
-    from softlabels.train_student.student import load_model
+    from softlabels.train_student.student import check_student, load_model
 
     model = load_model(args.model, args.trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError):
         tok = None
+    check_student(model, tok)
     for d in args.data:  # every dataset checked before any is evaluated
         if load_tokenizer(d) is None:
             from softlabels.data.errors import UserError

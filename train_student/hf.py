@@ -1,6 +1,6 @@
 """Stored soft targets in a `transformers.Trainer` (and so TRL): a dataset, a collator, a loss.
 
-    from softlabels.train_student.hf import DistillationTrainer, soft_label_dataset
+from softlabels.train_student.hf import DistillationTrainer, soft_label_dataset
 
     trainer = DistillationTrainer(model=student, args=TrainingArguments(..., max_steps=500),
                                   train_dataset=soft_label_dataset("targets/"))
@@ -29,6 +29,7 @@ from transformers import Trainer
 
 from softlabels.data.errors import UserError
 from softlabels.data.format import Row
+from softlabels.data.heads import decoder_of, logit_transform
 from softlabels.train_student.objective import SameTokenizer
 
 _MARK = "softlabels"  # key of the dataset's description that names its folder
@@ -116,10 +117,12 @@ class DistillationTrainer(Trainer):
     def __init__(self, *args, targets="auto", loss: str = "forward_kl", ce_weight=None,
                  temperature: float = 1.0, beta: float = 0.5, residual: str = "label",
                  chunk: int = 1024, cross_loss: str = "auto", **kwargs):
+        from softlabels.data.dataset import load_tokenizer
         from softlabels.data.manifest import Manifest
         from softlabels.train_student.config import TrainConfig
         from softlabels.train_student.cross import Cross
         from softlabels.train_student.mixture import Mixture
+        from softlabels.train_student.student import check_student
 
         folders = dataset_folders(kwargs.get("train_dataset"))
         if folders is None:
@@ -138,6 +141,8 @@ class DistillationTrainer(Trainer):
             tokenizer, Mixture(folders, shuffle=False), cfg, targets)
         self.chunk = chunk
         model = kwargs.get("model", args[0] if args else None)
+        if model is not None:  # the CLI's guards (a model_init model is checked by neither)
+            check_student(model, tokenizer or load_tokenizer(folders[0]))
         vocab = model.get_output_embeddings().weight.shape[0] if model is not None else 0
         self.objective = self.cross or SameTokenizer(self.recipes, vocab)
         if kwargs.get("data_collator") is None and (self.cross is not None or model is not None):
@@ -166,7 +171,7 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inner = self.accelerator.unwrap_model(model)
-        decoder = inner.get_decoder()
+        decoder = decoder_of(inner)
         hidden = []
         hook = decoder.register_forward_hook(
             lambda _m, _a, out: hidden.append(out[0] if isinstance(out, tuple)
@@ -179,7 +184,7 @@ class DistillationTrainer(Trainer):
                   use_cache=False)
         finally:
             hook.remove()
-        softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+        transform = logit_transform(inner.config, "student")
         w = self.objective.n_counts
         if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == w:
             counts = num_items_in_batch.tolist()
@@ -188,6 +193,6 @@ class DistillationTrainer(Trainer):
         else:  # evaluation: this batch alone
             counts, scale = self.objective.batch_counts(inputs), 1
         sums = self.objective.sums(hidden[0], self.objective.unpack(inputs),
-                                   inner.get_output_embeddings(), self.chunk, softcap)
+                                   inner.get_output_embeddings(), self.chunk, transform)
         loss = self.objective.loss(sums, counts) * scale
         return (loss, {"loss": loss.detach()}) if return_outputs else loss

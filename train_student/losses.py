@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from softlabels.data.heads import PLAIN_HEAD, LogitTransform
 from softlabels.train_student.config import (  # the choices, declared with the flags
     LABEL_RESIDUAL_LOSS,
     LOSSES,
@@ -118,13 +119,12 @@ def student_buckets(logits: torch.Tensor, ids: torch.Tensor, residual: str = "ta
                                              none)], -1)
 
 
-def head_logits(h: torch.Tensor, weight: torch.Tensor, bias, softcap: float | None) -> torch.Tensor:
-    """The student's output head on a chunk of hidden states, fp32, with the architecture's final
-    logit soft-capping (Gemma 2): what the loss trains is what eval measures."""
-    logits = F.linear(h, weight, bias).float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
+def head_logits(h: torch.Tensor, weight: torch.Tensor, bias,
+                transform: LogitTransform) -> torch.Tensor:
+    """The student's output head on a chunk of hidden states, fp32, with its family's transform
+    (Gemma's soft-cap, Granite's and Cohere's scales): the logits its saved model gives, so what
+    the loss trains is what eval and transformers measure."""
+    return transform(F.linear(h, weight, bias).float())
 
 
 def divergence(lp: torch.Tensor, lq: torch.Tensor, loss: str, beta: float) -> torch.Tensor:
@@ -144,9 +144,9 @@ def divergence(lp: torch.Tensor, lq: torch.Tensor, loss: str, beta: float) -> to
 
 
 def _chunk_sums(h, weight, bias, ids, lp, rest, label_lp, labels, has_label, loss, beta,
-                temperature, residual, softcap):
+                temperature, residual, transform):
     """KD and CE sums for one chunk of positions; only (chunk, V) logits ever exist."""
-    logits = head_logits(h, weight, bias, softcap)
+    logits = head_logits(h, weight, bias, transform)
     kd = divergence(
         teacher_buckets(lp.masked_fill(ids < 0, NEG), rest, temperature, residual, ids, labels,
                         label_lp),
@@ -171,7 +171,7 @@ def kd_ce_sums(
     temperature: float = 1.0,
     residual: str = "tail",
     chunk: int = 1024,
-    softcap: float | None = None,
+    transform: LogitTransform = PLAIN_HEAD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed KD loss and summed CE loss (over the positions with a label) of N positions.
 
@@ -190,7 +190,7 @@ def kd_ce_sums(
         e = s + chunk
         args = (hidden[s:e], lm_head.weight, lm_head.bias, ids[s:e], lp[s:e], rest[s:e],
                 label_lp[s:e], labels[s:e], has_label[s:e], loss, beta, temperature, residual,
-                softcap)
+                transform)
         if torch.is_grad_enabled():
             k, c = checkpoint(_chunk_sums, *args, use_reentrant=False)
         else:

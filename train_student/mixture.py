@@ -24,6 +24,8 @@ from softlabels.data.errors import UserError
 from softlabels.data.format import Row
 from softlabels.data.reader import RowIndex, SoftLabelReader
 
+MAX_EPOCH = 64  # an epoch's target tokens, at most, in multiples of all the datasets' together
+
 
 def check_weights(weights, n: int) -> list[float] | None:
     """The weights normalised to sum to 1, None for the default, or a one-line UserError."""
@@ -35,10 +37,11 @@ def check_weights(weights, n: int) -> list[float] | None:
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise UserError(f"--data-weights {' '.join(map(str, weights))}: weights must be "
                         "finite and >= 0")
-    total = sum(weights)
-    if total <= 0:
+    top = max(weights)
+    if top <= 0:
         raise UserError("--data-weights are all zero: at least one dataset must have weight")
-    return [w / total for w in weights]
+    scaled = [w / top for w in weights]  # in [0, 1]: their sum cannot overflow (1e308 1e308)
+    return [w / sum(scaled) for w in scaled]
 
 
 def merge(targets: list[np.ndarray], weights) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +70,12 @@ class Mixture:
         self.weights = (np.asarray(given) if given is not None else
                         self.target_tokens / self.target_tokens.sum())
         on = self.weights > 0
-        # target tokens of one epoch: one pass over the dataset slowest to go through
-        self.epoch_tokens = float((self.target_tokens[on] / self.weights[on]).max())
+        # target tokens of one epoch: one pass over the dataset slowest to go through, at most
+        # MAX_EPOCH times all of them, so that building an epoch costs memory and time in
+        # proportion to the rows, not to the passes a tiny weight asks for (0.999999 0.000001:
+        # a million passes over the first); such a dataset's pass then spans several epochs
+        self.epoch_tokens = float(min((self.target_tokens[on] / self.weights[on]).max(),
+                                      MAX_EPOCH * self.target_tokens.sum()))
         self.need = self.weights * self.epoch_tokens  # target tokens of each, per epoch
         self.passes = np.ceil(self.need / self.target_tokens - 1e-9).astype(int)
         self._epoch: tuple[int, RowIndex, np.ndarray] | None = None

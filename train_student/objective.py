@@ -3,7 +3,7 @@ one loss: same-tokenizer (here) and cross-tokenizer (`cross.Cross`) objectives.
 
 An objective does four things, in the order a step needs them:
 - `collate(rows, sources)`: stored rows (of datasets `sources`) -> the batch its sums read;
-- `sums(h, batch, head, chunk, softcap)`: student hidden states -> a tensor of summed losses,
+- `sums(h, batch, head, chunk, transform)`: student hidden states -> a tensor of summed losses,
   summed over positions (never normalised per micro-batch, so accumulation is exact);
 - `step_counts(plan, group, mine, reduce)` / `batch_counts(batch)`: what the step's sums are
   normalised by, over every process;
@@ -23,12 +23,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from softlabels.data.heads import LogitTransform
 from softlabels.train_student.batches import Batch, collate
 from softlabels.train_student.losses import head_logits, kd_ce_sums
 
 
 def target_sums(h: torch.Tensor, batch: Batch, head, recipes: list, chunk: int,
-                softcap: float | None) -> torch.Tensor:
+                transform: LogitTransform) -> torch.Tensor:
     """(B, L, H) student hidden states -> (2, D): summed KD (row 0) and summed CE (row 1) of each
     dataset's target positions in the batch, each with its dataset's recipe.
 
@@ -36,7 +37,7 @@ def target_sums(h: torch.Tensor, batch: Batch, head, recipes: list, chunk: int,
     skipped them) gives zero losses that still run through the decoder and the head, so backward
     and DDP's all-reduce happen on every process as on any other step."""
     h = h.reshape(-1, h.shape[-1])  # (B*L, H)
-    zero = head_logits(h[:1], head.weight, head.bias, softcap).sum() * 0.0
+    zero = head_logits(h[:1], head.weight, head.bias, transform).sum() * 0.0
     kd, ce = [zero] * len(recipes), [zero] * len(recipes)
     for d in batch.source.unique().tolist():
         at = batch.source == d
@@ -44,7 +45,7 @@ def target_sums(h: torch.Tensor, batch: Batch, head, recipes: list, chunk: int,
         kd[d], ce[d] = kd_ce_sums(
             h[batch.pos[at]], head, batch.ids[at], batch.lp[at], batch.rest[at],
             batch.label_lp[at], batch.labels[at], loss=r.loss, beta=r.beta,
-            temperature=r.temperature, residual=r.residual, chunk=chunk, softcap=softcap)
+            temperature=r.temperature, residual=r.residual, chunk=chunk, transform=transform)
     return torch.stack([torch.stack(kd), torch.stack(ce)])
 
 
@@ -65,8 +66,8 @@ class SameTokenizer:
     def collate(self, rows, sources) -> Batch:
         return collate(rows, self.vocab, [r.targets for r in self.recipes], sources)
 
-    def sums(self, h, batch: Batch, head, chunk: int, softcap) -> torch.Tensor:
-        return target_sums(h, batch, head, self.recipes, chunk, softcap)
+    def sums(self, h, batch: Batch, head, chunk: int, transform) -> torch.Tensor:
+        return target_sums(h, batch, head, self.recipes, chunk, transform)
 
     def step_counts(self, plan, group, mine, reduce) -> list[int]:
         return [sum(c) for c in zip(*(plan.counts(m) for m in group))]

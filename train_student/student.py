@@ -95,11 +95,22 @@ def load_student(student: str, data, trust_remote_code: bool = False,
     else:
         raise UserError(f"student {path} does not exist; pass a model folder or a config file")
     tok = tok or data_tok
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if vocab < len(tok):
-        raise UserError(f"student vocabulary {vocab} is smaller than its tokenizer's "
-                        f"{len(tok)}; set vocab_size >= {len(tok)}")
+    check_student(model, tok)
     return model, tok
+
+
+def check_student(model, tokenizer) -> None:
+    """What every front end (`train`, `eval`, `DistillationTrainer`) refuses of a student before
+    its first step, in one line: a family whose output head softlabels does not know (its loss
+    would be computed on other logits than its forward gives), and fewer output rows than its
+    tokenizer has tokens (an IndexError inside the forward, a device assert on a GPU)."""
+    from softlabels.data.heads import logit_transform
+
+    logit_transform(model.config, "student")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if tokenizer is not None and vocab < len(tokenizer):
+        raise UserError(f"student vocabulary {vocab} is smaller than its tokenizer's "
+                        f"{len(tokenizer)}; set vocab_size >= {len(tokenizer)}")
 
 
 def add_lora(model, r: int, alpha: float, targets: tuple[str, ...]):

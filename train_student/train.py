@@ -20,6 +20,7 @@ import torch
 
 from softlabels.data.atomic import fsync_dir, write_text
 from softlabels.data.errors import UserError
+from softlabels.data.heads import decoder_of, logit_transform
 from softlabels.train_student.batches import EpochPlan, prefetch
 from softlabels.train_student.config import TrainConfig
 from softlabels.train_student.cross import Cross
@@ -39,7 +40,7 @@ class Distiller(torch.nn.Module):
         self.model = model
         self.objective = SameTokenizer(objective) if isinstance(objective, list) else objective
         self.chunk = chunk
-        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        self.transform = logit_transform(model.config, "student")
 
     @property
     def _no_split_modules(self):
@@ -48,11 +49,11 @@ class Distiller(torch.nn.Module):
 
     def forward(self, batch):
         # (B, L, H) hidden states; the (tokens, vocab) logits are never built at once
-        h = self.model.get_decoder()(
+        h = decoder_of(self.model)(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
         return self.objective.sums(h, batch, self.model.get_output_embeddings(), self.chunk,
-                                   self.softcap)
+                                   self.transform)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Progress:
     history: list = field(default_factory=list)  # [{step, loss, kd, ce, ...}]
     evals: list = field(default_factory=list)
     consumed: list = field(default_factory=list)  # per dataset: [target tokens, rows] so far
+    stream: dict = field(default_factory=dict)  # what fixes the rows' order (`stream_of`)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +126,35 @@ def step_batches(mix: Mixture, cfg, plan: EpochPlan, epoch: int, m0: int, p: int
             rows, sources = mix.read(epoch, pos)
             mine.append((objective.collate(rows, sources), weight))
         yield group, mine
+
+
+def stream_of(mix: Mixture, cfg: TrainConfig, n_proc: int) -> dict:
+    """What decides which rows each step trains on, in which order: a resume continues the
+    checkpoint's stream only if all of it is the same (datasets by their shards' hashes, so a
+    moved folder still resumes)."""
+    import hashlib
+
+    data = [hashlib.sha256("".join(s.sha256 for s in r.manifest.shards).encode()).hexdigest()
+            for r in mix.readers]
+    return {"--data": data, "--data-weights": [round(float(w), 12) for w in mix.weights],
+            "--seed": cfg.seed, "--batch-tokens": cfg.batch_tokens,
+            "--grad-accum": cfg.grad_accum, "processes": n_proc,
+            "--targets": list(cfg.targets), "--student-tokenizer": cfg.student_tokenizer}
+
+
+def check_resume(saved: dict, now: dict, checkpoint: Path) -> None:
+    """A one-line UserError naming what differs from the checkpoint's run: continuing would
+    train some rows twice and others never, and record settings the run did not have."""
+    if not saved:  # a checkpoint from before softlabels recorded its stream
+        return
+    changed = [k for k in now if saved.get(k) != now[k]]
+    if changed:
+        what = ", ".join("the datasets (their shards)" if k == "--data" else
+                         f"the number of processes ({saved.get(k)} -> {now[k]})"
+                         if k == "processes" else f"{k} ({saved.get(k)} -> {now[k]})"
+                         for k in changed)
+        raise UserError(f"--resume from {checkpoint}: {what} changed since that run; resume "
+                        "with the same settings, or train into a new --output")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -215,9 +246,11 @@ def train(cfg: TrainConfig) -> dict:
     progress = Progress(consumed=[[0, 0] for _ in recipes])
     accelerator.register_for_checkpointing(progress)
 
+    progress.stream = stream = stream_of(mix, cfg, n_proc)
     resumed = latest_checkpoint(out) if cfg.resume else None
     if resumed:
         accelerator.load_state(str(resumed))
+        check_resume(progress.stream, stream, resumed)
         accelerator.print(f"resumed from {resumed} (step {progress.step})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
