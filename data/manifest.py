@@ -159,6 +159,9 @@ def _typed(d, path: Path) -> dict:
                                   f"{types[key].__name__}")
 
     check(d, _TYPES, _REQUIRED, "")
+    for key in ("k", "vocab_size", "draws"):
+        if key in d and not 0 <= d[key] < 1 << 31:
+            raise FormatError(f"{path}: {key} {d[key]} is out of range")
     if d["vocab_size"] < 1:
         raise FormatError(f"{path}: vocab_size {d['vocab_size']} must be at least 1")
     shards = []
@@ -168,7 +171,7 @@ def _typed(d, path: Path) -> dict:
         if not name or name != Path(name).name or name in (".", ".."):
             raise FormatError(f"{path} lists shard {name!r}, which is not a file of the "
                               "dataset's own folder; a dataset names only its own files")
-        if min(s["rows"], s["tokens"], s["bytes"]) < 0:
-            raise FormatError(f"{path}: shards[{i}] has a negative count")
+        if not all(0 <= s[c] < 1 << 53 for c in ("rows", "tokens", "bytes")):
+            raise FormatError(f"{path}: shards[{i}] has a count out of range")
         shards.append(ShardInfo(**s))
     return {**d, "shards": shards}

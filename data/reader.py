@@ -19,6 +19,7 @@ it). A dataset whose publisher controls the manifest can make hashes agree, henc
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -51,6 +52,23 @@ class RowIndex:
 
     def take(self, order: np.ndarray) -> RowIndex:
         return RowIndex(*(a[order] for a in vars(self).values()))
+
+
+@contextlib.contextmanager
+def damaged(path):
+    """pyarrow's (and numpy's) errors on a shard that is not what its manifest says -> one
+    FormatError naming the file: a truncated or altered file, even one whose hash the
+    publisher fixed, is bad input, not a crash."""
+    try:
+        yield
+    except FormatError:
+        raise
+    except FileNotFoundError as e:
+        raise FormatError(f"{path}: missing; `softlabels verify` lists every problem") from e
+    except (pa.ArrowException, OSError, ValueError, IndexError, KeyError, TypeError) as e:
+        why = (str(e).splitlines() or [""])[0]
+        raise FormatError(f"{path}: unreadable ({type(e).__name__}: {why}); the file is "
+                          "damaged: regenerate or re-download the dataset") from e
 
 
 class SoftLabelReader:
@@ -87,17 +105,19 @@ class SoftLabelReader:
         if self._stored is None:
             cols = []
             for si, shard in enumerate(self.manifest.shards):
-                md = pq.read_metadata(self.dir / shard.file)
-                sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
-                counts = read_row_counts(md.metadata, md.num_rows)
-                if counts is None:  # a shard written before the footer counts existed
-                    counts = count_rows(pq.read_table(self.dir / shard.file,
-                                                      columns=["input_ids", "target_mask"]))
+                with damaged(self.dir / shard.file):
+                    md = pq.read_metadata(self.dir / shard.file)
+                    sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+                    counts = read_row_counts(md.metadata, md.num_rows)
+                    if counts is None:  # a shard written before the footer counts existed
+                        counts = count_rows(pq.read_table(self.dir / shard.file,
+                                                          columns=["input_ids", "target_mask"]))
                 cols.append((np.full(md.num_rows, si), np.repeat(np.arange(len(sizes)), sizes),
                              np.concatenate([np.arange(n) for n in sizes]) if sizes else
                              np.zeros(0, np.int64), *counts))
             self._stored = RowIndex(*(np.concatenate(c).astype(np.int64) if c else
-                                      np.zeros(0, np.int64) for c in zip(*cols)))
+                                      np.zeros(0, np.int64) for c in
+                                      (zip(*cols) if cols else [()] * 6)))
         return self._stored
 
     def index(self, epoch: int = 0) -> RowIndex:
@@ -128,7 +148,8 @@ class SoftLabelReader:
         """One row group, undecoded; with shuffle the last `window` are kept."""
         if (si, g) not in self._tables:
             pf, _ = self._open(si)
-            self._tables[(si, g)] = pf.read_row_group(g)
+            with damaged(self.dir / self.manifest.shards[si].file):
+                self._tables[(si, g)] = pf.read_row_group(g)
             # a shuffle window's groups are revisited; in order, each is read once
             while len(self._tables) > (self.window if self.shuffle else 1):
                 self._tables.popitem(last=False)
@@ -141,13 +162,13 @@ class SoftLabelReader:
             return self._file[1], self._encodings[si]
         shard = self.manifest.shards[si]
         path = self.dir / shard.file
-        if si not in self._encodings:
-            if sha256_file(path) != shard.sha256:
+        with damaged(path):
+            if si not in self._encodings and sha256_file(path) != shard.sha256:
                 raise FormatError(f"{path}: sha256 differs from manifest.json (changed or damaged "
                                   "after publishing); `softlabels verify` lists every problem: "
                                   "regenerate or re-download the dataset")
-        pf = pq.ParquetFile(path)
-        enc = Encoding.from_schema(pf.schema_arrow)
+            pf = pq.ParquetFile(path)
+            enc = Encoding.from_schema(pf.schema_arrow)
         m = self.manifest
         if not enc.matches(m):
             raise FormatError(f"{path} (format {enc.version}, k={enc.k}, step={enc.logprob_step},"
@@ -169,30 +190,35 @@ class SoftLabelReader:
         for si, g in keys:
             at = np.flatnonzero((idx.shard == si) & (idx.group == g))
             table, enc = self._table(si, g)
-            taken = table.take(idx.local[at])
-            # the footer's counts planned the batches and weigh the loss: they must be true
-            counted = count_rows(taken)
-            planned = np.stack([idx.tokens[at], idx.kd_positions[at], idx.ce_positions[at]])
-            if (counted != planned).any():
-                j = int(np.flatnonzero((counted != planned).any(0))[0])
-                raise FormatError(
-                    f"{self.manifest.shards[si].file} row {taken.column('row_id')[j]}: "
-                    f"tokens/targets {counted[:, j].tolist()}, its footer says "
-                    f"{planned[:, j].tolist()}; regenerate or re-download the dataset")
-            batch = one_batch(taken)
-            flat = flatten(batch, enc)
-            bad = problems(batch, flat, self.manifest.vocab_size, enc)  # what verify checks
-            if bad:
-                rid, why = bad[0]
-                raise FormatError(
-                    f"{self.manifest.shards[si].file} row {rid}: {why} ({len(bad)} bad rows "
-                    f"in row group {g}); this dataset fails `softlabels verify {self.dir}`: "
-                    "regenerate or re-download it")
-            decoded = decode(batch, enc, flat)
-            for i, row in zip(at.tolist(), decoded):
+            with damaged(self.dir / self.manifest.shards[si].file):
+                rows_of_group = self._checked(table.take(idx.local[at]), idx, at, si, g, enc)
+            for i, row in zip(at.tolist(), rows_of_group):
                 rows[i] = row
         self.decoded += len(rows)
         return rows
+
+    def _checked(self, taken: pa.Table, idx: RowIndex, at: np.ndarray, si: int, g: int,
+                 enc: Encoding) -> list[Row]:
+        """Rows of one row group, checked against their footer counts and the format, decoded."""
+        # the footer's counts planned the batches and weigh the loss: they must be true
+        counted = count_rows(taken)
+        planned = np.stack([idx.tokens[at], idx.kd_positions[at], idx.ce_positions[at]])
+        if (counted != planned).any():
+            j = int(np.flatnonzero((counted != planned).any(0))[0])
+            raise FormatError(
+                f"{self.manifest.shards[si].file} row {taken.column('row_id')[j]}: "
+                f"tokens/targets {counted[:, j].tolist()}, its footer says "
+                f"{planned[:, j].tolist()}; regenerate or re-download the dataset")
+        batch = one_batch(taken)
+        flat = flatten(batch, enc)
+        bad = problems(batch, flat, self.manifest.vocab_size, enc)  # what verify checks
+        if bad:
+            rid, why = bad[0]
+            raise FormatError(
+                f"{self.manifest.shards[si].file} row {rid}: {why} ({len(bad)} bad rows "
+                f"in row group {g}); this dataset fails `softlabels verify {self.dir}`: "
+                "regenerate or re-download it")
+        return decode(batch, enc, flat)
 
     def rows(self, epoch: int = 0, start: int = 0, block: int = 256
              ) -> Iterator[tuple[int, Row]]:

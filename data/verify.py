@@ -27,6 +27,8 @@ def verify(directory: str | os.PathLike) -> list[str]:
     except FormatError as e:
         return [str(e)]
     problems: list[str] = []
+    if not m.shards:
+        problems.append(f"{d / 'manifest.json'} lists no shards: an empty dataset")
     seen: dict[str, str] = {}
     for s in m.shards:
         path = d / s.file
@@ -71,5 +73,6 @@ def verify(directory: str | os.PathLike) -> list[str]:
         except FormatError as e:
             problems.append(f"{where} {e}")
         except Exception as e:  # a damaged file can fail anywhere inside pyarrow
-            problems.append(f"{where} unreadable ({type(e).__name__}: {e})")
+            why = " ".join(str(e).split())  # pyarrow's messages can span lines
+            problems.append(f"{where} unreadable ({type(e).__name__}: {why})")
     return problems

@@ -241,3 +241,62 @@ def test_the_trainer_adapter_mixes_as_the_cli_does(tmp_path, sets):
     assert first == mix.source(0)[:40].tolist()
     trainer.train()
     assert trainer.state.global_step == 3
+
+
+def test_extreme_weights_start_in_time_bounded_by_the_rows(sets):
+    """Weights that overflow a sum (1e308 1e308), that underflow (1 1e-300) and a plausible skew
+    (0.999999 0.000001: a million passes over the first dataset before, killed at 1 GB): each
+    mixture's epoch holds at most MAX_EPOCH times the datasets' target tokens, in its
+    proportions."""
+    from softlabels.train_student.mixture import MAX_EPOCH
+
+    for weights in ((1e308, 1e308), (1, 1e-300), (0.999999, 0.000001), (0.000001, 0.999999)):
+        mix = Mixture([sets["a"], sets["b"]], weights, seed=0)
+        assert np.isfinite(mix.weights).all() and abs(mix.weights.sum() - 1) < 1e-12
+        idx = mix.index(0)
+        assert 0 < idx.kd_positions.sum() <= MAX_EPOCH * mix.target_tokens.sum() + 200, weights
+        got = np.bincount(mix.source(0), weights=idx.kd_positions, minlength=2)
+        np.testing.assert_allclose(got / got.sum(), mix.weights, atol=0.01)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (["--data-weights", 1, 2, 3], "--data-weights"),
+    (["--seed", 7], "--seed (0 -> 7)"),
+    (["--batch-tokens", 64], "--batch-tokens (96 -> 64)"),
+    (["--data", "a", "c", "b"], "the datasets"),
+])
+def test_resume_refuses_a_run_it_cannot_continue_exactly(tmp_path, sets, change, needle):
+    """Other weights trained rows twice and others never and recorded the new weights for the
+    whole run; other data ended in an IndexError. Each is one line naming what changed."""
+    base = ["--data", sets["a"], sets["b"], sets["c"], "--data-weights", 1, 1, 3]
+    out = tmp_path / "run"
+    train(sets, out, *base, "--max-steps", 2, "--save-every", 2)
+    if change[0] == "--data":
+        change = ["--data", *(sets[n] for n in change[1:])]
+    args = base + change if change[0] != "--data" else change + base[4:]
+    p = train(sets, out, *args, "--max-steps", 4, "--resume", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "--resume from" in last and needle in last and "changed" in last, last
+    assert json.loads((out / "train_log.json").read_text())["steps"] == 2  # nothing trained
+
+
+def test_the_same_dataset_twice_is_refused_and_eval_names_stay_apart(tmp_path, sets):
+    import shutil
+
+    from softlabels.train_student.evaluate import names_of
+
+    p = train(sets, tmp_path / "s", "--data", sets["a"], str(sets["a"]) + "/", "--max-steps", 1,
+              check=False)
+    assert p.returncode == 2 and "names" in p.stderr and "twice" in p.stderr, p.stderr
+    # x/held/data and y/held/data: two held-out sets, two names (one overwrote the other)
+    for parent in ("x", "y"):
+        shutil.copytree(sets["a"] if parent == "x" else sets["b"], tmp_path / parent / "held" /
+                        "data")
+    folders = [tmp_path / "x" / "held" / "data", tmp_path / "y" / "held" / "data"]
+    assert names_of(folders) == ["x/held/data", "y/held/data"]
+    assert names_of([tmp_path / "a" / "data", tmp_path / "b" / "data"]) == ["a/data", "b/data"]
+    out = tmp_path / "t"
+    train(sets, out, "--data", sets["a"], "--eval-data", *folders, "--max-steps", 1)
+    evals = json.loads((out / "train_log.json").read_text())["evals"][-1]
+    assert {"x/held/data", "y/held/data"} <= set(evals["datasets"]), evals

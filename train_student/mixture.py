@@ -77,7 +77,7 @@ class Mixture:
         self.epoch_tokens = float(min((self.target_tokens[on] / self.weights[on]).max(),
                                       MAX_EPOCH * self.target_tokens.sum()))
         self.need = self.weights * self.epoch_tokens  # target tokens of each, per epoch
-        self.passes = np.ceil(self.need / self.target_tokens - 1e-9).astype(int)
+        self.passes = np.maximum(1, np.ceil(self.need / self.target_tokens - 1e-9)).astype(int)
         self._epoch: tuple[int, RowIndex, np.ndarray] | None = None
 
     @property
