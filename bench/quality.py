@@ -157,7 +157,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         share = (ce0 - r["ce"]) / (ce0 - online["ce"]) if ce0 != online["ce"] else float("nan")
-        print(f"| {name} | {r['ce']:.4f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
+        print(f"| {name} | {r['ce']:.4f} | {r['kl_topk']:.4f} | {r['top1_agreement']:.3f} | "
               f"{r['wall_s']:.0f} | {share:.0%} |")
     for name in ("stored top-64 KD, tail", "stored top-64 KD, tail, + 0.5 CE"):
         kd64 = results[name]

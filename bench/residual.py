@@ -64,7 +64,8 @@ def main() -> None:
     print("| recipe | held-out CE | vs CE-only | KL(teacher, student) | top-1 agreement |")
     print("|---|---|---|---|---|")
     for name, rs in res.items():
-        ce, kl, top1 = (np.array([r[key] for r in rs]) for key in ("ce", "kl", "top1_agreement"))
+        ce, kl, top1 = (np.array([r[key] for r in rs])
+                        for key in ("ce", "kl_topk", "top1_agreement"))
         print(f"| {name} | {ce.mean():.4f} ± {ce.std():.4f} | {ce.mean() - base:+.4f} | "
               f"{kl.mean():.4f} ± {kl.std():.4f} | {top1.mean():.4f} |")
 

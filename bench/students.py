@@ -140,7 +140,7 @@ def held_out_gain(demo: Path, steps: int) -> None:
     print("| student | trainable | held-out CE | KL(teacher‖student) | top-1 | train wall s |")
     print("|---|---|---|---|---|---|")
     for name, (m, wall, tr) in rows.items():
-        print(f"| {name} | {tr or '-'} | {m['ce']:.4f} | {m['kl']:.4f} | "
+        print(f"| {name} | {tr or '-'} | {m['ce']:.4f} | {m['kl_topk']:.4f} | "
               f"{m['top1_agreement']:.3f} | {wall:.0f} |")
     s, f, lo = (rows[k][0]["ce"] for k in rows)
     print(f"\nheld-out CE gain: full {s - f:.4f}, LoRA {s - lo:.4f} "

@@ -42,8 +42,9 @@ def add_arguments(p) -> None:
                    "outside it")
     p.add_argument("--sample-temperature", type=float, default=1.0,
                    help="temperature of the distribution --samples draws from (default 1)")
-    p.add_argument("--max-length", type=int, default=2048,
-                   help="window length in tokens; longer records are split (default 2048)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="window length in tokens; longer records are split (default 2048, or "
+                   "the teacher's context if shorter)")
     p.add_argument("--stride", type=int, default=None,
                    help="new positions per later window of a long record: each later window "
                    "starts with the --max-length minus --stride tokens before it as context "
@@ -221,12 +222,25 @@ def _check_numbers(args, k: int) -> None:
                         "are the top-k of each sampled step: drop one of them")
 
 
-def _check_windows(args) -> None:
-    if args.max_length < 1 or args.unit_tokens < 1 or args.shard_tokens < 1:
+def _max_length(args, config) -> int:
+    """--max-length, or its default: 2048, or the teacher's context where that is shorter. A
+    window longer than the context fails in every unit inside vLLM, after the engine started."""
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if args.max_length is None:
+        return min(2048, context) if context else 2048
+    if context and args.max_length > context:
+        raise UserError(f"--max-length {args.max_length} is longer than the teacher's context "
+                        f"({context} positions, max_position_embeddings): give --max-length "
+                        f"{context} or less")
+    return args.max_length
+
+
+def _check_windows(args, max_length: int) -> None:
+    if max_length < 1 or args.unit_tokens < 1 or args.shard_tokens < 1:
         raise UserError("--max-length, --unit-tokens and --shard-tokens must be positive")
-    if args.stride is not None and not 1 <= args.stride <= args.max_length:
+    if args.stride is not None and not 1 <= args.stride <= max_length:
         raise UserError(f"--stride {args.stride} must be between 1 and --max-length "
-                        f"{args.max_length}")
+                        f"{max_length}")
     if args.stride is not None and args.generate_responses:
         raise UserError("--stride is for records cut into windows; with --generate-responses "
                         "each prompt is one window")
@@ -277,7 +291,8 @@ def main(args) -> int:
     config, tok = check_teacher(teacher, k, args.trust_remote_code,
                                 safetensors_only="load_format" not in dict(extra),
                                 scoring=not args.generate_responses)
-    _check_windows(args)
+    max_length = _max_length(args, config)
+    _check_windows(args, max_length)
     security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
     cpu = on_cpu()
     if args.calibrate and not args.dry_run:
@@ -296,7 +311,7 @@ def main(args) -> int:
     n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
 
     def run(client, workers, supervisor=None):
-        job = _job(args, teacher, corpus, fields, sampling, k)
+        job = _job(args, teacher, corpus, fields, sampling, k, max_length)
         # what the job's numbers are (k, window, seed, draws) comes from the Job alone
         engine = EngineConfig(
             teacher=str(teacher.resolve()), k=job.k, max_length=job.max_length, dtype=args.dtype,
@@ -345,7 +360,7 @@ def main(args) -> int:
     return 0
 
 
-def _job(args, teacher: Path, corpus, fields, sampling, k: int):
+def _job(args, teacher: Path, corpus, fields, sampling, k: int, max_length: int):
     """The Job: everything that changes the output, the teacher and the input by content."""
     from softlabels.generate.fingerprint import fingerprint_files
     from softlabels.generate.inputs import PIECE_BYTES
@@ -359,14 +374,14 @@ def _job(args, teacher: Path, corpus, fields, sampling, k: int):
         teacher_hash=fingerprint_files(teacher_files, teacher, args.rehash),
         input_fingerprint=corpus.fingerprint(args.rehash),
         k=k,
-        max_length=args.max_length,
+        max_length=max_length,
         unit_tokens=args.unit_tokens,
         logprob_step=args.logprob_step,
         draws=args.samples,
         sample_temperature=args.sample_temperature,
         seed=args.seed,
         shard_tokens=args.shard_tokens,
-        stride=0 if args.stride in (None, args.max_length) else args.stride,
+        stride=0 if args.stride in (None, max_length) else args.stride,
         piece_bytes=PIECE_BYTES,
         fields=repr(fields),
         sampling=repr(sampling) if sampling else "",

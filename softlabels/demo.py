@@ -257,7 +257,7 @@ def _table(r: dict) -> None:
     for name in ("teacher", "student_kd", "student_ce"):
         m = r[name]
         bpb = f"{m['bpb']:>9.4f}" if m.get("bpb") is not None else f"{'-':>9}"
-        print(f"{name:<12} {m['ce']:>11.4f} {m['ppl']:>8.2f} {bpb} {m['kl']:>19.4f} "
+        print(f"{name:<12} {m['ce']:>11.4f} {m['ppl']:>8.2f} {bpb} {m['kl_topk']:>19.4f} "
               f"{m['top1_agreement']:>11.3f}")
     print("\nwall seconds per stage: " + ", ".join(f"{k} {v}" for k, v in r["stages"].items()))
 
@@ -273,7 +273,7 @@ def _plot(out: Path, path: Path) -> None:
         evals = json.loads((out / name / "train_log.json").read_text())["evals"]
         steps = [e["step"] for e in evals]
         axes[0].plot(steps, [e["ce"] for e in evals], style, label=name)
-        axes[1].plot(steps, [e["kl"] for e in evals], style, label=name)
+        axes[1].plot(steps, [e["kl_topk"] for e in evals], style, label=name)
     axes[0].set_title("held-out CE on real next tokens (nats)")
     axes[1].set_title("held-out KL(teacher || student) (nats)")
     for a in axes:

@@ -238,3 +238,29 @@ def test_a_url_output_is_never_a_local_folder(tmp_path, tiny_teacher):
                    "--output", "s3://bucket/x", "--top-k", 4, check=False)
     assert_one_line_error(p, "s3://bucket/x", "URL")
     assert not (REPO / "s3:").exists()
+
+
+def test_a_window_longer_than_the_teachers_context_is_refused_first(tmp_path, tiny_teacher):
+    """A teacher of 64 positions: --max-length 128 failed in every unit inside vLLM after the
+    engine started; it is one line now, and the default window shrinks to the context."""
+    import shutil
+    from argparse import Namespace
+
+    from transformers import AutoConfig
+
+    from softlabels.generate.cli import _max_length
+
+    short = tmp_path / "short"
+    shutil.copytree(tiny_teacher, short)
+    cfg = json.loads((short / "config.json").read_text())
+    cfg["max_position_embeddings"] = 64
+    (short / "config.json").write_text(json.dumps(cfg))
+    pq.write_table(pa.table({"text": ["hello world"]}), tmp_path / "in.parquet")
+    p = generate(short, tmp_path / "in.parquet", tmp_path / "out", "--max-length", 128)
+    assert_one_line_error(p, "--max-length 128 is longer than the teacher's context (64")
+    assert not (tmp_path / "out").exists()
+    config = AutoConfig.from_pretrained(short)
+    assert _max_length(Namespace(max_length=None), config) == 64
+    assert _max_length(Namespace(max_length=32), config) == 32
+    assert _max_length(Namespace(max_length=None), AutoConfig.from_pretrained(tiny_teacher)) \
+        == 2048

@@ -149,6 +149,49 @@ def test_chunked_sparse_loss_matches_dense_reference(loss, residual, T, confiden
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
+def test_a_one_hot_teacher_bounds_reverse_kl_and_jsd(loss):
+    """A teacher whose rest is below what float32 resolves (stored as 0): reverse KL with the
+    tail bucket cost 1e4 nats per unit of student mass, far above the dense float64 divergence
+    of the same one-hot teacher. Now it is finite, at most the dense one, and still positive;
+    JSD is bounded by log 2 either way."""
+    g = torch.Generator().manual_seed(1)
+    N, H, V = 6, 16, 50
+    h = torch.randn(N, H, generator=g)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(H, V, bias=False)
+    logits = torch.full((N, V), -200.0, dtype=torch.float64)  # one-hot at float32
+    top = torch.randint(0, V, (N,), generator=g)
+    logits[torch.arange(N), top] = 0.0
+    teacher = torch.log_softmax(logits, -1)
+    lp, ids = teacher.topk(K, -1)
+    rest = torch.full((N,), -1024.0)  # the stored tail: format 4's code for exactly 0
+    labels = torch.full((N,), -1)
+    kd, _ = kd_ce_sums(h, head, ids, lp.float(), rest.float(), torch.full((N,), np.nan), labels,
+                       loss=loss, residual="tail")
+    q = torch.softmax(head(h).double(), -1)
+    if loss == "reverse_kl":
+        dense = (q * (q.log() - teacher)).sum()
+    else:
+        m = 0.5 * teacher.exp() + 0.5 * q
+        dense = 0.5 * (teacher.exp() * (teacher - m.log())).nan_to_num().sum() + 0.5 * (
+            q * (q.log() - m.log())).sum()
+    assert torch.isfinite(kd) and 0 < float(kd) <= float(dense) + 1e-4, (float(kd), float(dense))
+    if loss == "jsd":
+        assert float(kd) <= N * math.log(2)
+
+
+def test_reverse_kl_on_a_tail_from_rounded_top_k_is_refused():
+    from softlabels.data.errors import UserError
+    from softlabels.train_student.config import Recipe
+
+    old = Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=100, format_version=3)
+    with pytest.raises(UserError, match="reverse_kl with --residual tail.*format 3"):
+        Recipe(loss="reverse_kl", residual="tail").for_dataset(old, "old")
+    Recipe(loss="reverse_kl", residual="none").for_dataset(old, "old")  # renormalised: fine
+    Recipe(loss="reverse_kl", residual="tail").for_dataset(replace(old, format_version=4), "new")
+
+
 def test_stored_targets_sum_to_one_at_every_confidence():
     """What collate hands the loss from stored (rounded) top-k: with format 4's exact tail the
     top-k and the tail sum to 1 and the tail is within its rounding of the truth at top-1 0.99
@@ -368,11 +411,12 @@ def test_loss_goes_down_and_outputs_are_written(tmp_path, dataset):
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     p = softlabels("eval", "--model", out, "--data", dataset, "--json")
     m = json.loads(p.stdout)
-    assert set(m) == {"data", "ce", "ppl", "kl", "top1_agreement", "tokens", "ce_tokens", "bpb",
-                      "bytes"}
+    assert set(m) == {"data", "ce", "ppl", "kl_topk", "top1_agreement", "teacher_ce", "tokens",
+                      "ce_tokens", "bpb", "bytes", "draw_positions"}
+    assert m["teacher_ce"] is None  # no draws in this dataset
     assert m["tokens"] == sum(32 - (i % 3) for i in range(24))
     assert math.isclose(m["ppl"], math.exp(m["ce"]), rel_tol=1e-6)
-    assert m["kl"] == pytest.approx(log(out)["evals"][-1]["kl"], rel=1e-5)
+    assert m["kl_topk"] == pytest.approx(log(out)["evals"][-1]["kl_topk"], rel=1e-5)
 
 
 def test_two_processes_with_accelerate_launch_equal_one(tmp_path, dataset):
@@ -425,7 +469,7 @@ def test_killed_then_resumed_ends_like_uninterrupted(tmp_path, dataset, kill_dur
     a, b = log(out), log(tmp_path / "whole")
     assert a["steps"] == b["steps"]
     np.testing.assert_allclose(a["final_loss"], b["final_loss"], rtol=1e-5)
-    np.testing.assert_allclose(a["evals"][-1]["kl"], b["evals"][-1]["kl"], rtol=1e-5)
+    np.testing.assert_allclose(a["evals"][-1]["kl_topk"], b["evals"][-1]["kl_topk"], rtol=1e-5)
 
 
 def test_student_with_another_tokenizer_needs_the_label_logprobs(tmp_path, dataset):
@@ -571,7 +615,8 @@ def test_lora_student_is_saved_merged_and_moves_toward_the_teacher(tmp_path, dat
     train(dataset, out, "--max-steps", 30, "--batch-tokens", 96, "--lr", "1e-2", "--lora-r", 4,
           "--lora-targets", "q_proj", "v_proj", "--save-adapter", "--student", start, *kd_only)
     after = json.loads(softlabels("eval", "--model", out, "--data", dataset, "--json").stdout)
-    assert after["kl"] < 0.97 * before["kl"], (before, after)  # near-uniform teacher: small KL
+    # near-uniform teacher: small KL
+    assert after["kl_topk"] < 0.97 * before["kl_topk"], (before, after)
     w0, w1 = _weights(start), _weights(out)
     assert w0.keys() == w1.keys()  # merged: no lora_A/lora_B tensors, loads without peft
     changed = {k for k in w0 if not torch.equal(w0[k], w1[k])}
@@ -736,7 +781,7 @@ def test_hf_trainer_moves_the_student_toward_the_teacher(tmp_path, dataset, held
     # pure KD: this tiny teacher is random, so CE on the real text (or the residual on it) pulls
     # away from it
     after = evaluate(_hf_train(dataset, tmp_path, 40, 4, 1, ce_weight=0.0), heldout, 1024)
-    assert after["kl"] < 0.75 * before["kl"], (before, after)
+    assert after["kl_topk"] < 0.75 * before["kl_topk"], (before, after)
 
 
 def test_hf_trainer_weights_accumulated_micro_batches_by_tokens(tmp_path, dataset):

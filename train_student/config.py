@@ -104,6 +104,12 @@ class Recipe:
         if (targets == "topk" and self.residual == "label" and self.loss != "forward_kl"
                 and ce < 1.0 and not m.exact):
             raise UserError(f"{name} (format {m.format_version}): {LABEL_RESIDUAL_LOSS}")
+        if (self.loss == "reverse_kl" and self.residual != "none" and ce < 1.0
+                and not m.exact):
+            raise UserError(f"--loss reverse_kl with --residual {self.residual}: {name} (format "
+                            f"{m.format_version}) has no exact tail, only 1 - its rounded top-k, "
+                            "which is 0 where the teacher is confident (8,498 nats/token against "
+                            "5.77 measured); use --residual none, or regenerate it (format 4)")
         return replace(self, targets=targets, ce_weight=ce)
 
     def describe(self, m) -> str:
@@ -113,8 +119,9 @@ class Recipe:
         rest = {"tail": "the rest as a tail bucket", "none": "renormalised",
                 "label": "the real next token's own mass" if m.exact else
                 "the rest onto the real next token"}
-        exact = "exact tail" if m.exact else "tail from the rounded top-k (format < 4)"
-        return (f"{what[self.targets]} ({exact}), {self.loss}"
+        exact = ("" if self.targets == "samples" else " (exact tail)" if m.exact else
+                 " (tail from the rounded top-k, format < 4)")  # draws alone have no tail
+        return (f"{what[self.targets]}{exact}, {self.loss}"
                 + (f", {rest[self.residual]}" if self.targets == "topk" else "")
                 + f", CE weight {self.ce_weight:g}")
 

@@ -46,6 +46,11 @@ from softlabels.train_student.config import (  # the choices, declared with the 
 )
 
 NEG = -1e4  # log-prob of an absent bucket: exp() is 0, and 0 * NEG stays finite
+# Reverse KL weighs -log p by the student's mass, so one teacher bucket stored as 0 (a tail the
+# teacher's float32 exponentials could not resolve: below about V e^-87) would cost 1e4 nats per
+# unit of student mass. Teacher log-probs below this floor count as the floor: a stated lower
+# bound of the true penalty (as the buckets are of the full-vocabulary divergence).
+REVERSE_FLOOR = -80.0
 
 
 def log_tail(logp: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
@@ -133,7 +138,7 @@ def divergence(lp: torch.Tensor, lq: torch.Tensor, loss: str, beta: float) -> to
     if loss == "forward_kl":
         return (p * (lp - lq)).sum(-1)
     if loss == "reverse_kl":
-        return (q * (lq - lp)).sum(-1)
+        return (q * (lq - lp.clamp(min=REVERSE_FLOOR))).sum(-1)
     if loss in ("jsd", "skew_kl"):
         lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), 0)
         kl_pm = (p * (lp - lm)).sum(-1)

@@ -23,13 +23,13 @@ def plot_curves(history: list[dict], evals: list[dict], path, title: str = "") -
         for name in each:
             line, = b.plot(es, [e["datasets"][name]["ce"] for e in evals], "o-", lw=1,
                            label=f"{name}: CE")
-            if evals[0]["datasets"][name].get("kl") is not None:
-                b.plot(es, [e["datasets"][name]["kl"] for e in evals], "s--", lw=1,
+            if evals[0]["datasets"][name].get("kl_topk") is not None:
+                b.plot(es, [e["datasets"][name]["kl_topk"] for e in evals], "s--", lw=1,
                        color=line.get_color(), label=f"{name}: KL(teacher||student)")
         mean = " (token-weighted mean)" if each else ""
         b.plot(es, [e["ce"] for e in evals], "o-", color="k", label="held-out CE" + mean)
-        if evals[0].get("kl") is not None:  # (a student of another tokenizer: none)
-            b.plot(es, [e["kl"] for e in evals], "s-", color="0.4",
+        if evals[0].get("kl_topk") is not None:  # (a student of another tokenizer: none)
+            b.plot(es, [e["kl_topk"] for e in evals], "s-", color="0.4",
                    label="held-out KL(teacher||student)" + mean)
         if evals[0].get("bpb") is not None:
             b.plot(es, [e["bpb"] for e in evals], "^-", color="tab:green",
