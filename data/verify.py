@@ -10,11 +10,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from softlabels.data.checks import bad_rows
 from softlabels.data.counts import count_rows, read_row_counts
-from softlabels.data.dataset import sha256_file
+from softlabels.data.dataset import load_tokenizer, sha256_file
 from softlabels.data.format import Encoding, FormatError
 from softlabels.data.manifest import Manifest
 
@@ -27,6 +28,12 @@ def verify(directory: str | os.PathLike) -> list[str]:
     except FormatError as e:
         return [str(e)]
     problems: list[str] = []
+    try:
+        tok = load_tokenizer(d)
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer folder is a finding
+        tok = None
+        problems.append(f"tokenizer/: cannot be loaded ({' '.join(str(e).split())})")
+    n_tok = len(tok) if tok is not None else None
     if not m.shards:
         problems.append(f"{d / 'manifest.json'} lists no shards: an empty dataset")
     seen: dict[str, str] = {}
@@ -56,6 +63,11 @@ def verify(directory: str | os.PathLike) -> list[str]:
                 tokens += int(counted[-1][0].sum())
                 shard_problems += [f"row {rid}: {why}"
                                    for rid, why in bad_rows(t, enc, m.vocab_size)]
+                if n_tok is not None and n_tok < m.vocab_size:  # ids the tokenizer cannot make
+                    top = pc.max(pc.list_flatten(t.column("input_ids"))).as_py()
+                    if top is not None and top >= n_tok:
+                        shard_problems.append(f"input id {top} is not a token of the dataset's "
+                                              f"tokenizer ({n_tok} tokens)")
                 for rid in t.column("row_id").to_pylist():
                     if rid in seen:
                         shard_problems.append(f"row {rid} also in {seen[rid]}")

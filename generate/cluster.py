@@ -232,6 +232,8 @@ def batch_cluster(o: BatchOptions, resource: str, state: Path, security=None
     client = None
     previous = signal.signal(signal.SIGTERM, _interrupt)  # walltime, scancel of generate itself
     try:
+        if o.kind == "slurm":
+            _test_submission(cluster.job_script(), state)
         client = Client(cluster, security=security)
         supervisor = Supervisor(cluster, o, job_name(state))
         supervisor.start()
@@ -244,6 +246,29 @@ def batch_cluster(o: BatchOptions, resource: str, state: Path, security=None
         if client is not None:
             client.close()
         cluster.close()  # cancels every job it submitted
+
+
+def _test_submission(script: str, state: Path) -> None:
+    """Ask Slurm whether it would take the worker job (`sbatch --test-only`, nothing queued):
+    one it refuses (memory or cores no node has, an unknown partition) would be refused at
+    every scale() inside dask-jobqueue, a logged traceback, and the run would wait the whole
+    --worker-timeout for a job that was never queued."""
+    import subprocess
+
+    path = state / "test-job.sh"
+    path.write_text(script)
+    try:
+        p = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True,
+                           timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"--cluster slurm: sbatch cannot be run here ({e})") from e
+    finally:
+        path.unlink(missing_ok=True)
+    if p.returncode:
+        said = " ".join((p.stderr.strip().splitlines() or ["no reason given"])[-1].split())
+        raise UserError(f"--cluster slurm: sbatch refuses the worker job ({said}); change "
+                        "--worker-memory, --worker-cores, --gpus-per-worker, --queue, --walltime "
+                        "or --job-extra (--print-job-script shows the job)")
 
 
 def _interrupt(signum, frame):

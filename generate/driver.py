@@ -183,8 +183,14 @@ class Driver:
             rec = json.loads(done_path(self.out, u).read_text())
             if "teacher_s" in rec:
                 return rec
-        return self.client.submit(run_unit, self._unit_task(u), key=f"calibrate-{u.name}",
-                                  resources={self.resource: 1}, pure=False).result()
+        try:
+            return self.client.submit(run_unit, self._unit_task(u), key=f"calibrate-{u.name}",
+                                      resources={self.resource: 1}, pure=False).result()
+        except Exception as e:  # the unit's error, raised here from the worker
+            why = (str(e).splitlines() or [""])[0]
+            raise UserError(f"--calibrate: unit {u.name} failed on the worker "
+                            f"({type(e).__name__}: {why}); the same error would fail the real "
+                            "run: fix its cause first") from e
 
     def concatenate(self, plan) -> None:
         """Make the shards not yet published from their committed units, on the workers."""

@@ -161,3 +161,16 @@ def test_dry_run_plans_on_the_cluster_and_the_real_run_reuses_it(tmp_path, slurm
     assert f"{len(plan.units) - 1} to run" in p.stderr  # the calibrated unit is kept
     assert {f: f.stat().st_mtime_ns for f in (out / ".softlabels" / "plan").iterdir()} == pieces
     assert verify(out) == []
+
+
+def test_a_job_slurm_refuses_is_one_line_at_once(tmp_path, slurm, tiny_teacher, small):
+    """More memory than any node has: sbatch refused every worker job inside dask-jobqueue (a
+    logged traceback) and the run waited the whole --worker-timeout, then blamed the queue."""
+    t0 = time.time()
+    p = gen(slurm, tiny_teacher, small, tmp_path / "ds", *BATCH, "--worker-memory", "4000GiB",
+            "--worker-timeout", 300, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert "sbatch refuses the worker job" in last and "--worker-memory" in last, last
+    assert time.time() - t0 < 120
+    assert not squeue(slurm, "softlabels-ds")

@@ -1040,3 +1040,40 @@ def test_a_student_of_unknown_family_is_refused_in_one_line(tmp_path, dataset):
         DistillationTrainer(model=model, args=TrainingArguments(
             output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True, max_steps=1),
             train_dataset=soft_label_dataset(dataset))
+
+
+def test_ids_beyond_the_tokenizer_are_found_by_verify_and_refused_by_train(tmp_path, dataset):
+    """A manifest whose vocab_size (5000) is larger than its tokenizer (512) let input id 600
+    through: verify said OK, then train ended in an IndexError (a device-side assert on a GPU).
+    And the Trainer adapter skipped the CLI's guard of a student smaller than its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+
+    from softlabels.data.errors import UserError
+    from softlabels.data.verify import verify
+    from softlabels.train_student.hf import DistillationTrainer, soft_label_dataset
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dataset, bad)
+    m = Manifest.load(bad)
+    f = bad / m.shards[0].file
+    t = pq.read_table(f)
+    ids = t.column("input_ids").combine_chunks()
+    flat = ids.values.to_numpy().copy()
+    flat[3] = 600
+    t = t.set_column(t.schema.get_field_index("input_ids"), t.schema.field("input_ids"),
+                     pa.ListArray.from_arrays(ids.offsets, pa.array(flat, ids.type.value_type)))
+    pq.write_table(t.replace_schema_metadata(pq.read_schema(f).metadata), f)
+    m.shards[0].sha256, m.shards[0].bytes, m.vocab_size = sha256_file(f), f.stat().st_size, 5000
+    m.save(bad)
+    assert any("input id 600 is not a token of the dataset's tokenizer (512" in p
+               for p in verify(bad)), verify(bad)
+    (bad.parent / "student.json").write_text(json.dumps(STUDENT))
+    p = train(bad, tmp_path / "s", "--max-steps", 2, "--batch-tokens", 4096, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "input id 600 is beyond the student's vocabulary (512)" in p.stderr, p.stderr
+    cfg = dict(STUDENT, vocab_size=300)  # smaller than the tokenizer
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    with pytest.raises(UserError, match="student vocabulary 300 is smaller than its tokenizer"):
+        DistillationTrainer(model=model, args=TrainingArguments(
+            output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True, max_steps=1),
+            train_dataset=soft_label_dataset(dataset))
