@@ -446,3 +446,38 @@ def test_hf_trainer_takes_the_clis_cross_tokenizer_path(tmp_path, toks, tiny_tea
     out = trainer.train()
     assert math.isfinite(out.training_loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_teachers_special_tokens_are_structure_for_the_student(toks):
+    """A window with the teacher's EOS between two documents: the student used to read
+    "<|endoftext|>" as 13 bytes of text and spell it piece by piece. Now each document is aligned
+    on its own, the student's own EOS stands between them, bits/byte count only the text, and
+    the teacher's mass on EOS becomes the student's EOS."""
+    from softlabels.data.format import Row
+    from softlabels.train_student.cross import CrossTeacher, Trie, collate_cross
+
+    teacher, student = toks["bpe"], toks["unigram"]
+    one, two = "the beginning of the earth.", "And the Spirit moved."
+    ids = np.array(teacher(one).input_ids + [teacher.eos_token_id] + teacher(" " + two).input_ids,
+                   np.int32)
+    T, k = len(ids), 4
+    eos_at = int(np.flatnonzero(ids == teacher.eos_token_id)[0])
+    topk = np.tile(np.arange(k, dtype=np.int32), (T, 1))
+    topk[eos_at - 1, 0] = teacher.eos_token_id  # before EOS, the teacher expects it
+    lp = np.full((T, k), np.log(0.2), np.float32)
+    row = Row("0:0", ids, topk, lp, np.ones(T, bool),
+              tail_logprob=np.full(T, np.log(0.2), np.float32),
+              label_logprob=np.full(T, np.log(0.1), np.float32))
+    tb = TokenBytes(teacher, "teacher")
+    assert tb.lengths[teacher.eos_token_id] == 0 and tb.structure[teacher.eos_token_id]
+    trie = Trie(tb, TokenBytes(student, "student"), student)
+    b = collate_cross([row], [0], [CrossTeacher(tb, trie)], student, ["topk"], True)
+    got = b.input_ids[0].tolist()
+    assert got.count(student.eos_token_id) == 1
+    text = student.decode([i for i in got if i != student.eos_token_id])
+    assert "endoftext" not in text and "<" not in text, text
+    assert text.replace(" ", "") == (one + two).replace(" ", "")
+    assert int(b.n_bytes) <= len(one.encode()) + len(two.encode()) + 1
+    # the teacher's mass on its EOS (id 0 in every top-k here) went to the student's EOS
+    assert student.eos_token_id in b.d_ids.flatten().tolist()
+    assert got.index(student.eos_token_id) not in b.pos.tolist()  # nothing predicted from it

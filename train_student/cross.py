@@ -59,6 +59,11 @@ class Trie:
         self.next = np.full((len(teacher.table), width), -1, np.int64)
         self.names: dict[tuple, int] = {}
         for t, b in enumerate(teacher.table):
+            if teacher.structure[t]:  # EOS predicted: the student's EOS, with its mass
+                self.path[t, 0] = self.names.setdefault((b"", ()), len(self.names))
+                mapped = teacher.student_id(t, student_tok)
+                self.next[t, 0] = -1 if mapped is None else mapped
+                continue
             ids = segment(b, student, backend)
             if ids is None:
                 continue
@@ -128,8 +133,67 @@ class CrossBatch:
 
 
 def _row(r: Row, teacher: CrossTeacher, tok, targets: str, dist: bool):
-    """One window -> student ids and its part of the batch (positions in the row)."""
-    text, t_off = teacher.tokens.window(r.input_ids, r.window == 0)
+    """One window -> student ids and its part of the batch (positions in the row).
+
+    The teacher's special tokens cut the window into runs of text, each aligned on its own;
+    between them the student gets its own EOS (BOS) for the teacher's, and nothing for other
+    markers. Positions predicting a special token, or predicted from one, carry no target."""
+    cuts = np.flatnonzero(teacher.tokens.structure[np.asarray(r.input_ids, np.int64)])
+    if not len(cuts):
+        return _text_row(r, teacher, tok, targets, dist, r.window == 0)
+    ids: list[int] = []
+    none = np.zeros(0, np.int64)
+    out = {"pos": [none], "labels": [none], "chunk": [none], "t_chunk": [np.zeros(0)],
+           "bytes": 0}
+    a = 0
+    for c in [*cuts.tolist(), len(r.input_ids)]:
+        if c > a:
+            p = _text_row(_cut(r, a, c), teacher, tok, targets, dist, a > 0 or r.window == 0)
+            o, n_chunks = len(ids), sum(len(x) for x in out["t_chunk"])
+            ids += list(p["ids"])
+            out["pos"].append(p["pos"] + o)
+            out["labels"].append(p["labels"])
+            out["chunk"].append(p["chunk"] + n_chunks)
+            out["t_chunk"].append(p["t_chunk"])
+            out["bytes"] += p["bytes"]
+            if "d_pos" in p:
+                for key, v in (("d_pos", p["d_pos"] + o), ("d_ids", p["d_ids"]),
+                               ("d_lp", p["d_lp"]), ("d_rest", p["d_rest"])):
+                    out.setdefault(key, []).append(v)
+        if c < len(r.input_ids):
+            mapped = teacher.tokens.student_id(int(r.input_ids[c]), tok)
+            if mapped is not None:
+                ids.append(mapped)
+        a = c + 1
+    merged = {k: np.concatenate(v) if k in ("pos", "labels", "chunk", "t_chunk", "d_pos",
+                                            "d_rest") else v for k, v in out.items()}
+    if "d_ids" in out:
+        w = max(x.shape[1] for x in out["d_ids"])
+        merged["d_ids"] = np.concatenate([np.pad(x, ((0, 0), (0, w - x.shape[1])),
+                                                 constant_values=-1) for x in out["d_ids"]])
+        merged["d_lp"] = np.concatenate([np.pad(x, ((0, 0), (0, w - x.shape[1])),
+                                                constant_values=NEG) for x in out["d_lp"]])
+    merged["ids"] = ids
+    return merged
+
+
+def _cut(r: Row, a: int, b: int) -> Row:
+    """Positions [a, b) of a row, as a row of their own."""
+    from dataclasses import replace
+
+    def part(x):
+        return None if x is None else x[a:b]
+
+    return replace(r, input_ids=r.input_ids[a:b], topk_ids=part(r.topk_ids),
+                   topk_logprobs=part(r.topk_logprobs), target_mask=r.target_mask[a:b],
+                   sample_ids=part(r.sample_ids), sample_counts=part(r.sample_counts),
+                   tail_logprob=part(r.tail_logprob), label_logprob=part(r.label_logprob))
+
+
+def _text_row(r: Row, teacher: CrossTeacher, tok, targets: str, dist: bool,
+              starts_text: bool):
+    """A window of text only (no special token) -> the student's ids and targets."""
+    text, t_off = teacher.tokens.window(r.input_ids, starts_text)
     s_ids, s_off = student_spans(tok, text)
     T, S = len(r.input_ids), len(s_ids)
     _, tch, sch = chunks(t_off, s_off)

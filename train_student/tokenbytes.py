@@ -64,12 +64,22 @@ class TokenBytes:
                 "cannot be aligned to another tokenizer's: cross-tokenizer distillation needs a "
                 "byte-level BPE or SentencePiece-style teacher tokenizer")
         self.kind = kind
-        special = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+        # Special tokens (BOS, EOS, chat markers, padding) are structure, not text: no bytes, so
+        # another tokenizer never spells "<|endoftext|>" character by character and bits per
+        # byte count only text; `structure` marks them (the cross path cuts windows there).
+        # Added tokens that are not special (words, code indents) are text like any other.
+        added = tokenizer.added_tokens_decoder
+        special = {i for i, t in added.items() if t.special} | set(tokenizer.all_special_ids)
+        self.structure = np.zeros(len(tokenizer), bool)
+        self.structure[[i for i in special if i < len(tokenizer)]] = True
+        self.eos, self.bos = tokenizer.eos_token_id, tokenizer.bos_token_id
         alphabet = _byte_alphabet()
         table: list[bytes] = [b""] * len(tokenizer)
         for piece, i in tokenizer.get_vocab().items():
             if i in special:
-                table[i] = special[i].encode()
+                continue
+            if i in added:
+                table[i] = added[i].content.encode()
             elif kind == "byte-level":
                 try:
                     table[i] = bytes(alphabet[c] for c in piece)
@@ -85,6 +95,15 @@ class TokenBytes:
         # is no byte of the text: a record's first window drops it
         first = tokenizer("a", add_special_tokens=False).input_ids
         self.prefix_space = bool(first) and table[first[0]].startswith(b" ")
+
+    def student_id(self, t: int, student_tok) -> int | None:
+        """The student's own token for the teacher's special token `t`: EOS for EOS, BOS for
+        BOS where the student has one; None for the rest (chat markers, padding), dropped."""
+        if t == self.eos:
+            return student_tok.eos_token_id
+        if t == self.bos:
+            return student_tok.bos_token_id
+        return None
 
     def window(self, ids, starts_record: bool) -> tuple[bytes, np.ndarray]:
         """A window's bytes and its tokens' byte offsets: (text, (T + 1,) offsets), token t
