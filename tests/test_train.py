@@ -181,6 +181,31 @@ def test_a_one_hot_teacher_bounds_reverse_kl_and_jsd(loss):
         assert float(kd) <= N * math.log(2)
 
 
+def test_the_ground_truth_residual_is_the_old_label_residual_by_its_own_name():
+    """Format 4 made `label` exact (the label outside the top-k gets its own small share);
+    `ground_truth` keeps the recipe `label` was before: the whole rest on the real next token,
+    on any dataset. It equals the dense reference of that recipe and differs from `label`."""
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 9, 16, 50
+    h = torch.randn(N, H, generator=g)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(H, V, bias=False)
+    teacher = _teacher(N, V, 0.9, g)
+    lp, ids = teacher.topk(K, -1)
+    rest = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)
+    labels = torch.randint(0, V, (N,), generator=g)
+    label_lp = teacher.gather(-1, labels[:, None])[:, 0]
+    args = (h, head, ids, lp.float(), rest.float(), label_lp.float(), labels)
+    gt, _ = kd_ce_sums(*args, residual="ground_truth")
+    exact, _ = kd_ce_sums(*args, residual="label")
+    ref, _ = dense_reference(head(h), ids, lp, rest, torch.full_like(label_lp, np.nan), labels,
+                             "forward_kl", 0.5, 1.0, "label")
+    torch.testing.assert_close(gt.double(), ref, rtol=1e-4, atol=1e-5)
+    assert abs(float(gt) - float(exact)) > 1e-2
+    with pytest.raises(ValueError, match="ground_truth"):
+        kd_ce_sums(*args, residual="ground_truth", loss="reverse_kl")
+
+
 def test_reverse_kl_on_a_tail_from_rounded_top_k_is_refused():
     from softlabels.data.errors import UserError
     from softlabels.train_student.config import Recipe
@@ -190,6 +215,9 @@ def test_reverse_kl_on_a_tail_from_rounded_top_k_is_refused():
         Recipe(loss="reverse_kl", residual="tail").for_dataset(old, "old")
     Recipe(loss="reverse_kl", residual="none").for_dataset(old, "old")  # renormalised: fine
     Recipe(loss="reverse_kl", residual="tail").for_dataset(replace(old, format_version=4), "new")
+    draws = Manifest(k=0, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=100, draws=8)
+    said = Recipe().for_dataset(draws, "d").describe(draws)
+    assert "tail" not in said, said  # draws alone have no tail to be exact about
 
 
 def test_stored_targets_sum_to_one_at_every_confidence():

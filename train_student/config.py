@@ -19,16 +19,17 @@ from softlabels.data.errors import UserError
 # The choices of the recipe's options, here with the flags (no torch is imported for --help);
 # losses.py, batches.py and cross.py implement each.
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
-RESIDUALS = ("tail", "label", "none")
+RESIDUALS = ("tail", "label", "ground_truth", "none")
 TARGETS = ("topk", "samples", "both")  # batches.targets_of
 CROSS_LOSSES = ("auto", "alm", "dist", "both")  # cross.py
 TAIL_TEMPERATURE = ("a temperature other than 1 with a residual (tail or label) is not exact: "
                     "the teacher's mass outside the top-k at T != 1 depends on tokens the "
                     "dataset does not store; use --residual none (softmax(top-k / T), exact on "
                     "the stored ids) or --temperature 1")
-LABEL_RESIDUAL_LOSS = ("--residual label without the label's log-prob (datasets before format "
-                       "4) puts the teacher's whole rest on the real next token, a target for "
-                       "the student's full softmax: use it with --loss forward_kl")
+LABEL_RESIDUAL_LOSS = ("--residual ground_truth (and label without the label's log-prob: "
+                       "datasets before format 4) puts the teacher's whole rest on the real next "
+                       "token, a target for the student's full softmax: use it with --loss "
+                       "forward_kl")
 
 # The default CE mix per kind of targets: the best measured (BENCHMARKS.md, "Stored targets").
 DEFAULT_CE = {"topk": 0.5, "samples": 0.0, "both": 0.0}
@@ -101,8 +102,8 @@ class Recipe:
                                                self.temperature != 1.0 or
                                                self.residual == "none"):
             raise UserError(SAMPLED_ONLY_FORWARD_KL)
-        if (targets == "topk" and self.residual == "label" and self.loss != "forward_kl"
-                and ce < 1.0 and not m.exact):
+        if (targets == "topk" and self.loss != "forward_kl" and ce < 1.0 and (
+                self.residual == "ground_truth" or self.residual == "label" and not m.exact)):
             raise UserError(f"{name} (format {m.format_version}): {LABEL_RESIDUAL_LOSS}")
         if (self.loss == "reverse_kl" and self.residual != "none" and ce < 1.0
                 and not m.exact):
@@ -118,7 +119,8 @@ class Recipe:
                 "both": f"top-{m.k} + {m.draws} draws" + " outside it" * m.tail_draws}
         rest = {"tail": "the rest as a tail bucket", "none": "renormalised",
                 "label": "the real next token's own mass" if m.exact else
-                "the rest onto the real next token"}
+                "the rest onto the real next token",
+                "ground_truth": "the rest onto the real next token"}
         exact = ("" if self.targets == "samples" else " (exact tail)" if m.exact else
                  " (tail from the rounded top-k, format < 4)")  # draws alone have no tail
         return (f"{what[self.targets]}{exact}, {self.loss}"
@@ -159,9 +161,11 @@ class TrainConfig:
     # The defaults (label residual, ce_weight 0.5) are the best stored-top-k recipe measured
     # (BENCHMARKS.md, "Where the mass outside the top-k goes"): better than CE-only on the mean of
     # 3 seeds; the tail bucket + 0.5 CE only matched it.
-    residual: str = opt("label", "where the teacher's mass outside the top-k goes: label (onto the "
-                                 "real next token; forward_kl), tail (a (k+1)-th bucket), or none "
-                                 "(renormalise the top-k)", choices=RESIDUALS)
+    residual: str = opt("label", "where the teacher's mass outside the top-k goes: label (the real "
+                                 "next token its own mass, the rest a tail bucket), ground_truth "
+                                 "(all of it onto the real next token; forward_kl), tail (a "
+                                 "(k+1)-th bucket), or none (renormalise the top-k)",
+                        choices=RESIDUALS)
     student_tokenizer: str | None = opt(None, "tokenizer folder of a fresh student (--student "
                                               "a config file) other than the teacher's: the "
                                               "training is then cross-tokenizer")

@@ -18,6 +18,9 @@ the rest goes is `residual`:
   rest goes onto the label (Sparse Logit Sampling's ground-truth residual, Anshumann et al.
   2025), a full target for the student's full softmax: forward KL only. Positions with no known
   next token keep the tail bucket.
+- "ground_truth": the whole rest onto the real next token whatever the format stores: what
+  "label" meant before format 4, a different recipe (the label outside the top-k gets the
+  teacher's whole tail, not its own small share); forward KL only.
 - "none": the ids renormalised on both sides, which biases the student toward the head.
 A teacher id of -1 marks a slot with no target (an id the student's vocabulary cannot produce):
 its teacher mass is in the rest, and the slot adds nothing on either side.
@@ -185,6 +188,10 @@ def kd_ce_sums(
     """
     if residual not in RESIDUALS:
         raise ValueError(f"residual {residual!r}: choose from {', '.join(RESIDUALS)}")
+    if residual == "ground_truth":  # the label residual as if no label log-prob were stored
+        if loss != "forward_kl":
+            raise ValueError(LABEL_RESIDUAL_LOSS)
+        residual, label_lp = "label", torch.full_like(label_lp, float("nan"))
     if residual == "label" and loss != "forward_kl" and bool(
             (torch.isnan(label_lp) & (labels >= 0)).any()):
         raise ValueError(LABEL_RESIDUAL_LOSS)
