@@ -253,11 +253,12 @@ def main(args) -> int:
 
 def _table(r: dict) -> None:
     print(f"\n{'model':<12} {'held-out CE':>11} {'ppl':>8} {'bits/byte':>9} "
-          f"{'KL(teacher||model)':>19} {'top-1 agree':>11}")
+          f"{'KL top-k+1 bucket':>19} {'top-1 agree':>11}")
     for name in ("teacher", "student_kd", "student_ce"):
         m = r[name]
         bpb = f"{m['bpb']:>9.4f}" if m.get("bpb") is not None else f"{'-':>9}"
-        print(f"{name:<12} {m['ce']:>11.4f} {m['ppl']:>8.2f} {bpb} {m['kl_topk']:>19.4f} "
+        kl = m.get("kl_topk", m.get("kl"))  # (a stage cached by an earlier release: "kl")
+        print(f"{name:<12} {m['ce']:>11.4f} {m['ppl']:>8.2f} {bpb} {kl:>19.4f} "
               f"{m['top1_agreement']:>11.3f}")
     print("\nwall seconds per stage: " + ", ".join(f"{k} {v}" for k, v in r["stages"].items()))
 

@@ -1105,3 +1105,43 @@ def test_ids_beyond_the_tokenizer_are_found_by_verify_and_refused_by_train(tmp_p
         DistillationTrainer(model=model, args=TrainingArguments(
             output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True, max_steps=1),
             train_dataset=soft_label_dataset(dataset))
+
+
+def test_eval_teacher_ce_from_draws_estimates_the_full_cross_entropy(tmp_path):
+    """`kl_topk` cannot see the student's mass outside the top-k; on a dataset with draws eval
+    also gives `teacher_ce`, the cross-entropy to the teacher's whole distribution estimated from
+    the draws. Against the exact -sum p log q of a known teacher: within sampling error."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from softlabels.generate.head import unique_counts
+    from softlabels.train_student.evaluate import evaluate
+    from tests.helpers import write_dataset
+
+    V, T, N = 64, 16, 4000
+    rng = np.random.default_rng(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=32,
+                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    rows, exact, n = [], 0.0, 0
+    for i in range(3):
+        ids = rng.integers(0, V, T).astype(np.int32)
+        p = torch.softmax(torch.from_numpy(rng.normal(0, 2, (T, V))), -1)
+        drawn = torch.multinomial(p, N, replacement=True,
+                                  generator=torch.Generator().manual_seed(i)).numpy()
+        sids, counts = unique_counts(drawn)
+        label = np.full(T, np.nan, np.float32)
+        label[:-1] = p[:-1].log().gather(-1, torch.from_numpy(ids[1:, None]).long())[:, 0]
+        rows.append(Row(f"{i}:0", ids, np.zeros((T, 0), np.int32), np.zeros((T, 0), np.float32),
+                        np.ones(T, bool), sample_ids=sids, sample_counts=counts,
+                        label_logprob=label))
+        with torch.no_grad():
+            lq = torch.log_softmax(model(torch.from_numpy(ids.astype(np.int64))[None]).logits[0]
+                                   .double(), -1)
+        exact += float(-(p * lq).sum())
+        n += T
+    write_dataset(tmp_path / "d", rows, k=0, vocab=V, draws=N)
+    got = evaluate(model, tmp_path / "d", batch_tokens=256)
+    assert got["kl_topk"] is None and got["draw_positions"] == n
+    assert got["teacher_ce"] == pytest.approx(exact / n, abs=0.02), (got, exact / n)
