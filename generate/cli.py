@@ -7,6 +7,7 @@ state.py owns the `.softlabels/` folder. Resumable and exactly-once: see driver.
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import time
@@ -140,6 +141,18 @@ def _engine_extra(pairs: list[str]) -> tuple:
             extra.append((key, json.loads(value)))
         except json.JSONDecodeError:
             extra.append((key, value))
+    if extra:  # a misspelt key would fail every unit inside vLLM, after its engine started
+        import dataclasses
+
+        from vllm.engine.arg_utils import EngineArgs  # seconds to import: only when asked
+
+        known = {f.name for f in dataclasses.fields(EngineArgs)} | {"chat_template"}  # LLM's own
+        wrong = [k for k, _ in extra if k not in known]
+        if wrong:
+            near = difflib.get_close_matches(wrong[0], known, n=1)
+            raise UserError(f"--engine-arg {wrong[0]}: vLLM has no such "
+                            "engine argument" + (f" (did you mean {near[0]}?)" if near else "")
+                            + "; see vLLM's EngineArgs")
     return tuple(extra)
 
 

@@ -264,3 +264,12 @@ def test_a_window_longer_than_the_teachers_context_is_refused_first(tmp_path, ti
     assert _max_length(Namespace(max_length=32), config) == 32
     assert _max_length(Namespace(max_length=None), AutoConfig.from_pretrained(tiny_teacher)) \
         == 2048
+
+
+def test_a_misspelt_engine_argument_is_refused_before_any_engine(tmp_path, tiny_teacher):
+    pq.write_table(pa.table({"text": ["hello world"]}), tmp_path / "in.parquet")
+    p = generate(tiny_teacher, tmp_path / "in.parquet", tmp_path / "out", "--engine-arg",
+                 "max_num_seq=8")
+    assert_one_line_error(p, "--engine-arg max_num_seq: vLLM has no such engine argument",
+                          "did you mean max_num_seqs?")
+    assert not (tmp_path / "out").exists()
