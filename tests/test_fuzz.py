@@ -1,8 +1,8 @@
 """Seeded mutations of valid datasets: what a damaged file, a hand edit or a hostile publisher can
-make. For each one, `verify`, the reader, `inspect`'s row view and `train`'s data path (mixture,
-epoch plan, collate, the loss on a random head) either pass or refuse it with one line (a
-UserError); never another exception. And nothing `verify` passes is refused later or decodes to
-targets that are no distribution (a KD loss below zero).
+make. For each one, `verify`, the reader, `inspect`'s row view, `train`'s data path (mixture,
+epoch plan, collate, the loss on a random head) and `eval` on a tiny student either pass or
+refuse it with one line (a UserError); never another exception. And nothing `verify` passes
+is refused later or decodes to targets that are no distribution (a KD loss below zero).
 
 SOFTLABELS_FUZZ=N runs N mutations per dataset kind instead of 500 (BENCHMARKS.md has a deeper
 run); a failure names the seed that reproduces it.
@@ -241,6 +241,27 @@ def _train_data_path(d: Path):
             assert float(kd) >= -1e-3 * max(1, len(b.pos)), f"KD {float(kd)} < 0"
 
 
+_MODEL = []
+
+
+def _eval(d: Path) -> None:
+    """`softlabels eval`'s numbers of a tiny student: finite where they exist."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from softlabels.train_student.evaluate import evaluate
+
+    if not _MODEL:
+        torch.manual_seed(0)
+        _MODEL.append(LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=1, num_key_value_heads=1, head_dim=16,
+            max_position_embeddings=64)).eval())
+    m = evaluate(_MODEL[0], d, batch_tokens=64)
+    for key in ("ce", "kl_topk", "teacher_ce"):
+        assert m[key] is None or np.isfinite(m[key]), f"eval {key} {m[key]}"
+    assert m["kl_topk"] is None or m["kl_topk"] >= -1e-3, f"eval KL {m['kl_topk']} < 0"
+
+
 def _distributions(d: Path) -> None:
     """Every decoded position with a target is a distribution."""
     reader = SoftLabelReader(d, shuffle=False)
@@ -269,6 +290,7 @@ def check(d: Path, what: str) -> str:
     for name, fn in (("reader", lambda: list(SoftLabelReader(d))),
                      ("inspect", lambda: row_json(*get_row(d, 0))),
                      ("train data", lambda: _train_data_path(d)),
+                     ("eval", lambda: _eval(d)),
                      ("decode", lambda: _distributions(d))):
         try:
             fn()
