@@ -62,7 +62,7 @@ def main() -> None:
                 run(["train", "--student", demo / "student.json", "--data",
                      demo / "targets-train", "--max-steps", a.steps, "--batch-tokens", 4096,
                      "--lr", "3e-3", "--warmup", 10, "--seed", seed, "--output", out,
-                     *extra])
+                     "--targets", "topk", *extra])  # the demo's draws aside: the top-64 only
                 res[name].append(json.loads(run(["eval", "--model", out, "--data",
                                                  demo / "targets-heldout", "--json"])))
                 print(f"seed {seed} {name}: {res[name][-1]['ce']:.4f}", file=sys.stderr)

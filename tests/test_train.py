@@ -440,7 +440,7 @@ def test_loss_goes_down_and_outputs_are_written(tmp_path, dataset):
     p = softlabels("eval", "--model", out, "--data", dataset, "--json")
     m = json.loads(p.stdout)
     assert set(m) == {"data", "ce", "ppl", "kl_topk", "top1_agreement", "teacher_ce", "tokens",
-                      "ce_tokens", "bpb", "bytes", "draw_positions"}
+                      "ce_tokens", "bpb", "bytes", "draw_positions", "topk_positions"}
     assert m["teacher_ce"] is None  # no draws in this dataset
     assert m["tokens"] == sum(32 - (i % 3) for i in range(24))
     assert math.isclose(m["ppl"], math.exp(m["ce"]), rel_tol=1e-6)

@@ -55,9 +55,10 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
     vocab = model.get_output_embeddings().weight.shape[0]
     lm_head = model.get_output_embeddings()
     transform = logit_transform(model.config, "student")
-    # ce, ce tokens, kl over the top-k buckets, top1 hits, kd tokens, bytes of the ce tokens,
-    # cross-entropy to the teacher's full distribution (from the draws), positions with draws
-    sums = torch.zeros(8, dtype=torch.float64)
+    # ce, ce tokens, kl over the top-k buckets, top1 hits, target tokens, bytes of the ce
+    # tokens, cross-entropy to the teacher's full distribution (from the draws), positions with
+    # draws, positions with a top-k
+    sums = torch.zeros(9, dtype=torch.float64)
     m = reader.manifest
     targets = "topk" if m.k else "samples"
     full = ("both" if m.k else "samples") if m.draws and m.sample_temperature == 1.0 else None
@@ -88,14 +89,14 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
             has = labels >= 0
             ce = torch.nn.functional.cross_entropy(logits[has], labels[has], reduction="sum")
             n_bytes = float(tb.lengths[labels[has].cpu().numpy()].sum()) if tb else 0.0
-            sums[[0, 1, 5]] += torch.tensor([float(ce), float(has.sum()), n_bytes],
-                                            dtype=torch.float64)
+            sums[[0, 1, 4, 5]] += torch.tensor([float(ce), float(has.sum()), len(ids), n_bytes],
+                                               dtype=torch.float64)
             if m.k:  # over draws alone a bucket KL says little: teacher_ce does
                 kl = divergence(teacher_buckets(lp.masked_fill(ids < 0, NEG),
                                                 b.rest[s : s + chunk]),
                                 student_buckets(logits, ids), "forward_kl", 0.5).sum()
                 top1 = (logits.argmax(-1) == ids[:, 0]).sum()
-                sums[[2, 3, 4]] += torch.tensor([float(kl), float(top1), len(ids)],
+                sums[[2, 3, 8]] += torch.tensor([float(kl), float(top1), len(ids)],
                                                 dtype=torch.float64)
     if reduce is not None:
         sums = reduce(sums.to(device), reduction="sum").cpu()
@@ -113,14 +114,14 @@ def _metrics(sums: torch.Tensor) -> dict:
     distribution, estimated without bias by them: the full KL plus the teacher's entropy (a
     constant), so it ranks students as the full KL does."""
     ce = float(sums[0] / max(sums[1], 1))
-    kd = sums[4] > 0
+    kd = sums[8] > 0
     return {"ce": ce, "ppl": math.exp(min(ce, 50)),
             "bpb": float(sums[0] / (math.log(2) * sums[5])) if sums[5] > 0 else None,
-            "kl_topk": float(sums[2] / sums[4]) if kd else None,
-            "top1_agreement": float(sums[3] / sums[4]) if kd else None,
+            "kl_topk": float(sums[2] / sums[8]) if kd else None,
+            "top1_agreement": float(sums[3] / sums[8]) if kd else None,
             "teacher_ce": float(sums[6] / sums[7]) if sums[7] > 0 else None,
             "tokens": int(sums[4]), "ce_tokens": int(sums[1]), "bytes": int(sums[5]),
-            "draw_positions": int(sums[7])}
+            "draw_positions": int(sums[7]), "topk_positions": int(sums[8])}
 
 
 def evaluate_all(model, folders, batch_tokens=8192, **kw) -> tuple[dict, dict]:
@@ -133,13 +134,13 @@ def evaluate_all(model, folders, batch_tokens=8192, **kw) -> tuple[dict, dict]:
 def weighted_mean(metrics: list[dict]) -> dict:
     """Datasets' metrics -> those of all their tokens together (CE by CE tokens, KL and top-1
     by target tokens)."""
-    sums = torch.zeros(8, dtype=torch.float64)
+    sums = torch.zeros(9, dtype=torch.float64)
     for m in metrics:
         sums += torch.tensor([m["ce"] * m["ce_tokens"], m["ce_tokens"],
-                              (m["kl_topk"] or 0.0) * m["tokens"],
-                              (m["top1_agreement"] or 0.0) * m["tokens"], m["tokens"],
+                              (m["kl_topk"] or 0.0) * m["topk_positions"],
+                              (m["top1_agreement"] or 0.0) * m["topk_positions"], m["tokens"],
                               m["bytes"], (m["teacher_ce"] or 0.0) * m["draw_positions"],
-                              m["draw_positions"]], dtype=torch.float64)
+                              m["draw_positions"], m["topk_positions"]], dtype=torch.float64)
     return _metrics(sums)
 
 
