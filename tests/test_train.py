@@ -941,7 +941,10 @@ def test_distiller_under_fsdp_equals_unsharded(tmp_path, dataset):
     for n, p in distiller.named_parameters():
         torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
     want = evaluate(model, str(dataset), 1024, chunk=cfg.chunk)
-    assert got["metrics"] == pytest.approx(want, rel=1e-5)
+    have = got["metrics"]  # (teacher_ce is None: this dataset has no draws)
+    assert {k for k, v in have.items() if v is None} == {k for k, v in want.items() if v is None}
+    assert {k: v for k, v in have.items() if v is not None} == pytest.approx(
+        {k: v for k, v in want.items() if v is not None}, rel=1e-5)
     for k, v in distiller.state_dict().items():
         torch.testing.assert_close(got["state"][k], v)
 
