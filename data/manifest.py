@@ -159,11 +159,8 @@ def _typed(d, path: Path) -> dict:
                                   f"{types[key].__name__}")
 
     check(d, _TYPES, _REQUIRED, "")
-    for key in ("k", "vocab_size", "draws"):
-        if key in d and not 0 <= d[key] < 1 << 31:
-            raise FormatError(f"{path}: {key} {d[key]} is out of range")
-    if d["vocab_size"] < 1:
-        raise FormatError(f"{path}: vocab_size {d['vocab_size']} must be at least 1")
+    if not 1 <= d["vocab_size"] < 1 << 31:  # (k and draws: the Encoding's own range check)
+        raise FormatError(f"{path}: vocab_size {d['vocab_size']} is out of range")
     shards = []
     for i, s in enumerate(d.get("shards", [])):
         check(s, _SHARD_TYPES, tuple(_SHARD_TYPES), f"shards[{i}].")

@@ -74,7 +74,8 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
                                             dtype=torch.float64)
             continue
         b = collate(rows, vocab, targets).to(device)
-        d = collate(rows, vocab, full).to(device) if full else None  # draws: the whole teacher
+        # draws: the whole teacher (the same batch where the targets are the draws already)
+        d = None if not full else b if full == targets else collate(rows, vocab, full).to(device)
         h = decoder_of(model)(input_ids=b.input_ids,
                               attention_mask=b.attention_mask).last_hidden_state
         h = h.reshape(-1, h.shape[-1])[b.pos]
