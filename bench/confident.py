@@ -221,7 +221,7 @@ def as_format_3(src: Path, dst: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from softlabels.data.dataset import sha256_file
+    from softlabels.data.dataset import hashes
 
     if (dst / "manifest.json").is_file():
         return dst
@@ -236,7 +236,7 @@ def as_format_3(src: Path, dst: Path) -> Path:
         meta[b"softlabels.format_version"] = b"3"
         pq.write_table(pa.Table.from_batches(t.to_batches(), t.schema.with_metadata(meta)), f,
                        compression="zstd", compression_level=9)
-        shard["sha256"], shard["bytes"] = sha256_file(f), f.stat().st_size
+        shard.update(hashes(f))
     d["format_version"] = 3
     (dst / "manifest.json").write_text(json.dumps(d, indent=2))
     return dst

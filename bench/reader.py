@@ -44,9 +44,13 @@ def make_dataset(d: Path, tokens: int, k: int) -> Manifest:
             for i in range(s, min(s + per, len(ids)), 512):
                 w = ids[i : i + 512]
                 x = torch.from_numpy(w.astype(np.int64))[None]
-                v, top = torch.log_softmax(model(x).logits[0], -1).topk(k, -1)
+                lp = torch.log_softmax(model(x).logits[0], -1)
+                v, top = lp.topk(k, -1)
+                label = np.full(len(w), np.nan, np.float32)  # format 4: the label's log-prob
+                label[:-1] = lp[:-1].gather(-1, x[0, 1:, None])[:, 0].numpy()
+                tail = torch.logsumexp(lp.scatter(-1, top, -torch.inf), -1).numpy()
                 rows.append(Row(row_id(i // 512, 0), w, top.numpy().astype(np.int32), v.numpy(),
-                                np.ones(len(w), bool)))
+                                np.ones(len(w), bool), label_logprob=label, tail_logprob=tail))
             shards.append(write_shard(d / f"shard-{s // per:05d}.parquet",
                                       rows, Encoding(k, DEFAULT_LOGPROB_STEP)))
     m = Manifest(k=k, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=len(tok), shards=shards)

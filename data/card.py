@@ -100,6 +100,16 @@ def write_card(directory: str | os.PathLike, m: Manifest) -> None:
 
 
 def publish(directory: str | os.PathLike, m: Manifest) -> None:
-    """Make a dataset visible: the card first, the manifest last (readers trust the manifest)."""
+    """Make a dataset visible: the index and the card first, the manifest last (readers trust
+    the manifest, which holds the index's hash)."""
+    import pyarrow.parquet as pq
+
+    from softlabels.data.atomic import atomic_path
+    from softlabels.data.counts import INDEX, index_table
+    from softlabels.data.dataset import sha256_file
+
+    with atomic_path(Path(directory) / INDEX) as tmp:
+        pq.write_table(index_table(directory, m.shards), tmp, compression="zstd")
+        m.index = {"file": INDEX, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
     write_card(directory, m)
     m.save(directory)

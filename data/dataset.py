@@ -3,16 +3,25 @@
     DIR/manifest.json   what the dataset is and which shards belong to it (written last)
     DIR/README.md       the card: Hub front matter and provenance (card.py)
     DIR/tokenizer/      the teacher's tokenizer, so inspect and train can decode and check ids
-    DIR/shard-*.parquet the shards the manifest lists (shard.py); nothing else is read
+    DIR/shard-*.parquet the shards the manifest lists (shard.py)
+    DIR/index.parquet   every row's shard, row group and counts: one object to plan from (counts.py)
+
+DIR is a folder or a URL (store.py). Each shard is hashed whole (`sha256`) and by the byte ranges
+a streaming reader fetches (`footer`, `row_groups`: data/FORMAT.md, "Hashes"), so a student that
+reads a few row groups of a remote shard checks every byte it uses without reading the rest.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
@@ -28,19 +37,78 @@ class ShardInfo:
     tokens: int
     sha256: str
     bytes: int
+    # [offset, length, sha256] of the file's tail (Parquet footer, its length, "PAR1") and of
+    # each row group's column chunks; None in datasets written before them (read whole instead)
+    footer: list | None = None
+    row_groups: list | None = None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        return sha256_stream(f)
+
+
+def sha256_stream(f) -> str:
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
 
 
-def load_tokenizer(directory: str | os.PathLike):
-    """The dataset's tokenizer, or None if it carries none; it never runs code from the folder."""
-    path = Path(directory) / TOKENIZER_DIR
+def footer_span(size: int, tail: bytes) -> tuple[int, int]:
+    """(offset, length) of a Parquet file's footer range from its last 8 bytes."""
+    if len(tail) != 8 or tail[4:] != b"PAR1":
+        raise ValueError("not a Parquet file (no PAR1 at its end)")
+    n = int.from_bytes(tail[:4], "little") + 8
+    if n > size - 4:
+        raise ValueError(f"footer length {n} does not fit a {size}-byte file")
+    return size - n, n
+
+
+def group_spans(md: pq.FileMetaData) -> list[tuple[int, int]]:
+    """(offset, length) of each row group: its first column chunk's first page (dictionary or
+    data) to the end of its last column chunk, as the file's metadata places them."""
+    spans = []
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        chunks = [rg.column(c) for c in range(rg.num_columns)]
+        starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset
+                  for c in chunks]
+        a = min(starts)
+        spans.append((a, max(s + c.total_compressed_size for s, c in zip(starts, chunks)) - a))
+    return spans
+
+
+def hashes(path: str | os.PathLike) -> dict:
+    """A shard file's manifest hashes: sha256, bytes, footer, row_groups."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def span(off: int, n: int) -> list:
+            f.seek(off)
+            return [off, n, hashlib.sha256(f.read(n)).hexdigest()]
+
+        f.seek(size - 8)
+        foot = span(*footer_span(size, f.read(8)))
+        groups = [span(a, n) for a, n in group_spans(pq.read_metadata(path))]
+    return {"sha256": sha256_file(path), "bytes": size, "footer": foot, "row_groups": groups}
+
+
+def load_tokenizer(directory):
+    """The dataset's tokenizer, or None if it carries none; it never runs code from the folder.
+    A store's tokenizer/ (a few small files) is copied to a temp folder first."""
+    from softlabels.data.store import store
+
+    st = store(directory)
+    path = st.local / TOKENIZER_DIR if st.local is not None else None
+    if path is None:
+        names = st.files(TOKENIZER_DIR)
+        if not names:
+            return None
+        path = Path(tempfile.mkdtemp(prefix="softlabels-tokenizer-"))
+        atexit.register(shutil.rmtree, path, True)
+        for name in names:
+            (path / Path(name).name).write_bytes(st.cat(name))
     if not path.is_dir():
         return None
     from transformers import AutoTokenizer

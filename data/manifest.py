@@ -35,6 +35,9 @@ class Manifest:
     label_step: float = LABEL_STEP
     provenance: dict = field(default_factory=dict)
     shards: list[ShardInfo] = field(default_factory=list)
+    # {"file": "index.parquet", "sha256", "bytes"}: every row's shard, row group and counts, so a
+    # reader plans from one object; None in datasets written before it (planned from the footers)
+    index: dict | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     # The meaning of the stored numbers, explicit so a reader restates nothing.
@@ -96,15 +99,22 @@ class Manifest:
         write_text(Path(directory) / MANIFEST, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> Manifest:
-        path = Path(directory) / MANIFEST
-        if not path.is_file():
+    def load(cls, directory) -> Manifest:
+        """The manifest of a folder or URL (store.py)."""
+        from softlabels.data.store import store
+
+        st = store(directory)
+        path = st.where(MANIFEST)
+        if not st.exists(MANIFEST):
+            if bucket := st.bucket_missing():
+                raise FormatError(f"{directory}: bucket {bucket!r} does not exist (or these "
+                                  "credentials cannot see it)")
             raise FormatError(
                 f"{directory} has no {MANIFEST}: not a softlabels dataset, or its generate "
                 "run has not finished (rerun the same `softlabels generate` command)"
             )
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(st.cat(MANIFEST).decode())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{path} is not valid JSON ({e}); regenerate the dataset") from e
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
@@ -128,17 +138,22 @@ class Manifest:
 
 _TYPES = {"k": int, "logprob_step": float, "vocab_size": int, "draws": int,
           "sample_temperature": float, "tail_step": float, "label_step": float,
-          "provenance": dict, "shards": list, "format": str, "format_version": int,
+          "provenance": dict, "shards": list, "index": (dict, type(None)), "format": str,
+          "format_version": int,
           "targets": dict}
-_SHARD_TYPES = {"file": str, "rows": int, "tokens": int, "sha256": str, "bytes": int}
+_SHARD_TYPES = {"file": str, "rows": int, "tokens": int, "sha256": str, "bytes": int,
+                "footer": (list, type(None)), "row_groups": (list, type(None))}
+_SHARD_REQUIRED = ("file", "rows", "tokens", "sha256", "bytes")
 _REQUIRED = ("k", "logprob_step", "vocab_size")
 
 
-def _typed(d, path: Path) -> dict:
+def _typed(d, path) -> dict:
     """The manifest's keys as the dataclass expects them, or one FormatError naming the first
     key that is unknown, missing or of the wrong type (a JSON number where a count goes must be
     an integer; booleans are not numbers)."""
     def ok(v, t) -> bool:
+        if isinstance(t, tuple):
+            return any(ok(v, u) for u in t)
         if t is float:
             return isinstance(v, (int, float)) and not isinstance(v, bool)
         return isinstance(v, t) and not (t is int and isinstance(v, bool))
@@ -155,20 +170,47 @@ def _typed(d, path: Path) -> dict:
                 raise FormatError(f"{path}: {where}{key!r} is missing")
         for key, v in obj.items():
             if not ok(v, types[key]):
+                want = types[key][0] if isinstance(types[key], tuple) else types[key]
                 raise FormatError(f"{path}: {where}{key!r} is {v!r}, expected a JSON "
-                                  f"{types[key].__name__}")
+                                  f"{want.__name__}")
 
     check(d, _TYPES, _REQUIRED, "")
     if not 1 <= d["vocab_size"] < 1 << 31:  # (k and draws: the Encoding's own range check)
         raise FormatError(f"{path}: vocab_size {d['vocab_size']} is out of range")
+    index = d.get("index")
+    if index is not None and not (
+            set(index) == {"file", "sha256", "bytes"} and index["file"] == "index.parquet"
+            and isinstance(index["sha256"], str) and len(index["sha256"]) == 64
+            and isinstance(index["bytes"], int) and not isinstance(index["bytes"], bool)
+            and 0 < index["bytes"] < 1 << 53):
+        raise FormatError(f"{path}: index {index!r} is not {{file: index.parquet, sha256, "
+                          "bytes}")
     shards = []
     for i, s in enumerate(d.get("shards", [])):
-        check(s, _SHARD_TYPES, tuple(_SHARD_TYPES), f"shards[{i}].")
+        check(s, _SHARD_TYPES, _SHARD_REQUIRED, f"shards[{i}].")
         name = s["file"]  # a manifest names files of its own folder, never others
         if not name or name != Path(name).name or name in (".", ".."):
             raise FormatError(f"{path} lists shard {name!r}, which is not a file of the "
                               "dataset's own folder; a dataset names only its own files")
         if not all(0 <= s[c] < 1 << 53 for c in ("rows", "tokens", "bytes")):
             raise FormatError(f"{path}: shards[{i}] has a count out of range")
+        _spans(s, f"{path}: shards[{i}]")
         shards.append(ShardInfo(**s))
     return {**d, "shards": shards}
+
+
+def _spans(s: dict, where: str) -> None:
+    """`footer` and `row_groups` are [offset, length, sha256] inside the file, the footer its
+    tail: a reader fetches exactly these bytes, so they must be possible."""
+    spans = ([s["footer"]] if s.get("footer") is not None else []) + (s.get("row_groups") or [])
+    for span in spans:
+        if not (isinstance(span, list) and len(span) == 3
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in span[:2])
+                and isinstance(span[2], str) and len(span[2]) == 64
+                and 0 <= span[0] and 0 < span[1] and span[0] + span[1] <= s["bytes"]):
+            raise FormatError(f"{where} has a byte range {span!r} that is not [offset, length, "
+                              f"sha256] inside its {s['bytes']}-byte file")
+    if s.get("footer") is not None and sum(s["footer"][:2]) != s["bytes"]:
+        raise FormatError(f"{where}: its footer range does not end the file")
+    if (s.get("footer") is None) != (s.get("row_groups") is None):
+        raise FormatError(f"{where} has footer and row_groups hashes only in part")

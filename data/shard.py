@@ -23,7 +23,7 @@ from softlabels.data.counts import (
     read_row_counts,
     row_counts,
 )
-from softlabels.data.dataset import ShardInfo, sha256_file
+from softlabels.data.dataset import ShardInfo, hashes
 from softlabels.data.format import LEAF_COLUMNS, Encoding, Row, decode, encode, flatten, schema
 
 ZSTD_LEVEL = 9
@@ -52,15 +52,9 @@ def write_shard(path: str | os.PathLike, rows: list[Row], enc: Encoding,
         with _writer(tmp, s.with_metadata({**s.metadata, **_encoded(row_counts(rows))})) as w:
             for group in _row_groups(rows, row_group_tokens):
                 w.write_batch(encode(group, enc))
-        digest = sha256_file(tmp)
-        size = tmp.stat().st_size
-    return ShardInfo(
-        file=path.name,
-        rows=len(rows),
-        tokens=int(sum(len(r.input_ids) for r in rows)),
-        sha256=digest,
-        bytes=size,
-    )
+        hashed = hashes(tmp)
+    return ShardInfo(file=path.name, rows=len(rows),
+                     tokens=int(sum(len(r.input_ids) for r in rows)), **hashed)
 
 
 def read_shard(path: str | os.PathLike, vocab_size: int | None = None
@@ -107,9 +101,8 @@ def concat_shards(path: str | os.PathLike, sources: list) -> ShardInfo:
             for f in files:
                 for g in range(f.num_row_groups):
                     w.write_table(f.read_row_group(g), row_group_size=f.metadata.num_rows)
-        digest = sha256_file(tmp)
-        size = tmp.stat().st_size
-    return ShardInfo(file=path.name, rows=rows, tokens=tokens, sha256=digest, bytes=size)
+        hashed = hashes(tmp)
+    return ShardInfo(file=path.name, rows=rows, tokens=tokens, **hashed)
 
 
 def _encoded(meta: dict[str, str]) -> dict[bytes, bytes]:

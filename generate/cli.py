@@ -291,8 +291,8 @@ def main(args) -> int:
 
     t_start = time.time()
     if "://" in args.output:  # Path() would make s3://b/x the local folder s3:/b/x
-        raise UserError(f"--output {args.output}: writing to a URL is not supported yet; give a "
-                        "local folder (then copy it to the store)")
+        raise UserError(f"--output {args.output}: workers cannot write to a URL yet; give a "
+                        f"folder, then `softlabels push FOLDER {args.output}`")
     teacher, out = Path(args.teacher), Path(args.output)
     fields = Fields(text=args.text_column, prompt=args.prompt_column,
                     response=args.response_column, messages=args.messages_column)

@@ -110,7 +110,7 @@ def is_published(out: Path, shard: Shard, rehash: bool = False) -> bool:
 
 def shard_info(out: Path, shard: Shard) -> ShardInfo:
     d = json.loads(shard_record_path(out, shard).read_text())
-    return ShardInfo(**{k: d[k] for k in ShardInfo.__dataclass_fields__})
+    return ShardInfo(**{k: d[k] for k in ShardInfo.__dataclass_fields__ if k in d})
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ def merge_shard(task: MergeTask) -> dict:
                 raise RuntimeError(f"unit {units[0].name} was replaced while it was published")
             os.replace(tmp, path)
             fsync_dir(path.parent)
-            info = ShardInfo(**{**{k: rec[k] for k in ShardInfo.__dataclass_fields__},
-                                "file": path.name})
+            info = ShardInfo(**{**{k: rec[k] for k in ShardInfo.__dataclass_fields__
+                                   if k in rec}, "file": path.name})
         else:
             info = concat_shards(path, handles)
     finally:

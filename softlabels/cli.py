@@ -52,6 +52,20 @@ def _eval(args) -> int:
     return main(args)
 
 
+def _push(args) -> int:
+    from softlabels.data.share import push
+
+    push(args.dir, args.url)
+    return 0
+
+
+def _pull(args) -> int:
+    from softlabels.data.share import pull
+
+    pull(args.url, args.dir)
+    return 0
+
+
 def _demo(args) -> int:
     from softlabels.demo import main
 
@@ -85,15 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     v = sub.add_parser("verify", help="check a dataset's shards against its manifest and format")
-    v.add_argument("dir", help="dataset folder")
+    v.add_argument("dir", help="dataset folder or URL (s3://, gs://, hf://)")
     v.set_defaults(func=_verify)
 
     i = sub.add_parser("inspect", help="show one stored row")
-    i.add_argument("dir", help="dataset folder")
+    i.add_argument("dir", help="dataset folder or URL")
     i.add_argument("--row", type=int, default=0, help="row number in dataset order (default 0)")
     i.add_argument("--top", type=int, default=5, help="targets shown per position")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=_inspect)
+
+    pu = sub.add_parser("push", help="copy a finished dataset folder to a store or the Hub "
+                        "(resumable, verified first, manifest last)")
+    pu.add_argument("dir", help="local dataset folder")
+    pu.add_argument("url", help="destination: s3://bucket/prefix, gs://..., hf://datasets/org/name")
+    pu.set_defaults(func=_push)
+
+    pl = sub.add_parser("pull", help="copy a dataset from a store or the Hub into a folder "
+                        "(resumable, each shard checked, manifest last)")
+    pl.add_argument("url", help="source URL")
+    pl.add_argument("dir", help="local folder")
+    pl.set_defaults(func=_pull)
 
     d = sub.add_parser("demo", help="the whole pipeline on the shipped corpus (`make demo`)")
     demo_args(d)

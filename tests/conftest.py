@@ -26,3 +26,64 @@ def dask_cluster(tmp_path_factory):
     procs = start_dask(d, n_workers=1)
     yield procs["address"]
     stop_dask(procs)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 API server for the session: moto's, over HTTP on loopback, in its own process.
+    Clients find it where users keep an endpoint (AWS_ENDPOINT_URL and the AWS_* keys, set here
+    for this process and every subprocess); each test makes its own bucket (`bucket`)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+                               "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import s3fs
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                s3fs.S3FileSystem(skip_instance_cache=True).ls("")
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3, request):
+    """s3://BUCKET of this test, empty."""
+    import re
+
+    import s3fs
+
+    name = "t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:50].strip("-")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    if fs.exists(name):
+        fs.rm(name, recursive=True)
+    fs.mkdir(name)
+    return f"s3://{name}"

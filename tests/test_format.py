@@ -348,16 +348,16 @@ def _tamper_first_id(shard, vocab):
     t = t.set_column(t.schema.get_field_index("topk_id_gaps"), t.schema.field("topk_id_gaps"),
                      pa.ListArray.from_arrays(gaps.offsets, inner))
     pq.write_table(t, shard)
-    from softlabels.data.dataset import sha256_file
+    from softlabels.data.dataset import hashes
 
-    return sha256_file(shard), shard.stat().st_size
+    return hashes(shard)
 
 
 def test_reader_refuses_what_verify_rejects(tmp_path, real_rows):
     rows, vocab = real_rows
     m = make_dataset(tmp_path, rows, vocab, shards=2)
-    m.shards[0].sha256, m.shards[0].bytes = _tamper_first_id(tmp_path / m.shards[0].file, vocab)
-    m.save(tmp_path)
+    vars(m.shards[0]).update(_tamper_first_id(tmp_path / m.shards[0].file, vocab))
+    publish(tmp_path, m)
     assert any("target id outside" in p for p in verify(tmp_path))
     with pytest.raises(FormatError, match=rf"{m.shards[0].file} row 0:0: target id outside"):
         list(SoftLabelReader(tmp_path))
@@ -425,11 +425,12 @@ def test_bad_rows_flags_each_rule(real_rows):
 
 
 def test_footer_counts_that_lie_are_caught(tmp_path, real_rows):
-    """The footer's per-row counts plan batches and weigh the loss: a footer whose target count
-    differs from the row's mask (manifest re-hashed to match) fails verify and the reader."""
+    """The per-row counts plan batches and weigh the loss: a footer whose target count differs
+    from the row's mask, republished (index and manifest made from it, hashes matching), fails
+    verify and the reader."""
     import base64
 
-    from softlabels.data.dataset import sha256_file
+    from softlabels.data.dataset import hashes
 
     rows, vocab = real_rows
     m = make_dataset(tmp_path, rows, vocab, shards=1)
@@ -440,9 +441,10 @@ def test_footer_counts_that_lie_are_caught(tmp_path, real_rows):
     targets[1] += 1
     meta[b"softlabels.row_targets"] = base64.b64encode(targets.tobytes())
     pq.write_table(t.replace_schema_metadata(meta), path)
-    m.shards[0].sha256, m.shards[0].bytes = sha256_file(path), path.stat().st_size
-    m.save(tmp_path)
+    vars(m.shards[0]).update(hashes(path))
+    publish(tmp_path, m)
     assert any("footer row counts differ" in p for p in verify(tmp_path))
+    assert any("index.parquet: the rows of" in p for p in verify(tmp_path))
     with pytest.raises(FormatError, match=rf"row {rows[1].row_id}: tokens/targets"):
         list(SoftLabelReader(tmp_path))
 
@@ -558,7 +560,7 @@ def test_bad_samples_are_flagged(real_rows):
 def as_version(path: Path, version: int) -> None:
     """Rewrite a dataset written by this package as an older format version: without version
     4's columns and steps, without version 2's draws keys for version 1."""
-    from softlabels.data.dataset import sha256_file
+    from softlabels.data.dataset import hashes
 
     d = json.loads((path / "manifest.json").read_text())
     for shard in d["shards"]:
@@ -570,7 +572,7 @@ def as_version(path: Path, version: int) -> None:
             meta = {k: v for k, v in meta.items() if b"draws" not in k and b"sample" not in k}
         meta[b"softlabels.format_version"] = str(version).encode()
         pq.write_table(pa.Table.from_batches(t.to_batches(), t.schema.with_metadata(meta)), f)
-        shard["sha256"], shard["bytes"] = sha256_file(f), f.stat().st_size
+        shard.update(hashes(f))
     d["format_version"] = version
     for key in ("tail_step", "label_step") + (("draws", "sample_temperature") * (version == 1)):
         d.pop(key)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from softlabels.data.card import publish
-from softlabels.data.dataset import TOKENIZER_DIR, sha256_file
+from softlabels.data.dataset import TOKENIZER_DIR, hashes
 from softlabels.data.format import (
     DEFAULT_LOGPROB_STEP,
     TAIL_STEP,
@@ -599,8 +599,8 @@ def test_train_and_eval_refuse_a_dataset_verify_rejects(tmp_path, dataset):
     shutil.copytree(dataset, bad)
     m = Manifest.load(bad)
     first = m.shards[0].file
-    m.shards[0].sha256, m.shards[0].bytes = _tamper_first_id(bad / first, m.vocab_size)
-    m.save(bad)
+    vars(m.shards[0]).update(_tamper_first_id(bad / first, m.vocab_size))
+    publish(bad, m)  # (index and manifest made from the changed shard)
     assert softlabels("verify", bad, check=False).returncode == 1
     (bad.parent / "student.json").write_text(json.dumps(STUDENT))
     out = tmp_path / "s"
@@ -989,7 +989,8 @@ def test_shards_without_footer_counts_still_plan(tmp_path, real_rows_train):
         pq.write_table(t.replace_schema_metadata(meta), d / shard.file)
     m = Manifest.load(d)
     for shard in m.shards:
-        shard.sha256 = sha256_file(d / shard.file)
+        vars(shard).update(hashes(d / shard.file))
+    m.index = None  # as before index.parquet: planned from the footers, here from the columns
     m.save(d)
     assert pq.read_metadata(d / m.shards[0].file).metadata.get(b"softlabels.row_tokens") is None
     without = SoftLabelReader(d).index(0)
@@ -1094,8 +1095,9 @@ def test_ids_beyond_the_tokenizer_are_found_by_verify_and_refused_by_train(tmp_p
     t = t.set_column(t.schema.get_field_index("input_ids"), t.schema.field("input_ids"),
                      pa.ListArray.from_arrays(ids.offsets, pa.array(flat, ids.type.value_type)))
     pq.write_table(t.replace_schema_metadata(pq.read_schema(f).metadata), f)
-    m.shards[0].sha256, m.shards[0].bytes, m.vocab_size = sha256_file(f), f.stat().st_size, 5000
-    m.save(bad)
+    vars(m.shards[0]).update(hashes(f))
+    m.vocab_size = 5000
+    publish(bad, m)  # (index and manifest made from the changed shard)
     assert any("input id 600 is not a token of the dataset's tokenizer (512" in p
                for p in verify(bad)), verify(bad)
     (bad.parent / "student.json").write_text(json.dumps(STUDENT))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -137,7 +138,8 @@ def opt(default, help: str, **argparse_kw):
 class TrainConfig:
     student: str = opt(None, "HF causal-LM folder to fine-tune, or a JSON/YAML model config "
                              "(fresh student)")
-    data: tuple[str, ...] = opt((), "soft-label dataset folder, or several: each step's target "
+    data: tuple[str, ...] = opt((), "soft-label dataset folder or URL (s3://, gs://, hf://), "
+                                    "or several: each step's target "
                                     "tokens come from them in the proportions --data-weights "
                                     "gives")
     data_weights: tuple[float, ...] = opt((), "share of each --data in every step's target "
@@ -193,6 +195,9 @@ class TrainConfig:
                                                          "layer but the output head)")
     save_adapter: bool = opt(False, "with LoRA, also keep the adapter in OUTPUT/adapter "
                                     "(the model saved is always merged)")
+    cache_dir: str = opt("", "with a --data URL: keep the checked byte ranges it reads here, so "
+                             "a second epoch or run reads them from disk ('': no cache)")
+    cache_gb: float = opt(20.0, "size limit of --cache-dir in GB (oldest ranges go first)")
     eval_data: tuple[str, ...] = opt((), "held-out soft-label dataset(s), each evaluated "
                                          "apart (and their token-weighted mean)")
     eval_every: int = opt(0, "steps between evaluations")
@@ -234,6 +239,8 @@ class TrainConfig:
             errors.append("--batch-tokens, --grad-accum and --chunk must be >= 1")
         if self.max_steps <= 0 and self.epochs <= 0:
             errors.append("give --max-steps N or --epochs N")
+        if not (self.cache_gb > 0 and math.isfinite(self.cache_gb)):
+            errors.append(f"--cache-gb {self.cache_gb}: must be a size > 0 in GB")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             errors.append("--mixed-precision must be no, bf16 or fp16")
         if self.lora_r < 0 or (self.lora_r and not self.lora_targets):

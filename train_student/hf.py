@@ -30,6 +30,7 @@ from transformers import Trainer
 from softlabels.data.errors import UserError
 from softlabels.data.format import Row
 from softlabels.data.heads import decoder_of, logit_transform
+from softlabels.data.store import is_url
 from softlabels.train_student.objective import SameTokenizer
 
 _MARK = "softlabels"  # key of the dataset's description that names its folder
@@ -67,7 +68,8 @@ def soft_label_dataset(path, weights=None, shuffle: bool = True, seed: int = 0):
     from softlabels.data.manifest import Manifest
     from softlabels.train_student.mixture import check_weights
 
-    paths = [str(Path(p).resolve()) for p in ([path] if isinstance(path, (str, Path)) else path)]
+    paths = [p if is_url(p) else str(Path(p).resolve())
+             for p in ([path] if isinstance(path, (str, Path)) else path)]
     for p in paths:  # not a dataset: one line now, not an error inside the Trainer's loop
         Manifest.load(p)
     check_weights(weights, len(paths))

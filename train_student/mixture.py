@@ -16,7 +16,7 @@ sort over the epoch's rows, from the footers alone, so start-up stays flat in th
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from pathlib import PurePosixPath
 
 import numpy as np
 
@@ -58,9 +58,10 @@ class Mixture:
     """The datasets' readers behind one `index(epoch)` / `read(epoch, positions)` pair, as the
     trainer uses a single reader: `source(epoch)` says which dataset each row comes from."""
 
-    def __init__(self, folders, weights=None, seed: int = 0, shuffle: bool = True):
+    def __init__(self, folders, weights=None, seed: int = 0, shuffle: bool = True, cache=None):
         self.folders = [str(f) for f in folders]
-        self.readers = [SoftLabelReader(f, shuffle=shuffle, seed=seed) for f in self.folders]
+        self.readers = [SoftLabelReader(f, shuffle=shuffle, seed=seed, cache=cache)
+                        for f in self.folders]
         self.target_tokens = np.array([int(r._stored_index().kd_positions.sum())
                                        for r in self.readers], np.float64)
         empty = [f for f, t in zip(self.folders, self.target_tokens) if t == 0]
@@ -83,6 +84,11 @@ class Mixture:
     @property
     def decoded(self) -> int:
         return sum(r.decoded for r in self.readers)
+
+    @property
+    def fetched(self) -> int:
+        """Bytes the readers read from their stores (a cache's hits not counted)."""
+        return sum(r.fetched for r in self.readers)
 
     def _sub_epoch(self, epoch: int, rep: int) -> int:
         """Dataset epochs used by mixture epoch `epoch`: consecutive, never reused."""
@@ -134,4 +140,4 @@ class Mixture:
         return [float(epochs * n / t) for n, t in zip(self.need, self.target_tokens)]
 
     def name(self, d: int) -> str:
-        return Path(self.folders[d]).name
+        return PurePosixPath(self.folders[d].rstrip("/")).name

@@ -21,6 +21,7 @@ import torch
 from softlabels.data.atomic import fsync_dir, write_text
 from softlabels.data.errors import UserError
 from softlabels.data.heads import decoder_of, logit_transform
+from softlabels.data.store import RangeCache
 from softlabels.train_student.batches import EpochPlan, prefetch
 from softlabels.train_student.config import TrainConfig
 from softlabels.train_student.cross import Cross
@@ -202,7 +203,8 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"--report-to {' '.join(cfg.report_to)}: {e}") from e
     set_seed(cfg.seed)
     n_proc = accelerator.num_processes
-    mix = Mixture(cfg.data, cfg.data_weights, seed=cfg.seed)
+    cache = RangeCache(cfg.cache_dir, int(cfg.cache_gb * 1e9)) if cfg.cache_dir else None
+    mix = Mixture(cfg.data, cfg.data_weights, seed=cfg.seed, cache=cache)
     recipes = [cfg.recipe(i).for_dataset(r.manifest, f)
                for i, (r, f) in enumerate(zip(mix.readers, mix.folders))]
     model, tokenizer = load_student(cfg.student, cfg.data, cfg.trust_remote_code,
@@ -298,6 +300,7 @@ def train(cfg: TrainConfig) -> dict:
     # every process takes part: under FSDP this gathers the shards into full tensors
     state = accelerator.get_state_dict(distiller)
     decoded = accelerator.gather(torch.tensor([mix.decoded], device=accelerator.device))
+    fetched = accelerator.gather(torch.tensor([mix.fetched], device=accelerator.device))
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(distiller).model
         if accelerator.distributed_type == DistributedType.FSDP:
@@ -312,6 +315,7 @@ def train(cfg: TrainConfig) -> dict:
         result = {"steps": progress.step, "tokens": progress.tokens,
                   "final_loss": progress.history[-1]["loss"], **sizes, **peak_memory(accelerator),
                   "rows_decoded_per_process": decoded.tolist(),
+                  "bytes_read_per_process": fetched.tolist(),  # from the store, not the cache
                   "mode": cross.describe() if cross else "teacher's tokenizer",
                   "datasets": [{"path": f, "weight": float(mix.weights[d]),
                                 "target_tokens": progress.consumed[d][0],
