@@ -112,6 +112,7 @@ class SoftLabelReader:
         self._whole: dict[int, pq.ParquetFile] = {}  # the open shard of an unhashed dataset
         self._tmp: tempfile.TemporaryDirectory | None = None  # where a store's such shard lands
         self._stored: RowIndex | None = None  # every row in stored order, from the footers
+        self._groups: dict[int, list[int]] = {}  # each shard's row group sizes, from the index
         self._epoch: tuple[int, RowIndex] | None = None
         self._tables: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()  # undecoded groups
 
@@ -166,10 +167,9 @@ class SoftLabelReader:
                                           "elsewhere than manifest.json says; regenerate or "
                                           "re-download the dataset")
                 if self.manifest.index is not None:  # the plan came from the index: same groups?
-                    st = self._stored_index()
-                    planned = np.bincount(st.group[st.shard == si], minlength=md.num_row_groups)
-                    if planned.tolist() != [md.row_group(g).num_rows
-                                            for g in range(md.num_row_groups)]:
+                    self._stored_index()
+                    if self._groups.get(si, []) != [md.row_group(g).num_rows
+                                                    for g in range(md.num_row_groups)]:
                         raise FormatError(f"{self.where(si)}: its row groups differ from "
                                           f"{INDEX}'s; regenerate or re-download the dataset")
                 enc = Encoding.from_schema(md.schema.to_arrow_schema())
@@ -196,7 +196,7 @@ class SoftLabelReader:
             if self._tmp is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="softlabels-shard-")
             path = Path(self._tmp.name) / "shard.parquet"
-            path.write_bytes(self.store.cat(shard.file))
+            self.store.download(shard.file, path)
             self.fetched += path.stat().st_size
         if sha256_file(path) != shard.sha256:
             raise FormatError(f"{self.where(si)}: sha256 differs from manifest.json (changed or "
@@ -215,7 +215,10 @@ class SoftLabelReader:
             key = a[0] * (1 << 32) + a[1]
             starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else \
                 np.zeros(0, np.int64)
-            local = np.arange(len(key)) - np.repeat(starts, np.diff(np.r_[starts, len(key)]))
+            lengths = np.diff(np.r_[starts, len(key)])
+            local = np.arange(len(key)) - np.repeat(starts, lengths)
+            for si, n in zip(a[0][starts].tolist(), lengths.tolist()):  # row group sizes
+                self._groups.setdefault(si, []).append(n)
             self._stored = RowIndex(a[0], a[1], local, a[2], a[3], a[4])
         if self._stored is None:  # a dataset without an index: each shard's footer
             shards = self.manifest.shards

@@ -340,3 +340,23 @@ def test_published_files_have_the_mode_open_would_give(local):
     assert len(files) >= 5
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_an_index_that_disagrees_with_a_shard_is_refused(local, tmp_path):
+    """A shard rewritten with other row groups, the manifest's shard hashes fixed but the index
+    left as it was: the reader refuses the shard before decoding it, verify names the index."""
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "d"
+    shutil.copytree(local, d)
+    m = Manifest.load(d)
+    f = d / m.shards[1].file
+    t = pq.read_table(f)
+    pq.write_table(t, f, row_group_size=5)  # same rows, other row groups
+    vars(m.shards[1]).update(hashes(f))
+    m.save(d)
+    r = SoftLabelReader(d)
+    with pytest.raises(FormatError, match=f"{m.shards[1].file}: its row groups differ from "
+                                          "index.parquet's"):
+        r.read(0, np.flatnonzero(r.index(0).shard == 1)[:1])
+    assert any("index.parquet: the rows of " + m.shards[1].file in p for p in verify(d))
