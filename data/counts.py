@@ -70,21 +70,24 @@ def index_table(directory, shards) -> pa.Table:
     instead of one footer per shard (thousands of round trips to a store)."""
     import pyarrow.parquet as pq
 
-    cols: list[list[np.ndarray]] = [[] for _ in INDEX_COLUMNS]
+    rows = []
     for si, s in enumerate(shards):
         pf = pq.ParquetFile(f"{directory}/{s.file}")
-        md = pf.metadata
-        sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
-        counts = read_row_counts(md.metadata, md.num_rows)
-        if counts is None:
-            counts = np.hstack([count_rows(pf.read_row_group(g)) for g in range(len(sizes))]
-                               or [np.zeros((3, 0), np.int64)])
-        for c, a in zip(cols, (np.full(md.num_rows, si), np.repeat(np.arange(len(sizes)), sizes),
-                               *counts)):
-            c.append(a)
-    return pa.table({name: pa.array(np.concatenate(c).astype(np.uint32) if c else
-                                    np.zeros(0, np.uint32))
-                     for name, c in zip(INDEX_COLUMNS, cols)})
+        rows.append(footer_rows(si, pf.metadata, pf.read_row_group))
+    a = np.hstack(rows) if rows else np.zeros((5, 0), np.int64)
+    return pa.table({name: pa.array(c.astype(np.uint32)) for name, c in zip(INDEX_COLUMNS, a)})
+
+
+def footer_rows(si: int, md, read_group) -> np.ndarray:
+    """(5, rows) int64 [shard, group, tokens, targets, ce targets] of shard number `si`, from its
+    footer `md`; a footer without counts is counted from the columns (`read_group(g)`)."""
+    sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+    counts = read_row_counts(md.metadata, md.num_rows)
+    if counts is None:  # a shard written before the footer counts existed
+        counts = np.hstack([count_rows(read_group(g)) for g in range(len(sizes))]
+                           or [np.zeros((3, 0), np.int64)])
+    return np.vstack([np.full(md.num_rows, si), np.repeat(np.arange(len(sizes)), sizes),
+                      counts]).astype(np.int64)
 
 
 def read_index(data: bytes, shards) -> np.ndarray:

@@ -84,14 +84,28 @@ def hashes(path: str | os.PathLike) -> dict:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        def span(off: int, n: int) -> list:
-            f.seek(off)
-            return [off, n, hashlib.sha256(f.read(n)).hexdigest()]
-
         f.seek(size - 8)
-        foot = span(*footer_span(size, f.read(8)))
-        groups = [span(a, n) for a, n in group_spans(pq.read_metadata(path))]
-    return {"sha256": sha256_file(path), "bytes": size, "footer": foot, "row_groups": groups}
+        foot = footer_span(size, f.read(8))
+        spans = [*group_spans(pq.read_metadata(path)), foot]
+        whole, pos, out = hashlib.sha256(), 0, []
+        f.seek(0)
+        for off, n in spans:  # one pass: the file's hash and each range's (ascending, disjoint)
+            if off < pos:
+                raise ValueError(f"byte ranges overlap at {off}")
+            whole.update(f.read(off - pos))
+            part, left = hashlib.sha256(), n
+            while left:
+                block = f.read(min(left, 1 << 20))
+                if not block:
+                    raise ValueError(f"the file ends inside bytes {off}..{off + n}")
+                part.update(block)
+                whole.update(block)
+                left -= len(block)
+            out.append([off, n, part.hexdigest()])
+            pos = off + n
+        whole.update(f.read())
+    return {"sha256": whole.hexdigest(), "bytes": size, "footer": out[-1],
+            "row_groups": out[:-1]}
 
 
 def load_tokenizer(directory):

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from softlabels.data.checks import problems
-from softlabels.data.counts import INDEX, count_rows, read_index, read_row_counts
+from softlabels.data.counts import INDEX, count_rows, footer_rows, read_index
 from softlabels.data.dataset import group_spans, sha256_file
 from softlabels.data.format import Encoding, FormatError, Row, decode, flatten, one_batch
 from softlabels.data.manifest import Manifest
@@ -205,13 +205,12 @@ class SoftLabelReader:
         self._whole.clear()
         self._whole[si] = pq.ParquetFile(path)
         return self._whole[si]
-    # ------------------------------------------------------------------ planning (footers only)
+
+    # ------------------------------------------------------------------ planning (no decoding)
 
     def _stored_index(self) -> RowIndex:
-        if self._stored is None and self.manifest.index is not None:
-            info = self.manifest.index  # one object: every row's place and counts
-            a = read_index(self._checked_bytes(info["file"], 0, info["bytes"], info["sha256"]),
-                           self.manifest.shards)
+        if self._stored is None:
+            a = self._rows()
             key = a[0] * (1 << 32) + a[1]
             starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else \
                 np.zeros(0, np.int64)
@@ -220,27 +219,25 @@ class SoftLabelReader:
             for si, n in zip(a[0][starts].tolist(), lengths.tolist()):  # row group sizes
                 self._groups.setdefault(si, []).append(n)
             self._stored = RowIndex(a[0], a[1], local, a[2], a[3], a[4])
-        if self._stored is None:  # a dataset without an index: each shard's footer
-            shards = self.manifest.shards
-            hashed = [si for si, s in enumerate(shards) if s.footer is not None]
-            with ThreadPoolExecutor(FOOTER_READS) as pool:  # a store's round trips overlap
-                list(pool.map(self._footer, hashed))
-            cols = []
-            for si in range(len(shards)):
-                md = self._footer(si)
-                with damaged(self.where(si)):
-                    sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
-                    counts = read_row_counts(md.metadata, md.num_rows)
-                    if counts is None:  # a shard written before the footer counts existed
-                        counts = np.hstack([count_rows(self._table(si, g)[0]) for g in
-                                            range(md.num_row_groups)] or [np.zeros((3, 0))])
-                cols.append((np.full(md.num_rows, si), np.repeat(np.arange(len(sizes)), sizes),
-                             np.concatenate([np.arange(n) for n in sizes]) if sizes else
-                             np.zeros(0, np.int64), *counts))
-            self._stored = RowIndex(*(np.concatenate(c).astype(np.int64) if c else
-                                      np.zeros(0, np.int64) for c in
-                                      (zip(*cols) if cols else [()] * 6)))
         return self._stored
+
+    def _rows(self) -> np.ndarray:
+        """(5, rows) [shard, group, tokens, targets, ce targets] of every row in stored order:
+        from index.parquet (one object), or for a dataset without one from each shard's footer."""
+        m = self.manifest
+        if m.index is not None:
+            info = m.index
+            return read_index(self._checked_bytes(info["file"], 0, info["bytes"], info["sha256"]),
+                              m.shards)
+        with ThreadPoolExecutor(FOOTER_READS) as pool:  # a store's round trips overlap
+            list(pool.map(self._footer, [si for si, s in enumerate(m.shards)
+                                         if s.footer is not None]))
+        rows = []
+        for si in range(len(m.shards)):
+            with damaged(self.where(si)):
+                rows.append(footer_rows(si, self._footer(si),
+                                        lambda g, si=si: self._table(si, g)[0]))
+        return np.hstack(rows) if rows else np.zeros((5, 0), np.int64)
 
     def index(self, epoch: int = 0) -> RowIndex:
         """The epoch's row order (see the module docstring); cached for the last epoch asked."""

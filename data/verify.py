@@ -92,13 +92,13 @@ def _shard(path: Path, s, m: Manifest, n_tok: int | None, seen: dict, truth: dic
            si: int) -> list[str]:
     where = f"{s.file}:"
     problems = []
-    if sha256_file(path) != s.sha256:
+    try:
+        got = hashes(path)  # (one pass: the whole file's hash and its ranges')
+    except (OSError, ValueError):  # not Parquet: the parse below names what is wrong with it
+        got = {"sha256": sha256_file(path)}
+    if got["sha256"] != s.sha256:
         problems.append(f"{where} sha256 differs from the manifest (file changed or damaged)")
     elif s.footer is not None:  # the file is the one published: are its range hashes?
-        try:
-            got = hashes(path)
-        except (OSError, ValueError):  # (the parse below names what is wrong with the file)
-            got = {}
         if (got.get("footer"), got.get("row_groups")) != (s.footer, s.row_groups):
             problems.append(f"{where} footer/row group hashes differ from the file's (the "
                             "manifest was changed after publishing)")
