@@ -1,11 +1,12 @@
 """`softlabels push DIR URL` and `softlabels pull URL DIR`: a finished dataset to a store or the Hub
 and back, resumable, checked, manifest last.
 
-A dataset is its manifest's files: the shards, the card (README.md) and tokenizer/. Both
-directions copy every file but the manifest, skipping one already there with the manifest's size
-(push) or its sha256 (pull), then write the manifest, so a reader of the destination sees no
-dataset or a whole one, and a rerun after an interruption copies only what is missing. Nothing
-else of the folder (.softlabels/, temp files) travels.
+A dataset is its manifest's files: the shards, index.parquet, the card (README.md) and
+tokenizer/. Both directions copy every file but the manifest, skipping one already there that is
+the same (push: a shard of the same size whose footer has the manifest's hash, one ranged read;
+a small file of the same bytes; pull: the manifest's sha256), then write the manifest, so a reader
+of the destination sees no dataset or a whole one, and a rerun after an interruption copies only
+what is missing. Nothing else of the folder (.softlabels/, temp files) travels.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ def push(src, url, log=print) -> int:
             return 0
         raise UserError(f"{url} holds another dataset (its manifest.json differs); push to a new "
                         "URL, or delete that one first")
-    sizes = {s.file: s.bytes for s in m.shards}
+    shards = {s.file: s for s in m.shards}
     copied = 0
     for name in _files(a, m):
         size = (a.local / name).stat().st_size
-        if b.exists(name) and b.size(name) == sizes.get(name, size):
+        if b.exists(name) and b.size(name) == size and _same(a, b, name, shards.get(name)):
             continue  # an earlier push got this far
         b.upload(name, a.local / name)
         if b.size(name) != size:
@@ -60,6 +61,20 @@ def push(src, url, log=print) -> int:
     log(f"{url}: {len(m.shards)} shards, {m.rows} rows, {m.tokens} tokens ({copied} files "
         "copied, manifest last)")
     return copied
+
+
+def _same(a: Store, b: Store, name: str, shard) -> bool:
+    """The object at the destination is the local file (its size already equal)."""
+    if shard is not None and shard.footer is not None:
+        off, n, digest = shard.footer
+        return sha256_bytes(b.cat(name, off, off + n)) == digest
+    return b.cat(name) == (a.local / name).read_bytes()  # small files, or old shards
+
+
+def sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def pull(url, dst, log=print) -> int:

@@ -360,3 +360,17 @@ def test_an_index_that_disagrees_with_a_shard_is_refused(local, tmp_path):
                                           "index.parquet's"):
         r.read(0, np.flatnonzero(r.index(0).shard == 1)[:1])
     assert any("index.parquet: the rows of " + m.shards[1].file in p for p in verify(d))
+
+
+def test_push_recopies_a_same_size_object_that_is_another_file(local, bucket, tmp_path):
+    """A leftover object of the right size but other bytes (another run's shard) is copied over,
+    not trusted by its size."""
+    url = f"{bucket}/ds"
+    m = Manifest.load(local)
+    victim = m.shards[0]
+    data = bytearray((local / victim.file).read_bytes())
+    data[victim.footer[0] + 20] ^= 0x01  # same size, another footer
+    _fs().pipe_file(f"{url[5:]}/{victim.file}", bytes(data))
+    assert push(local, url, log=lambda *_: None) == 3 + 2 + len(list(
+        (local / "tokenizer").iterdir()))
+    assert verify(url) == []
