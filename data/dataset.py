@@ -44,14 +44,10 @@ class ShardInfo:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return sha256_stream(f)
-
-
-def sha256_stream(f) -> str:
     h = hashlib.sha256()
-    for block in iter(lambda: f.read(1 << 20), b""):
-        h.update(block)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 

@@ -11,6 +11,8 @@ what is missing. Nothing else of the folder (.softlabels/, temp files) travels.
 
 from __future__ import annotations
 
+import hashlib
+
 from softlabels.data.atomic import atomic_path
 from softlabels.data.dataset import CARD, MANIFEST, TOKENIZER_DIR, sha256_file
 from softlabels.data.errors import UserError
@@ -67,14 +69,8 @@ def _same(a: Store, b: Store, name: str, shard) -> bool:
     """The object at the destination is the local file (its size already equal)."""
     if shard is not None and shard.footer is not None:
         off, n, digest = shard.footer
-        return sha256_bytes(b.cat(name, off, off + n)) == digest
+        return hashlib.sha256(b.cat(name, off, off + n)).hexdigest() == digest
     return b.cat(name) == (a.local / name).read_bytes()  # small files, or old shards
-
-
-def sha256_bytes(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def pull(url, dst, log=print) -> int:

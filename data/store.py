@@ -1,8 +1,8 @@
 """Where a dataset lives: a local folder, or a URL fsspec opens (s3://, gs://, hf://, file://).
 
 Readers and `push`/`pull` name a dataset's files through a `Store`: `cat` (whole or a byte range),
-`size`, `exists`, `put` (whole objects; `once=True` is a conditional write, so two writers of one
-name cannot both succeed). Endpoints and credentials come from where users of those tools keep
+`size`, `exists`, `put`/`upload` (whole objects: a store has no rename, so an object appears whole
+or not at all). Endpoints and credentials come from where users of those tools keep
 them (`AWS_*` including `AWS_ENDPOINT_URL`, `~/.aws`, fsspec's config, `HF_TOKEN`), never from
 our flags. A store's failures become one line naming the object (`reaching`).
 """
@@ -68,24 +68,17 @@ class Store:
                           for p in self.fs.ls(self._path(prefix), detail=False)
                           if self.fs.isfile(p))
 
-    def put(self, name: str, data: bytes, once: bool = False) -> bool:
-        """Write one whole object; with `once`, only if the name is free (False if it was not).
-        Locally: temp file + rename, so a reader sees the old file or the whole new one."""
+    def put(self, name: str, data: bytes) -> None:
+        """Write one whole object. Locally: temp file + rename, so a reader sees the old file or
+        the whole new one."""
         if self.local is not None:
             from softlabels.data.atomic import atomic_path
 
-            path = self.local / name
-            if once and path.exists():
-                return False
-            with atomic_path(path) as tmp:
+            with atomic_path(self.local / name) as tmp:
                 tmp.write_bytes(data)
-            return True
+            return
         with reaching(self.where(name)):
-            try:
-                self.fs.pipe_file(self._path(name), data, mode="create" if once else "overwrite")
-            except FileExistsError:
-                return False
-        return True
+            self.fs.pipe_file(self._path(name), data)
 
     def upload(self, name: str, path: Path) -> None:
         """A local file to one whole object (a multipart upload appears only when complete)."""
@@ -103,10 +96,6 @@ class Store:
     def download(self, name: str, path: Path) -> None:
         with reaching(self.where(name)):
             self.fs.get_file(self._path(name), str(path))
-
-    def open(self, name: str):
-        with reaching(self.where(name)):
-            return self.fs.open(self._path(name), "rb")
 
 
 def store(location) -> Store:

@@ -31,9 +31,7 @@ def local_file(st: Store, name: str):
         return
     with tempfile.TemporaryDirectory(prefix="softlabels-verify-") as tmp:
         path = Path(tmp) / Path(name).name
-        with st.open(name) as src, open(path, "wb") as dst:
-            for block in iter(lambda: src.read(1 << 22), b""):
-                dst.write(block)
+        st.download(name, path)
         yield path
 
 
