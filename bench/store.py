@@ -14,6 +14,14 @@ train` command, same student, data, seed and batch:
 - start-up: the wall time of a 1-step run (command to exit: imports, manifest, planning from the
   footers, one step, saving) on a dataset of `--shards` small shards, local vs s3://.
 Best of 2 alternating repeats each.
+
+    python bench/store.py --generate [--gen-tokens 65536] [--cache .cache/bench]
+
+- the teacher side instead: `softlabels generate` of bench/generate.py's 54M teacher (k=64,
+  512-token windows, 8192-token units, embedded cluster, one worker) writing to a local folder
+  against the same job writing to s3:// through the proxy, its workers committing units to the
+  store themselves. Tokens/s after the engine is up (wall minus engine start: planning, units,
+  shards, publishing) and in the units; alternating, best of 2.
 """
 
 from __future__ import annotations
@@ -102,7 +110,12 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.02)
     ap.add_argument("--shards", type=int, default=2400)
     ap.add_argument("--startup-only", action="store_true", help="only the start-up rows")
+    ap.add_argument("--generate", action="store_true", help="only: generate to s3:// vs local")
+    ap.add_argument("--gen-tokens", type=int, default=65536)
+    ap.add_argument("--cache", type=Path, default=Path(".cache/bench"))
     a = ap.parse_args()
+    if a.generate:
+        return generate_rows(a)
     import shutil
 
     from reader import make_dataset
@@ -165,6 +178,48 @@ def main() -> None:
     ls, ss = min(start_s["local"]), min(start_s["s3"])
     print(f"\nstart-up, {a.shards} shards, 1-step run: local {ls:.1f} s, s3:// {ss:.1f} s: "
           f"{ss / ls:.2f}x")
+
+
+def generate_rows(a) -> None:
+    from generate import make_teacher, run_generate, windows_for
+    from tests.proxy import start
+
+    teacher = (a.cache / "teacher-54m").resolve()
+    make_teacher(teacher)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        windows = windows_for(teacher, a.gen_tokens, 512, tmp / "in.parquet")
+        n = sum(len(w) for w in windows)
+        server, port = moto(tmp)
+        proxy, pport = start(port, latency=a.latency)
+        runs = {"local": [], "s3": []}
+        try:
+            for i in range(2):
+                runs["local"].append(run_generate(teacher, tmp / "in.parquet", tmp / f"l{i}", 64,
+                                                  512, 1))
+                os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{pport}"
+                runs["s3"].append(run_generate(teacher, tmp / "in.parquet", f"s3://bench/g{i}",
+                                               64, 512, 1))
+                os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+        finally:
+            proxy.shutdown()
+            server.terminate()
+    print(f"{n:,} tokens, k=64, windows of <= 512, units of 8192 tokens, 1 worker; "
+          f"{a.latency * 1000:.0f} ms added to every store request; best of 2\n")
+    print("| output | wall s | engine start s | tokens/s after engine start | vs local | "
+          "tokens/s in units | vs local |\n|---|---|---|---|---|---|---|")
+
+    def after(r):
+        return n / (r["wall"] - r["engine_start"])
+
+    def units(r):
+        return n / (r["teacher"] + r["write"])
+
+    best = {k: max(v, key=after) for k, v in runs.items()}
+    for k, r in best.items():
+        print(f"| {k} | {r['wall']:.1f} | {r['engine_start']:.1f} | {after(r):.0f} | "
+              f"{after(r) / after(best['local']):.3f} | {units(r):.0f} | "
+              f"{units(r) / units(best['local']):.3f} |")
 
 
 if __name__ == "__main__":

@@ -99,17 +99,20 @@ def write_card(directory: str | os.PathLike, m: Manifest) -> None:
     write_text(Path(directory) / "README.md", render(m))
 
 
-def publish(directory: str | os.PathLike, m: Manifest) -> None:
+def publish(directory: str | os.PathLike, m: Manifest, index=None) -> None:
     """Make a dataset visible: the index and the card first, the manifest last (readers trust
-    the manifest, which holds the index's hash)."""
+    the manifest, which holds the index's hash). `index`: its table, when the shards are not in
+    `directory` (a job writing to a store)."""
     import pyarrow.parquet as pq
 
     from softlabels.data.atomic import atomic_path
     from softlabels.data.counts import INDEX, index_table
     from softlabels.data.dataset import sha256_file
 
+    if index is None:
+        index = index_table(directory, m.shards)
     with atomic_path(Path(directory) / INDEX) as tmp:
-        pq.write_table(index_table(directory, m.shards), tmp, compression="zstd")
+        pq.write_table(index, tmp, compression="zstd")
         m.index = {"file": INDEX, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
     write_card(directory, m)
     m.save(directory)

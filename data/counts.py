@@ -74,6 +74,11 @@ def index_table(directory, shards) -> pa.Table:
     for si, s in enumerate(shards):
         pf = pq.ParquetFile(f"{directory}/{s.file}")
         rows.append(footer_rows(si, pf.metadata, pf.read_row_group))
+    return rows_table(rows)
+
+
+def rows_table(rows: list[np.ndarray]) -> pa.Table:
+    """The index's table from each shard's `footer_rows`."""
     a = np.hstack(rows) if rows else np.zeros((5, 0), np.int64)
     return pa.table({name: pa.array(c.astype(np.uint32)) for name, c in zip(INDEX_COLUMNS, a)})
 

@@ -107,10 +107,10 @@ class Manifest:
         path = st.where(MANIFEST)
         if not st.exists(MANIFEST):
             if bucket := st.bucket_missing():
-                raise FormatError(f"{directory}: bucket {bucket!r} does not exist (or these "
+                raise FormatError(f"{st.url}: bucket {bucket!r} does not exist (or these "
                                   "credentials cannot see it)")
             raise FormatError(
-                f"{directory} has no {MANIFEST}: not a softlabels dataset, or its generate "
+                f"{st.url} has no {MANIFEST}: not a softlabels dataset, or its generate "
                 "run has not finished (rerun the same `softlabels generate` command)"
             )
         try:

@@ -57,14 +57,18 @@ class Store:
             return None
         bucket = self.root.split("/", 1)[0]
         with reaching(self.url):
-            return None if self.fs.exists(bucket) else bucket
+            try:
+                self.fs.info(bucket)  # (exists() would say False for missing credentials too)
+            except FileNotFoundError:
+                return bucket
+            return None
 
     def files(self, prefix: str) -> list[str]:
         """Names of the files under `prefix` (one level), relative to the dataset."""
         with reaching(self.where(prefix)):
             if not self.fs.isdir(self._path(prefix)):
                 return []
-            return sorted(f"{prefix}/{p.rstrip('/').rsplit('/', 1)[-1]}"
+            return sorted(f"{prefix}/{p.rstrip('/').rsplit('/', 1)[-1]}".lstrip("/")
                           for p in self.fs.ls(self._path(prefix), detail=False)
                           if self.fs.isfile(p))
 
@@ -92,6 +96,30 @@ class Store:
             return
         with reaching(self.where(name)):
             self.fs.put_file(str(path), self._path(name))
+
+    def create(self, name: str, data: bytes | Path) -> bool:
+        """Write `name` only if nothing has that name yet: True if this call wrote it, False if
+        it was there (another attempt's, kept as it is). A store's conditional write (S3's
+        If-None-Match: *), locally a link of a whole temp file: the write-once commit of an
+        attempt that may run twice."""
+        if self.local is not None:
+            from softlabels.data.atomic import create
+
+            return create(self.local / name, data)
+        with reaching(self.where(name)):
+            try:
+                if isinstance(data, Path):
+                    self.fs.put_file(str(data), self._path(name), mode="create")
+                else:
+                    self.fs.pipe_file(self._path(name), data, mode="create")
+            except FileExistsError:
+                return False
+        return True
+
+    def delete(self, names: list[str]) -> None:
+        if names:
+            with reaching(self.where(names[0])):
+                self.fs.rm([self._path(n) for n in names])
 
     def download(self, name: str, path: Path) -> None:
         with reaching(self.where(name)):

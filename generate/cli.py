@@ -276,6 +276,7 @@ def _sampling(args):
 
 
 def main(args) -> int:
+    from softlabels.data.store import is_url
     from softlabels.generate.cluster import (
         BatchOptions,
         batch_cluster,
@@ -287,13 +288,15 @@ def main(args) -> int:
     from softlabels.generate.engine import EngineConfig, on_cpu
     from softlabels.generate.inputs import open_corpus
     from softlabels.generate.records import Fields
-    from softlabels.generate.state import OutputLock, state_dir
+    from softlabels.generate.state import OutputLock, client_dir
 
     t_start = time.time()
-    if "://" in args.output:  # Path() would make s3://b/x the local folder s3:/b/x
-        raise UserError(f"--output {args.output}: workers cannot write to a URL yet; give a "
-                        f"folder, then `softlabels push FOLDER {args.output}`")
-    teacher, out = Path(args.teacher), Path(args.output)
+    teacher = Path(args.teacher)
+    out = args.output if is_url(args.output) else Path(args.output)  # a URL: objects.py
+    if is_url(out):
+        from softlabels.generate.objects import check_output
+
+        check_output(out)
     fields = Fields(text=args.text_column, prompt=args.prompt_column,
                     response=args.response_column, messages=args.messages_column)
     sampling = _sampling(args)
@@ -319,7 +322,7 @@ def main(args) -> int:
     if args.print_job_script:
         if batch is None:
             raise UserError("--print-job-script shows a --cluster's worker job script")
-        print(job_script(batch, args.resource, state_dir(out)))
+        print(job_script(batch, args.resource, client_dir(out)))
         return 0
     n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
 
@@ -339,7 +342,7 @@ def main(args) -> int:
     if batch:  # the jobs' TLS files go under OUT: take the folder before anything is written
         lock = OutputLock(out)
         try:
-            with batch_cluster(batch, args.resource, state_dir(out), security) as \
+            with batch_cluster(batch, args.resource, client_dir(out), security) as \
                     (client, supervisor):
                 print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
                 wait_for_a_worker(client, supervisor, batch, out)
@@ -407,12 +410,17 @@ def _run(args, client, out, job, engine, corpus, fields, sampling, tok, vocab_si
          n_workers, supervisor=None):
     """Claim the folder for the job, run it, publish: -> (manifest, plan, times); with
     --dry-run, plan (and calibrate) only: -> None."""
+    from softlabels.data.store import is_url, store
+    from softlabels.generate import objects
     from softlabels.generate.cluster import cpu_groups, gpu_groups
     from softlabels.generate.driver import Driver, run_job
     from softlabels.generate.plan import claim
     from softlabels.generate.publish import publish_dataset
 
-    claim(out, job)
+    if is_url(out):
+        objects.claim(store(out), job)
+    else:
+        claim(out, job)
     local = not (args.scheduler or args.cluster)  # embedded workers: bind cores or GPUs
     driver = Driver(client, out, job, engine, sampling, workers=n_workers,
                     resource=args.resource, retries=args.retries, rehash=args.rehash,

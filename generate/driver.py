@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from softlabels.data.errors import UserError
+from softlabels.data.store import is_url, store
+from softlabels.generate import objects
 from softlabels.generate.state import attempts_path, done_path
 
 
@@ -36,12 +38,16 @@ class Driver:
         self.in_flight = 0
         self.failures: list[tuple[str, str]] = []
         self.times = {"engine_start": 0.0, "teacher": 0.0, "write": 0.0}
+        # an --output URL: the job's state is write-once objects in the store (objects.py)
+        self.st = store(out) if is_url(out) else None
+        self.commits: dict[str, str] = {}  # (a URL's job) unit -> the object that commits it
 
     def _unit_task(self, u):
         from softlabels.generate.work import UnitTask
 
-        return UnitTask(str(self.out.resolve()), u, self.engine, self.job.encoding, self.cpus,
-                        self.gpus, self.sampling)
+        return UnitTask(self.out if self.st else str(self.out.resolve()), u, self.engine,
+                        self.job.encoding, self.cpus, self.gpus, self.sampling,
+                        commit=self.commits.get(u.name, ""))
 
     def plan_and_score(self, corpus, fields, budget, score: bool = True):
         """-> the plan (None if a piece failed); units run as their pieces are planned (with
@@ -52,10 +58,21 @@ class Driver:
         from softlabels.generate.plan import PiecePlan, Plan
         from softlabels.generate.work import PlanTask, is_published, plan_task
 
-        out = self.out
-        plan = Plan.load(out)
-        published = set() if plan is None else {
-            u for s in plan.shards if is_published(out, s, self.rehash) for u in s.units}
+        out, fresh = self.out, False
+        if self.st is not None:  # planned here (the client holds the input), then uploaded
+            plan = objects.load_plan(self.st)
+            if plan is None:
+                plan, fresh = objects.make_plan(self.st, corpus, self.job, fields,
+                                                self.engine.teacher,
+                                                self.engine.trust_remote_code, budget), True
+            self.commits = objects.commit_names(plan)
+            shards = objects.recorded(self.st, plan)
+            published = objects.committed(self.st, plan) | {
+                u for s in plan.shards if s.name in shards for u in s.units}
+        else:
+            plan = Plan.load(out)
+            published = set() if plan is None else {
+                u for s in plan.shards if is_published(out, s, self.rehash) for u in s.units}
         pieces = [] if plan is not None else corpus.pieces(self.job.piece_bytes)  # checks columns
         self.tasks, self.ac, self.submitted, planned = {}, as_completed(), 0, {}
         self.score = score
@@ -78,6 +95,8 @@ class Driver:
                 self.ac.add(f)
         if plan is None and len(planned) == len(pieces):
             plan = self._whole(pieces, planned)
+        elif fresh:
+            self._report(plan)
         elif plan is not None:
             tqdm.write(f"plan: {len(plan.units)} units, {len(plan.shards)} shards; "
                        f"{self.submitted} to run", file=sys.stderr)
@@ -120,11 +139,16 @@ class Driver:
 
     def _whole(self, pieces, planned):
         """Every piece is planned: record the plan (plan.json) and report it."""
-        from tqdm import tqdm
 
         from softlabels.generate.plan import finish_plan
 
         plan = finish_plan(self.out, self.job, [planned[p.index] for p in pieces])
+        self._report(plan)
+        return plan
+
+    def _report(self, plan) -> None:
+        from tqdm import tqdm
+
         tqdm.write(f"plan: {plan.records} records ({plan.empty_records} empty, skipped), "
                    f"{plan.tokens} tokens, {len(plan.units)} units, {len(plan.shards)} shards; "
                    f"{self.submitted} to run", file=sys.stderr)
@@ -138,7 +162,6 @@ class Driver:
                        + (f"; records with no target at all: {plan.untargeted[:20]}"
                           + (" ..." if len(plan.untargeted) > 20 else "")
                           if plan.untargeted else ""), file=sys.stderr)
-        return plan
 
     def _release(self, units, published) -> None:
         """Queue the units not yet committed for the teacher workers."""
@@ -148,7 +171,7 @@ class Driver:
             return
         self.bar.total += sum(u.tokens for u in units)
         for u in units:
-            if u.name in published or is_done(self.out, u, self.rehash):
+            if u.name in published or (self.st is None and is_done(self.out, u, self.rehash)):
                 self.bar.update(u.tokens)
                 continue
             self.waiting.append(u)
@@ -179,7 +202,11 @@ class Driver:
         from softlabels.generate.work import is_done, run_unit
 
         u = plan.units[0]
-        if is_done(self.out, u):
+        if self.st is not None:
+            rec = objects.read_json(self.st, f"{objects.STATE}/done/{u.name}.json")
+            if rec is not None and "teacher_s" in rec:
+                return rec
+        elif is_done(self.out, u):
             rec = json.loads(done_path(self.out, u).read_text())
             if "teacher_s" in rec:
                 return rec
@@ -199,10 +226,16 @@ class Driver:
 
         from softlabels.generate.work import MergeTask, is_published, merge_shard
 
-        todo = [s for s in plan.shards if not is_published(self.out, s, self.rehash)]
-        futures = {self.client.submit(merge_shard, MergeTask(str(self.out.resolve()), s),
-                                      key=f"shard-{s.name}", retries=self.retries,
-                                      pure=False): s for s in todo}
+        if self.st is not None:  # on the workers: units go from the store to the store
+            shards = objects.recorded(self.st, plan)
+            todo = [s for s in plan.shards if s.name not in shards]
+            futures = {self.client.submit(objects.merge_shard, self.out, s, key=f"shard-{s.name}",
+                                          retries=self.retries, pure=False): s for s in todo}
+        else:
+            todo = [s for s in plan.shards if not is_published(self.out, s, self.rehash)]
+            futures = {self.client.submit(merge_shard, MergeTask(str(self.out.resolve()), s),
+                                          key=f"shard-{s.name}", retries=self.retries,
+                                          pure=False): s for s in todo}
         for f in tqdm(as_completed(futures), total=len(todo), desc="shards", leave=False,
                       disable=len(todo) < 2):
             try:
@@ -237,7 +270,7 @@ def run_job(driver: Driver, corpus, fields, *, dry_run: bool = False, calibrate:
     driver.raise_failures()
     # Two attempts of one unit (a client that died while an external worker ran it, then a
     # rerun) can both commit: publish only if every shard still matches its record.
-    stale = [s.name for s in plan.shards if not is_published(driver.out, s)]
+    stale = [] if driver.st else [s.name for s in plan.shards if not is_published(driver.out, s)]
     if stale:
         raise UserError(f"{len(stale)} shards no longer match their commit records (another "
                         f"attempt replaced them: {', '.join(stale[:3])}); rerun the same command")
@@ -287,9 +320,11 @@ def lost_work(out: Path, supervisor) -> str:
     against the units of the plan (attempts.log, over every run of this job)."""
     from softlabels.generate.plan import Plan
 
-    plan = Plan.load(out)
-    path = attempts_path(out)
-    runs = len(path.read_text().splitlines()) if path.is_file() else 0
+    if is_url(out):
+        plan, runs = objects.load_plan(store(out)), objects.attempts(store(out))
+    else:
+        plan, path = Plan.load(out), attempts_path(out)
+        runs = len(path.read_text().splitlines()) if path.is_file() else 0
     how = supervisor.report()
     return (f"worker jobs replaced: {supervisor.replaced}{f' ({how})' if how else ''}; units "
             f"run {runs} for {len(plan.units) if plan else 0} planned")

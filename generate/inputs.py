@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softlabels.data.errors import UserError
+from softlabels.data.store import is_url, reaching, store
 from softlabels.generate.fingerprint import fingerprint_files
 
 PIECE_BYTES = 4 << 20  # ~1M tokens of text: ~1-2 s of tokenizing; 10k pieces at 10B tokens
@@ -44,12 +45,14 @@ class Piece:
 @dataclass(frozen=True)
 class Corpus:
     kind: str  # parquet | jsonl | txt | datasets
-    files: tuple[Path, ...]
+    files: tuple[Path, ...]  # (URLs for an input in a store: Parquet or JSON Lines)
     root: Path
     columns: tuple[str, ...]
 
     def fingerprint(self, rehash: bool = False) -> str:
         """Content hash of the input files (and the columns read), for plans and provenance."""
+        if is_url(self.root):
+            return url_fingerprint(self.files, self.root) + ":" + ",".join(self.columns)
         return (fingerprint_files(list(self.files), self.root, rehash) + ":"
                 + ",".join(self.columns))
 
@@ -69,7 +72,7 @@ class Corpus:
             import pyarrow.parquet as pq
 
             for f in self.files:  # file rows [start, end); a large row group is split
-                pf = pq.ParquetFile(f)
+                pf = pq.ParquetFile(_open(f))
                 self._check_column(pf.schema_arrow.names, f)
                 start = row = 0
                 size = 0.0
@@ -85,7 +88,7 @@ class Corpus:
                 add([f], start, row, row - start)
         elif self.kind == "jsonl":
             for f in self.files:
-                with open(f, "rb") as fh:
+                with _open(f) as fh:
                     start, line = 0, 1
                     while block := fh.read(piece_bytes):
                         if not block.endswith(b"\n"):
@@ -130,7 +133,7 @@ class Corpus:
     def _parquet(self, piece: Piece) -> Iterator[tuple]:
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(piece.files[0])
+        pf = pq.ParquetFile(_open(piece.files[0]))
         first = 0  # the file row that starts row group g
         for g in range(pf.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -142,7 +145,7 @@ class Corpus:
 
     def _jsonl(self, piece: Piece) -> Iterator[tuple]:
         f = piece.files[0]
-        with open(f, "rb") as fh:
+        with _open(f) as fh:
             fh.seek(piece.start)
             block = fh.read(piece.end - piece.start)
         for n, line in enumerate(block.split(b"\n"), piece.first_line):
@@ -187,8 +190,57 @@ class Corpus:
             yield from zip(*(batch[c] for c in self.columns))
 
 
+def _open(f):
+    """A binary file object of a local path or a URL (fsspec: read in blocks, seekable)."""
+    if not is_url(f):
+        return open(f, "rb")
+    import fsspec
+
+    with reaching(f):
+        return fsspec.open(f, "rb").open()
+
+
+def url_fingerprint(files, root: str) -> str:
+    """An input in a store, by content: sha256 over (name, sha256 of its bytes), the bytes read
+    once here (planning reads them again; a store has no mtime to cache a hash by)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(files):
+        d = hashlib.sha256()
+        with _open(f) as fh:
+            while block := fh.read(1 << 22):
+                d.update(block)
+        name = f[len(root.rstrip("/")) + 1:] if f != root else f.rsplit("/", 1)[-1]
+        h.update(name.encode() + b"\0" + d.hexdigest().encode() + b"\0")
+    return h.hexdigest()
+
+
+def _open_url_corpus(url: str, columns) -> Corpus:
+    """Parquet or JSON Lines files at a URL (one file, or every one under a prefix)."""
+    st = store(url)
+    kinds = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
+    suffix = "." + url.rsplit(".", 1)[-1].lower() if "." in url.rsplit("/", 1)[-1] else ""
+    with reaching(url):
+        if suffix in kinds and st.fs.isfile(st.root):
+            return Corpus(kinds[suffix], (url,), url.rsplit("/", 1)[0], columns)
+        found = sorted(st.fs.find(st.root)) if st.fs.isdir(st.root) else []
+    for kind in ("parquet", "jsonl"):
+        files = tuple(f"{url.rstrip('/')}/{p[len(st.root.rstrip('/')) + 1:]}" for p in found
+                      if kinds.get("." + p.rsplit(".", 1)[-1].lower()) == kind)
+        if files:
+            return Corpus(kind, files, url.rstrip("/"), columns)
+    if bucket := st.bucket_missing():
+        raise UserError(f"input {url}: bucket '{bucket}' does not exist (or these credentials "
+                        "cannot see it)")
+    raise UserError(f"input {url} holds no .parquet or .jsonl files (a URL input is Parquet or "
+                    "JSON Lines; copy other kinds to a folder)")
+
+
 def open_corpus(path: str | os.PathLike, columns: tuple[str, ...] = ("text",)) -> Corpus:
     """Find what kind of input `path` is; fail with a one-line message if it is none."""
+    if is_url(path):
+        return _open_url_corpus(path, columns)
     p = Path(path)
     if not p.exists():
         raise UserError(f"input {p} does not exist; pass {FORMATS}")

@@ -135,9 +135,10 @@ class Plan:
     @classmethod
     def load(cls, out: Path) -> Plan | None:
         path = plan_path(out)
-        if not path.is_file():
-            return None
-        d = json.loads(path.read_text())
+        return cls.from_dict(json.loads(path.read_text())) if path.is_file() else None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
         d["units"] = [Unit(**u) for u in d["units"]]
         d["shards"] = [Shard(**s) for s in d["shards"]]
         return cls(**d)

@@ -12,6 +12,7 @@ from pathlib import Path
 from softlabels.data.card import publish
 from softlabels.data.dataset import save_tokenizer
 from softlabels.data.manifest import Manifest
+from softlabels.data.store import is_url, store
 from softlabels.generate.state import unit_path
 
 
@@ -27,12 +28,14 @@ def vllm_version() -> str:
     return "unknown"
 
 
-def publish_dataset(out: Path, job, plan, tokenizer, vocab_size: int, teacher: Path,
+def publish_dataset(out: Path | str, job, plan, tokenizer, vocab_size: int, teacher: Path,
                     source: str) -> Manifest:
-    """Make `out` a dataset: every shard of `plan` is committed and intact (driver.run_job)."""
+    """Make `out` (a folder or a URL) a dataset: every shard of `plan` is committed and intact
+    (driver.run_job)."""
+    from softlabels.generate import objects
     from softlabels.generate.work import shard_info
 
-    save_tokenizer(tokenizer, out)
+    st = store(out) if is_url(out) else None
     enc = job.encoding
     m = Manifest(
         k=enc.k,
@@ -40,7 +43,7 @@ def publish_dataset(out: Path, job, plan, tokenizer, vocab_size: int, teacher: P
         vocab_size=vocab_size,
         draws=enc.draws,
         sample_temperature=enc.sample_temperature,
-        shards=[shard_info(out, s) for s in plan.shards],
+        shards=objects.shard_infos(st, plan) if st else [shard_info(out, s) for s in plan.shards],
         provenance={
             "teacher": str(teacher.resolve()),
             "teacher_sha256": job.teacher_hash,
@@ -52,7 +55,7 @@ def publish_dataset(out: Path, job, plan, tokenizer, vocab_size: int, teacher: P
             "max_length": job.max_length,
             "stride": job.stride or job.max_length,
             "vllm_version": vllm_version(),
-            "input": str(Path(source).resolve()),
+            "input": source if is_url(source) else str(Path(source).resolve()),
             "input_fingerprint": job.input_fingerprint,
             "columns": job.fields,
             "sampling": job.sampling or None,
@@ -66,6 +69,10 @@ def publish_dataset(out: Path, job, plan, tokenizer, vocab_size: int, teacher: P
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
+    if st is not None:
+        objects.publish(st, m, tokenizer)
+        return m
+    save_tokenizer(tokenizer, out)
     publish(out, m)
     for u in plan.units:  # now inside the published shards (a shard of one unit is its link)
         unit_path(out, u).unlink(missing_ok=True)

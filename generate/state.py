@@ -10,7 +10,9 @@
     attempts.log              one line per time a unit reached the teacher
     tls/, worker-logs/        a --cluster run's certificates and its worker jobs' logs
 
-Readers of the dataset never look in here: the manifest lists what is published.
+Readers of the dataset never look in here: the manifest lists what is published. An --output
+URL's job keeps its state as write-once objects in the store instead (objects.py), and the
+client's own files (tls/, worker-logs/) in `client_dir`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ STATE_DIR = ".softlabels"
 
 def state_dir(out: Path) -> Path:
     return out / STATE_DIR
+
+
+def client_dir(out) -> Path:
+    """Where the client keeps a job's TLS files and worker logs: OUT/.softlabels, or for a URL
+    ~/.cache/softlabels/jobs/<its last part>-<hash of it>/.softlabels (the store holds only the
+    dataset's state; the folder's name names the worker jobs, as OUT's does)."""
+    from softlabels.data.store import is_url
+
+    if not is_url(out):
+        return state_dir(out)
+    import hashlib
+
+    url = out.rstrip("/")
+    name = f"{url.rsplit('/', 1)[-1]}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softlabels" / \
+        "jobs" / name / STATE_DIR
 
 
 def job_path(out: Path) -> Path:
@@ -59,7 +77,12 @@ def attempts_path(out: Path) -> Path:
 class OutputLock:
     """One `generate` per output folder: a second one is refused, not interleaved."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path | str):
+        from softlabels.data.store import is_url
+
+        self.fd = None
+        if is_url(out):  # a store's commits are write-once: two runs cannot interleave badly
+            return
         state_dir(out).mkdir(parents=True, exist_ok=True)
         self.fd = os.open(state_dir(out) / "lock", os.O_CREAT | os.O_RDWR)
         try:
@@ -70,4 +93,5 @@ class OutputLock:
                             "finish (or stop it) before running this one") from e
 
     def release(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)

@@ -71,6 +71,7 @@ class UnitTask:
     cpu_binds: tuple[str, ...] = ()
     gpu_binds: tuple[str, ...] = ()
     sampling: Sampling | None = None  # set: the teacher writes the responses
+    commit: str = ""  # an --output URL's job: the write-once object the unit commits (objects)
 
 
 def _identity(path: Path | int) -> list[int]:
@@ -259,12 +260,18 @@ def _log_attempt(out: Path, unit: Unit) -> None:
 
 def run_unit(task: UnitTask) -> dict:
     """Score one unit's windows with the teacher and commit its shard; return a summary."""
+    from softlabels.generate import objects
+
     out = Path(task.out)
     t0 = time.perf_counter()
     teacher = _teacher(task)
     t1 = time.perf_counter()
-    _log_attempt(out, task.unit)
-    row_ids, windows, masks = read_unit(out, task.unit)
+    if task.commit:
+        objects.log_attempt(task.out, task.unit)
+        row_ids, windows, masks = objects.read_unit(task.out, task.unit)
+    else:
+        _log_attempt(out, task.unit)
+        row_ids, windows, masks = read_unit(out, task.unit)
     try:
         if task.sampling:
             rows = _responses(task, teacher, row_ids, windows)
@@ -285,6 +292,9 @@ def run_unit(task: UnitTask) -> dict:
         _drop_teacher()
         raise
     t2 = time.perf_counter()
+    if task.commit:
+        return objects.commit_unit(task.out, task.commit, task.unit, rows, task.encoding, {
+            "engine_start_s": t1 - t0, "teacher_s": t2 - t1, "pid": os.getpid()})
     path = unit_path(out, task.unit)
     info = write_shard(path, rows, task.encoding)
     summary = {

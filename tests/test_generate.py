@@ -460,3 +460,73 @@ def test_tensor_parallel_2_embedded_and_on_a_dask_worker(tmp_path, tiny_teacher,
     finally:
         stop_dask(procs)
     _assert_matches_reference(tmp_path / "external", tiny_teacher)
+
+
+def test_workers_write_to_a_store_killed_then_rerun_on_a_worker_of_its_own(
+        tmp_path, tiny_teacher, corpus, generated, s3, bucket):
+    """--output s3://: the embedded cluster's worker commits its units as write-once objects
+    through a slow, throttling network (the proxy: 20 ms a request, every 5th read 503
+    SlowDown); the client is killed mid-run; the rerun goes to a `dask worker` of its own, which
+    finds the plan and the committed units in the store, not in any folder, and redoes none of
+    them. The dataset is the local run's byte for byte, and it verifies from the store."""
+    import s3fs
+
+    from softlabels.data.store import store
+    from softlabels.generate import objects
+    from tests.helpers import start_dask, stop_dask
+    from tests.proxy import start
+
+    url = f"{bucket}/ds"
+    root = url.split("://", 1)[1]
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+
+    def listed(prefix):
+        try:
+            return fs.ls(f"{root}/.softlabels/{prefix}", refresh=True)
+        except FileNotFoundError:
+            return []
+
+    args = ["generate", "--teacher", tiny_teacher, "--input", corpus[0], "--output", url,
+            "--top-k", K, "--max-length", MAXLEN, *SIZES]
+    server, port = start(int(s3["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]), latency=0.02,
+                         slow_down=5)
+    slow = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        with open(tmp_path / "first.log", "wb") as log:
+            p = subprocess.Popen([sys.executable, "-m", "softlabels", *map(str, args)],
+                                 cwd=tmp_path, env={**dask_env(), **slow}, stdout=log,
+                                 stderr=log, start_new_session=True)
+            deadline = time.time() + 300
+            while time.time() < deadline and len(listed("done")) < 3 and p.poll() is None:
+                time.sleep(0.05)
+            os.killpg(p.pid, signal.SIGKILL)  # the client and its embedded worker
+            p.wait()
+        assert not fs.exists(f"{root}/manifest.json")  # killed before it could finish
+        committed = len(listed("done"))
+        assert committed >= 3, (tmp_path / "first.log").read_text()[-3000:]
+        d = tmp_path / "dask"
+        d.mkdir()
+        procs = start_dask(d, n_workers=1, worker_env=slow)
+        try:
+            rerun = softlabels(*args, "--scheduler", procs["address"], env=slow)
+            # --input a URL too: the worker plans from the store's copy of the input
+            fs.put(str(corpus[0]), f"{root}-input/in.parquet")
+            softlabels(*args[:3], "--input", f"{url}-input/in.parquet", *args[7:], "--output",
+                       tmp_path / "from-url", "--scheduler", procs["address"], env=slow)
+        finally:
+            stop_dask(procs)
+    finally:
+        server.shutdown()
+    ran = int(rerun.stderr.split(" to run")[0].rsplit(";", 1)[1])
+    plan = objects.load_plan(store(url))
+    assert ran <= len(plan.units) - committed  # committed units were not redone
+    assert len(listed("attempts")) >= len(plan.units)
+    a, b = Manifest.load(url), Manifest.load(generated)
+    assert [(s.file, s.sha256) for s in a.shards] == [(s.file, s.sha256) for s in b.shards]
+    assert a.index == b.index and a.tokens == b.tokens
+    assert verify(url) == []
+    assert listed("units") == []  # the units the shards replaced are gone
+    assert server.stats["slow_down"] >= 1, server.stats
+    c = Manifest.load(tmp_path / "from-url")
+    assert [s.sha256 for s in c.shards] == [s.sha256 for s in b.shards]  # same job, by content
+    assert c.provenance["input"] == f"{url}-input/in.parquet"

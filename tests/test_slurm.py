@@ -54,10 +54,12 @@ def small(tmp_path_factory):
     return d / "in.parquet"
 
 
-def test_worker_jobs_give_the_embedded_clusters_dataset(tmp_path, slurm, tiny_teacher, small):
+def test_worker_jobs_give_the_embedded_clusters_dataset(tmp_path, slurm, tiny_teacher, small,
+                                                        bucket):
     """The same job through Slurm's worker jobs and the embedded cluster: byte-identical shards;
     the worker job script (printed without submitting) carries mutual TLS, the teacher resource
-    and the malloc settings; no job of ours is left in the queue after."""
+    and the malloc settings; no job of ours is left in the queue after. Worker jobs writing to
+    an s3:// output themselves (objects.py) give the same shards too."""
     script = gen(slurm, tiny_teacher, small, tmp_path / "s", *BATCH, "--print-job-script").stdout
     assert "#SBATCH" in script and "--resources teacher=1" in script
     assert "tls://127.0.0.1:" in script and "--tls-key" in script
@@ -69,6 +71,14 @@ def test_worker_jobs_give_the_embedded_clusters_dataset(tmp_path, slurm, tiny_te
     a, b = Manifest.load(tmp_path / "s"), Manifest.load(tmp_path / "e")
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
     assert not squeue(slurm, "softlabels-s")
+    p = softlabels("generate", "--teacher", tiny_teacher, "--input", small, "--output",
+                   f"{bucket}/s3", "--top-k", K, "--max-length", 96, *BATCH, "--unit-tokens",
+                   500, env={**slurm["env"], "HOME": str(tmp_path)})
+    assert "workers: 1 running" in p.stderr
+    c = Manifest.load(f"{bucket}/s3")
+    assert [s.sha256 for s in c.shards] == [s.sha256 for s in b.shards]
+    assert verify(f"{bucket}/s3") == []
+    assert any((tmp_path / ".cache/softlabels/jobs").glob("s3-*/.softlabels/tls"))  # client side
 
 
 def _killer(slurm, name: str, out: Path, log: list) -> None:

@@ -374,3 +374,66 @@ def test_push_recopies_a_same_size_object_that_is_another_file(local, bucket, tm
     assert push(local, url, log=lambda *_: None) == 3 + 2 + len(list(
         (local / "tokenizer").iterdir()))
     assert verify(url) == []
+
+
+@pytest.mark.parametrize("where", ["s3", "folder"])
+def test_a_unit_is_committed_once_whoever_writes_it_second(where, bucket, tmp_path):
+    """Two attempts of one unit (a retried task, a worker presumed dead): the first write of its
+    name commits it; the second finds the name taken, keeps nothing of its own, and says so (its
+    tokens count 0). On S3 this is the conditional write (If-None-Match: *), in a folder a link."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from softlabels.data.format import DEFAULT_LOGPROB_STEP, Encoding
+    from softlabels.data.store import store
+    from softlabels.generate import objects
+    from softlabels.generate.plan import Unit
+
+    url = f"{bucket}/job" if where == "s3" else f"file://{tmp_path}/job"
+    unit = Unit(0, 0, "unit-00000-00000-x.parquet", 2, 40)
+    enc = Encoding(k=K, logprob_step=DEFAULT_LOGPROB_STEP)
+    first, second = (synthetic_rows(2, VOCAB, K, seed=s, lengths=(20, 21)) for s in (1, 2))
+    a = objects.commit_unit(url, "shard-00000-x.parquet", unit, first, enc, {})
+    b = objects.commit_unit(url, "shard-00000-x.parquet", unit, second, enc, {})
+    assert a["tokens"] > 0 and b["tokens"] == 0
+    st = store(url)
+    data = st.cat("shard-00000-x.parquet")
+    assert hashlib.sha256(data).hexdigest() == a["sha256"] != b["sha256"]
+    ids = pq.read_table(pa.BufferReader(data)).column("input_ids").to_pylist()
+    assert ids == [r.input_ids.tolist() for r in first]
+    done = json.loads(st.cat(".softlabels/done/unit-00000-00000-x.parquet.json"))
+    assert done["sha256"] == a["sha256"]  # the record is the first attempt's, not rewritten
+
+
+def test_generate_to_a_missing_bucket_or_without_credentials_is_one_line(tiny_teacher, s3,
+                                                                         tmp_path):
+    """Before any engine or cluster starts."""
+    import os
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a b c"]}), tmp_path / "in.parquet")
+    args = ["generate", "--teacher", tiny_teacher, "--input", tmp_path / "in.parquet"]
+    t = time.time()
+    p = softlabels(*args, "--output", "s3://no-such-bucket-here/ds", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].endswith(
+        "bucket 'no-such-bucket-here' does not exist (or these credentials cannot see it); "
+        "create it first")
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, dask_env
+
+    env = {k: v for k, v in {**os.environ, **dask_env()}.items()
+           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env["HOME"] = str(tmp_path)  # no ~/.aws either
+    p = subprocess.run([sys.executable, "-m", "softlabels", *map(str, args), "--output",
+                        "s3://any-bucket/ds"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "no credentials for s3://" in p.stderr.strip().splitlines()[-1]
+    assert time.time() - t < 60 and "Dask dashboard" not in p.stderr
