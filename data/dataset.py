@@ -104,13 +104,16 @@ def hashes(path: str | os.PathLike) -> dict:
             "row_groups": out[:-1]}
 
 
+_FETCHED: dict[str, Path] = {}  # a store's tokenizer/, copied once per process
+
+
 def load_tokenizer(directory):
     """The dataset's tokenizer, or None if it carries none; it never runs code from the folder.
-    A store's tokenizer/ (a few small files) is copied to a temp folder first."""
+    A store's tokenizer/ (a few small files) is copied to a temp folder first, once a process."""
     from softlabels.data.store import store
 
     st = store(directory)
-    path = st.local / TOKENIZER_DIR if st.local is not None else None
+    path = st.local / TOKENIZER_DIR if st.local is not None else _FETCHED.get(st.url)
     if path is None:
         names = st.files(TOKENIZER_DIR)
         if not names:
@@ -119,6 +122,7 @@ def load_tokenizer(directory):
         atexit.register(shutil.rmtree, path, True)
         for name in names:
             (path / Path(name).name).write_bytes(st.cat(name))
+        _FETCHED[st.url] = path
     if not path.is_dir():
         return None
     from transformers import AutoTokenizer

@@ -197,6 +197,7 @@ class RangeCache:
         self._lock = threading.Lock()  # the reader fetches footers from several threads
         self._sizes = {e.name: e.stat().st_size for e in os.scandir(self.dir)
                        if e.is_file() and len(e.name) == 64}
+        self._total = sum(self._sizes.values())
 
     def get(self, digest: str) -> bytes | None:
         import hashlib
@@ -208,7 +209,7 @@ class RangeCache:
         if hashlib.sha256(data).hexdigest() != digest:  # a damaged cache file: fetch again
             (self.dir / digest).unlink(missing_ok=True)
             with self._lock:
-                self._sizes.pop(digest, None)
+                self._total -= self._sizes.pop(digest, 0)
             return None
         os.utime(self.dir / digest)
         self.hits += 1
@@ -225,13 +226,14 @@ class RangeCache:
             self._evict(digest, len(data))
 
     def _evict(self, digest: str, n: int) -> None:
+        self._total += n - self._sizes.get(digest, 0)
         self._sizes[digest] = n
-        if sum(self._sizes.values()) > self.limit:
+        if self._total > self.limit:
             by_age = sorted(self._sizes, key=lambda d: _mtime(self.dir / d))
-            while sum(self._sizes.values()) > self.limit and by_age:
+            while self._total > self.limit and by_age:
                 old = by_age.pop(0)
                 (self.dir / old).unlink(missing_ok=True)
-                self._sizes.pop(old)
+                self._total -= self._sizes.pop(old)
 
 
 def _mtime(path: Path) -> float:

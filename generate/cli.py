@@ -427,7 +427,9 @@ def _run(args, client, out, job, engine, corpus, fields, sampling, tok, vocab_si
                     cpu_binds=cpu_groups(n_workers) if (cpu and local) else (),
                     gpu_binds=gpu_groups(n_workers, args.tensor_parallel_size)
                     if (not cpu and local) else (),
-                    supervisor=supervisor)
+                    supervisor=supervisor,
+                    # a URL's job: remote workers may not see a local input; the client plans
+                    client_plans=is_url(out) and not local and not is_url(args.input))
     plan = run_job(driver, corpus, fields, dry_run=args.dry_run, calibrate=args.calibrate)
     if plan is None:
         return None

@@ -27,7 +27,8 @@ class Driver:
 
     def __init__(self, client, out: Path, job, engine, sampling=None, *, workers: int = 1,
                  resource: str = "teacher", retries: int = 2, rehash: bool = False,
-                 cpu_binds: tuple = (), gpu_binds: tuple = (), supervisor=None):
+                 cpu_binds: tuple = (), gpu_binds: tuple = (), supervisor=None,
+                 client_plans: bool = False):
         self.client, self.out, self.job = client, out, job
         self.engine, self.sampling = engine, sampling
         self.n_workers, self.resource, self.retries, self.rehash = workers, resource, retries, \
@@ -41,6 +42,7 @@ class Driver:
         # an --output URL: the job's state is write-once objects in the store (objects.py)
         self.st = store(out) if is_url(out) else None
         self.commits: dict[str, str] = {}  # (a URL's job) unit -> the object that commits it
+        self.client_plans = client_plans  # (a URL's job) the workers cannot read the input
 
     def _unit_task(self, u):
         from softlabels.generate.work import UnitTask
@@ -58,17 +60,15 @@ class Driver:
         from softlabels.generate.plan import PiecePlan, Plan
         from softlabels.generate.work import PlanTask, is_published, plan_task
 
-        out, fresh = self.out, False
-        if self.st is not None:  # planned here (the client holds the input), then uploaded
+        out, fresh, published = self.out, False, set()
+        if self.st is not None:
             plan = objects.load_plan(self.st)
-            if plan is None:
+            if plan is None and self.client_plans:  # here, then uploaded
                 plan, fresh = objects.make_plan(self.st, corpus, self.job, fields,
                                                 self.engine.teacher,
                                                 self.engine.trust_remote_code, budget), True
-            self.commits = objects.commit_names(plan)
-            shards = objects.recorded(self.st, plan)
-            published = objects.committed(self.st, plan) | {
-                u for s in plan.shards if s.name in shards for u in s.units}
+            if plan is not None:
+                published = self._committed(plan)
         else:
             plan = Plan.load(out)
             published = set() if plan is None else {
@@ -82,11 +82,14 @@ class Driver:
             self._release(plan.units, published)
         else:
             for p in pieces:
-                if (pp := PiecePlan.load(out, p.index)) is not None:
+                pp = objects.load_piece(self.st, p.index) if self.st else \
+                    PiecePlan.load(out, p.index)
+                if pp is not None:
                     planned[p.index] = pp
                     self._release(pp.units, published)
                     continue
-                task = PlanTask(str(out.resolve()), corpus, p, self.job, fields,
+                task = PlanTask(out if self.st else str(out.resolve()), corpus, p, self.job,
+                                fields,
                                 self.engine.teacher, self.engine.trust_remote_code, budget)
                 # planning first: workers tokenize before they take teacher work
                 f = self.client.submit(plan_task, task, key=f"plan-{p.index}-{self.job.id()}",
@@ -138,13 +141,26 @@ class Driver:
         return plan
 
     def _whole(self, pieces, planned):
-        """Every piece is planned: record the plan (plan.json) and report it."""
-
+        """Every piece is planned: record the plan (plan.json) and report it. A URL's job runs
+        its units from here: a unit's commit name depends on its shard (`commit_names`)."""
         from softlabels.generate.plan import finish_plan
 
-        plan = finish_plan(self.out, self.job, [planned[p.index] for p in pieces])
+        done = [planned[p.index] for p in pieces]
+        if self.st is not None:
+            plan = objects.finish_plan(self.st, self.job, done)
+            self._release(plan.units, self._committed(plan))
+        else:
+            plan = finish_plan(self.out, self.job, done)
         self._report(plan)
         return plan
+
+    def _committed(self, plan) -> set[str]:
+        """A URL's job: the units already committed, or inside recorded shards (two listings);
+        from here on its units know their commit names."""
+        self.commits = objects.commit_names(plan)
+        shards = objects.recorded(self.st, plan)
+        return objects.committed(self.st, plan) | {
+            u for s in plan.shards if s.name in shards for u in s.units}
 
     def _report(self, plan) -> None:
         from tqdm import tqdm
@@ -167,8 +183,8 @@ class Driver:
         """Queue the units not yet committed for the teacher workers."""
         from softlabels.generate.work import is_done
 
-        if not self.score:
-            return
+        if not self.score or (self.st is not None and not self.commits):
+            return  # (a URL's job: until the whole plan names the units' commits)
         self.bar.total += sum(u.tokens for u in units)
         for u in units:
             if u.name in published or (self.st is None and is_done(self.out, u, self.rehash)):

@@ -6,8 +6,9 @@ If-None-Match: *, `Store.create`): an object appears whole or not at all, and of
 name only the first succeeds. So every commit is one write-once object, named by the plan:
 
     .softlabels/job.json              the Job (a different job at this URL is refused)
-    .softlabels/plan/piece-NNNNN.*    the plan, made by the client (which holds the input)
-    .softlabels/plan.json             written after its pieces
+    .softlabels/plan/piece-NNNNN.*    the plan's pieces, each planned by a worker (the .json last)
+                                      or, when only the client can read the input, by the client
+    .softlabels/plan.json             written after every piece
     <shard>.parquet                   a shard of one unit: that unit's commit itself
     .softlabels/units/<unit>          a unit of a shard of several units: its commit
     .softlabels/done/<unit>.json      what a committed unit holds and cost (written after it)
@@ -56,7 +57,13 @@ def read_json(st: Store, name: str) -> dict | None:
 
 
 def check_output(url: str) -> None:
-    """Before any engine starts: the store answers, with credentials, and the bucket exists."""
+    """Before any engine starts: a store whose conditional writes we know (S3 and S3 APIs, a
+    file:// folder); it answers, with credentials; the bucket exists."""
+    scheme = url.split("://", 1)[0]
+    if scheme not in ("s3", "s3a", "file"):
+        raise UserError(f"--output {url}: workers commit units by conditional writes, which "
+                        f"softlabels uses on s3:// (AWS or any S3 API) and file:// only; generate "
+                        f"into a folder, then `softlabels push FOLDER {url}`")
     if bucket := store(url).bucket_missing():
         raise UserError(f"--output {url}: bucket '{bucket}' does not exist (or these "
                         "credentials cannot see it); create it first")
@@ -85,21 +92,64 @@ def load_plan(st: Store):
     return None if d is None else Plan.from_dict(d)
 
 
+def load_piece(st: Store, piece: int):
+    from softlabels.generate.plan import PiecePlan, Unit
+
+    d = read_json(st, f"{STATE}/plan/piece-{piece:05d}.json")
+    if d is None:
+        return None
+    d["units"] = [Unit(**u) for u in d["units"]]
+    return PiecePlan(**d)
+
+
+def _upload_pieces(st: Store, folder: Path) -> None:
+    """A temp folder's plan pieces to the store, each piece's .json after its .parquet."""
+    from softlabels.generate.state import state_dir
+
+    files = sorted((state_dir(folder) / "plan").iterdir())
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda f: st.create(f"{STATE}/plan/{f.name}", f),
+                      [f for f in files if f.suffix == ".parquet"]))
+        list(pool.map(lambda f: st.create(f"{STATE}/plan/{f.name}", f),
+                      [f for f in files if f.suffix == ".json"]))
+
+
+def plan_piece(url: str, corpus, piece, tokenizer, job, fields, response_budget: int):
+    """One piece planned on a worker (which reads the input: a URL, or the embedded cluster's
+    disk), its files written once to the store."""
+    from softlabels.generate import plan as planning
+
+    with tempfile.TemporaryDirectory(prefix="softlabels-plan-") as tmp:
+        result = planning.plan_piece(corpus, piece, tokenizer, job, Path(tmp), fields,
+                                     response_budget)
+        _upload_pieces(store(url), Path(tmp))
+    return result
+
+
+def finish_plan(st: Store, job, pieces):
+    """Every piece planned: plan.json, written once."""
+    from softlabels.generate import plan as planning
+    from softlabels.generate.state import plan_path
+
+    with tempfile.TemporaryDirectory(prefix="softlabels-plan-") as tmp:
+        plan = planning.finish_plan(Path(tmp), job, pieces)
+        st.create(PLAN, plan_path(Path(tmp)).read_bytes())
+    return plan
+
+
 def make_plan(st: Store, corpus, job, fields, teacher: str, trust_remote_code: bool,
               response_budget: int):
-    """Plan on the client, which holds the input, in a temp folder; upload the pieces, then
-    plan.json. Workers read their units' windows from the store."""
+    """Plan on the client, when only it can read the input (a local input, workers elsewhere):
+    in a temp folder, then the pieces and plan.json to the store."""
     from transformers import AutoTokenizer
 
     from softlabels.generate import plan as planning
-    from softlabels.generate.state import plan_path, state_dir
+    from softlabels.generate.state import plan_path
 
     tok = AutoTokenizer.from_pretrained(teacher, trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="softlabels-plan-") as tmp:
         plan = planning.make_plan(corpus, tok, job, Path(tmp), fields, response_budget)
-        pieces = sorted((state_dir(Path(tmp)) / "plan").iterdir())
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda f: st.create(f"{STATE}/plan/{f.name}", f), pieces))
+        _upload_pieces(st, Path(tmp))
         st.create(PLAN, plan_path(Path(tmp)).read_bytes())
     return plan
 

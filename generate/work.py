@@ -22,6 +22,7 @@ from softlabels.data.dataset import ShardInfo, sha256_file
 from softlabels.data.errors import UserError
 from softlabels.data.format import Encoding, Row
 from softlabels.data.shard import concat_shards, write_shard
+from softlabels.data.store import is_url
 from softlabels.generate.engine import EngineConfig, Responder, Sampling, Teacher, on_cpu
 from softlabels.generate.plan import Job, PiecePlan, Shard, Unit, plan_piece, read_unit
 from softlabels.generate.state import attempts_path, done_path, shard_record_path, unit_path
@@ -54,6 +55,11 @@ def plan_task(task: PlanTask) -> PiecePlan | UserError:
         _TOKENIZER[key] = AutoTokenizer.from_pretrained(
             task.teacher, trust_remote_code=task.trust_remote_code)
     try:
+        if is_url(task.out):  # an --output URL's job: the piece's files go to the store
+            from softlabels.generate import objects
+
+            return objects.plan_piece(task.out, task.corpus, task.piece, _TOKENIZER[key],
+                                      task.job, task.fields, task.response_budget)
         return plan_piece(task.corpus, task.piece, _TOKENIZER[key], task.job, Path(task.out),
                           task.fields, task.response_budget)
     except UserError as e:

@@ -409,7 +409,7 @@ def test_a_unit_is_committed_once_whoever_writes_it_second(where, bucket, tmp_pa
 
 def test_generate_to_a_missing_bucket_or_without_credentials_is_one_line(tiny_teacher, s3,
                                                                          tmp_path):
-    """Before any engine or cluster starts."""
+    """Before any engine or cluster starts; and a store without conditional writes (the Hub)."""
     import os
     import time
 
@@ -424,6 +424,9 @@ def test_generate_to_a_missing_bucket_or_without_credentials_is_one_line(tiny_te
     assert p.stderr.strip().splitlines()[-1].endswith(
         "bucket 'no-such-bucket-here' does not exist (or these credentials cannot see it); "
         "create it first")
+    p = softlabels(*args, "--output", "hf://datasets/you/run1", check=False)
+    assert p.returncode == 2 and "conditional writes" in p.stderr.strip().splitlines()[-1]
+    assert "softlabels push FOLDER hf://datasets/you/run1" in p.stderr
     import subprocess
     import sys
 
