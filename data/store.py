@@ -68,9 +68,9 @@ class Store:
         with reaching(self.where(prefix)):
             if not self.fs.isdir(self._path(prefix)):
                 return []
-            return sorted(f"{prefix}/{p.rstrip('/').rsplit('/', 1)[-1]}".lstrip("/")
-                          for p in self.fs.ls(self._path(prefix), detail=False)
-                          if self.fs.isfile(p))
+            return sorted(f"{prefix}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}".lstrip("/")
+                          for e in self.fs.ls(self._path(prefix), detail=True)
+                          if e["type"] == "file")
 
     def put(self, name: str, data: bytes) -> None:
         """Write one whole object. Locally: temp file + rename, so a reader sees the old file or

@@ -214,9 +214,7 @@ def commit_unit(url: str, name: str, unit, rows, encoding, summary: dict) -> dic
                "write_s": time.perf_counter() - t}
     if won:
         st.create(f"{STATE}/done/{unit.name}.json", json.dumps(summary).encode())
-    else:
-        summary["tokens"] = 0  # (counted once, by the attempt that committed it)
-    return summary
+    return {**summary, "committed": won}
 
 
 def _info_of(st: Store, name: str) -> dict:

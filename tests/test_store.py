@@ -379,8 +379,8 @@ def test_push_recopies_a_same_size_object_that_is_another_file(local, bucket, tm
 @pytest.mark.parametrize("where", ["s3", "folder"])
 def test_a_unit_is_committed_once_whoever_writes_it_second(where, bucket, tmp_path):
     """Two attempts of one unit (a retried task, a worker presumed dead): the first write of its
-    name commits it; the second finds the name taken, keeps nothing of its own, and says so (its
-    tokens count 0). On S3 this is the conditional write (If-None-Match: *), in a folder a link."""
+    name commits it; the second finds the name taken, keeps nothing of its own, and says so
+    (`committed`). On S3 this is the conditional write (If-None-Match: *), in a folder a link."""
     import hashlib
 
     import pyarrow as pa
@@ -397,7 +397,7 @@ def test_a_unit_is_committed_once_whoever_writes_it_second(where, bucket, tmp_pa
     first, second = (synthetic_rows(2, VOCAB, K, seed=s, lengths=(20, 21)) for s in (1, 2))
     a = objects.commit_unit(url, "shard-00000-x.parquet", unit, first, enc, {})
     b = objects.commit_unit(url, "shard-00000-x.parquet", unit, second, enc, {})
-    assert a["tokens"] > 0 and b["tokens"] == 0
+    assert a["committed"] and not b["committed"]
     st = store(url)
     data = st.cat("shard-00000-x.parquet")
     assert hashlib.sha256(data).hexdigest() == a["sha256"] != b["sha256"]
