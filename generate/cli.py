@@ -24,8 +24,9 @@ DEFAULT_SHARD_TOKENS = 1 << 22  # 10B tokens -> ~2,400 files of ~300 MB at k=64
 def add_arguments(p) -> None:
     p.add_argument("--teacher", required=True, help="Hugging Face causal-LM folder")
     p.add_argument("--input", required=True, help="Parquet file/folder, .jsonl, .txt files, "
-                   "or a datasets.save_to_disk folder")
-    p.add_argument("--output", required=True, help="dataset folder to write (resumable)")
+                   "or a datasets.save_to_disk folder; or Parquet/JSON Lines at an s3://... URL")
+    p.add_argument("--output", required=True, help="dataset folder, or s3://bucket/prefix (the "
+                   "workers write to the store), to write (resumable)")
     p.add_argument("--text-column", default="text", help="text column/field (default text)")
     p.add_argument("--prompt-column", default=None,
                    help="instruction data: prompt column (targets only on the response)")
