@@ -41,15 +41,15 @@ class Driver:
         self.times = {"engine_start": 0.0, "teacher": 0.0, "write": 0.0}
         # an --output URL: the job's state is write-once objects in the store (objects.py)
         self.st = store(out) if is_url(out) else None
+        self.where = out if self.st else str(Path(out).resolve())  # what the tasks are given
         self.commits: dict[str, str] = {}  # (a URL's job) unit -> the object that commits it
         self.client_plans = client_plans  # (a URL's job) the workers cannot read the input
 
     def _unit_task(self, u):
         from softlabels.generate.work import UnitTask
 
-        return UnitTask(self.out if self.st else str(self.out.resolve()), u, self.engine,
-                        self.job.encoding, self.cpus, self.gpus, self.sampling,
-                        commit=self.commits.get(u.name, ""))
+        return UnitTask(self.where, u, self.engine, self.job.encoding, self.cpus, self.gpus,
+                        self.sampling, commit=self.commits.get(u.name, ""))
 
     def plan_and_score(self, corpus, fields, budget, score: bool = True):
         """-> the plan (None if a piece failed); units run as their pieces are planned (with
@@ -88,9 +88,8 @@ class Driver:
                     planned[p.index] = pp
                     self._release(pp.units, published)
                     continue
-                task = PlanTask(out if self.st else str(out.resolve()), corpus, p, self.job,
-                                fields,
-                                self.engine.teacher, self.engine.trust_remote_code, budget)
+                task = PlanTask(self.where, corpus, p, self.job, fields, self.engine.teacher,
+                                self.engine.trust_remote_code, budget)
                 # planning first: workers tokenize before they take teacher work
                 f = self.client.submit(plan_task, task, key=f"plan-{p.index}-{self.job.id()}",
                                        retries=self.retries, priority=10, pure=False)
@@ -249,7 +248,7 @@ class Driver:
                                           retries=self.retries, pure=False): s for s in todo}
         else:
             todo = [s for s in plan.shards if not is_published(self.out, s, self.rehash)]
-            futures = {self.client.submit(merge_shard, MergeTask(str(self.out.resolve()), s),
+            futures = {self.client.submit(merge_shard, MergeTask(self.where, s),
                                           key=f"shard-{s.name}", retries=self.retries,
                                           pure=False): s for s in todo}
         for f in tqdm(as_completed(futures), total=len(todo), desc="shards", leave=False,

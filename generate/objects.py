@@ -240,6 +240,8 @@ def merge_shard(url: str, shard) -> dict:
         done = read_json(st, f"{STATE}/done/{shard.units[0]}.json")
         info = {k: done[k] for k in ShardInfo.__dataclass_fields__} if done else \
             _info_of(st, shard.name)
+    elif st.exists(shard.name):  # an earlier merge wrote it, then stopped before its record
+        info = _info_of(st, shard.name)
     else:
         with tempfile.TemporaryDirectory(prefix="softlabels-merge-") as tmp:
             paths = [Path(tmp) / f"{i}.parquet" for i in range(len(shard.units))]
@@ -251,7 +253,7 @@ def merge_shard(url: str, shard) -> dict:
             finally:
                 for fh in handles:
                     fh.close()
-            if not st.create(shard.name, Path(tmp) / shard.name):  # an earlier merge's
+            if not st.create(shard.name, Path(tmp) / shard.name):  # a merge at the same time
                 info = _info_of(st, shard.name)
     info["file"] = shard.name
     st.create(f"{STATE}/shards/{shard.name}.json", json.dumps(info).encode())
