@@ -1,8 +1,6 @@
 """`python -m softlabels ...` is the `softlabels` command (what `accelerate launch -m` runs)."""
 
-import sys
-
-from softlabels.cli import main
+from softlabels.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -153,5 +153,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `softlabels` command (and `python -m softlabels`): main(), then an exit that skips
+    native teardown. Arrow's C++ thread pool can abort the process while the interpreter
+    finalizes, after every byte of work and the last line are out ("terminate called without an
+    active exception", exit -6; apache/arrow#34314): here ~1 in 12 `verify` runs before they
+    stopped using its threads, and a `train` refusal under load in a fresh clone's suite. So:
+    join our threads, run the atexit handlers (temp folders, logging, multiprocessing), flush,
+    and leave by os._exit, which runs no C++ destructors. main() itself stays an ordinary call
+    for whoever embeds it."""
+    import atexit
+    import os
+    import threading
+
+    code = main()
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
