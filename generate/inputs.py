@@ -72,7 +72,7 @@ class Corpus:
             import pyarrow.parquet as pq
 
             for f in self.files:  # file rows [start, end); a large row group is split
-                pf = pq.ParquetFile(_open(f))
+                pf = pq.ParquetFile(_source(f))
                 self._check_column(pf.schema_arrow.names, f)
                 start = row = 0
                 size = 0.0
@@ -133,7 +133,7 @@ class Corpus:
     def _parquet(self, piece: Piece) -> Iterator[tuple]:
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(_open(piece.files[0]))
+        pf = pq.ParquetFile(_source(piece.files[0]))
         first = 0  # the file row that starts row group g
         for g in range(pf.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -188,6 +188,11 @@ class Corpus:
         for a in range(piece.start, piece.end, 1024):
             batch = ds[a : min(a + 1024, piece.end)]
             yield from zip(*(batch[c] for c in self.columns))
+
+
+def _source(f):
+    """What pyarrow opens: a local path itself (its native reader), a URL through fsspec."""
+    return _open(f) if is_url(f) else f
 
 
 def _open(f):
