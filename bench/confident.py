@@ -222,6 +222,7 @@ def as_format_3(src: Path, dst: Path) -> Path:
     import pyarrow.parquet as pq
 
     from softlabels.data.dataset import hashes
+    from softlabels.data.format import FLAGS
 
     if (dst / "manifest.json").is_file():
         return dst
@@ -232,12 +233,15 @@ def as_format_3(src: Path, dst: Path) -> Path:
         f = dst / shard["file"]
         t = pq.read_table(f).drop_columns(["tail_mass_q", "label_logprob_q"])
         meta = {k: v for k, v in t.schema.metadata.items()
-                if k not in (b"softlabels.tail_step", b"softlabels.label_step")}
+                if k not in (b"softlabels.tail_step", b"softlabels.label_step")
+                and k.decode().removeprefix("softlabels.") not in FLAGS}
         meta[b"softlabels.format_version"] = b"3"
         pq.write_table(pa.Table.from_batches(t.to_batches(), t.schema.with_metadata(meta)), f,
                        compression="zstd", compression_level=9)
         shard.update(hashes(f))
     d["format_version"] = 3
+    for flag in FLAGS:
+        d.pop(flag, None)
     (dst / "manifest.json").write_text(json.dumps(d, indent=2))
     return dst
 

@@ -10,8 +10,15 @@ from softlabels.data.atomic import write_text
 from softlabels.data.manifest import Manifest
 
 
+def front_matter(files: list[str], tags: list[str]) -> str:
+    """The Hugging Face card's YAML: `datasets.load_dataset(DIR)` and the Hub's viewer read
+    exactly these files as the train split."""
+    listed = "\n".join(f"          - {f}" for f in files)
+    return ("---\nconfigs:\n  - config_name: default\n    data_files:\n      - split: train\n"
+            f"        path:\n{listed}\ntags:\n" + "".join(f"  - {t}\n" for t in tags) + "---\n")
+
+
 def render(m: Manifest) -> str:
-    files = "\n".join(f"          - {s.file}" for s in m.shards)
     prov = "\n".join(f"| {k} | `{v}` |" for k, v in m.provenance.items())
     what = " and ".join(
         ([f"the teacher's top-{m.k} next-token log-probabilities"] if m.k else [])
@@ -19,25 +26,31 @@ def render(m: Manifest) -> str:
             f"{m.sample_temperature:g}{', outside the top-k' * m.tail_draws}), as distinct ids "
             "and counts"] if m.draws else []))
     columns, decoding = [], []
+    tail_column = m.k and m.format_version >= 4
     if m.k:
+        over = (f"renormalised over the {m.k} (the source stored no mass outside them)"
+                if m.topk_renormalised else f"over the full vocabulary ({m.vocab_size} tokens)")
         columns += [
             f"| topk_id_gaps | list<int32[{m.k}]> | teacher's top-{m.k} ids per position, "
             "ascending, gap-coded |",
             f"| topk_logprobs_q | list<uint16[{m.k}]> | their quantised log-probs, same order |"]
-        if m.exact:
-            columns.append("| tail_mass_q | list<uint16> | the teacher's exact mass outside "
-                           "the top-k per position, log-coded |")
+        if tail_column:
+            columns.append("| tail_mass_q | list<uint16> | the " + (
+                "teacher's exact mass" if m.exact_tail else "mass (not exact: see below)")
+                + " outside the top-k per position, log-coded |")
         decoding.append(
             f"Top-k: per position, `ids = cumsum(topk_id_gaps[t])`, `logprobs = "
             f"-{m.logprob_step!r} * topk_logprobs_q[t]`: natural-log probabilities at "
-            f"temperature 1 over the full vocabulary ({m.vocab_size} tokens), in id order "
+            f"temperature 1 {over}, in id order "
             "(sort by descending logprob for rank order); the mass outside them is " + (
                 f"`tail = exp(-{m.tail_step!r} * q)` if `q = tail_mass_q[t]` < 32768, else "
-                f"`1 - exp(-{m.tail_step!r} * (q - 32768))`: exact (the smaller of the tail and "
-                "the top-k's mass is log-coded, so both have a relative error of at most half the "
-                "step; `1 - sum(exp(logprobs))` does not: rounding the top-k loses the tail at "
-                "confident positions)." if m.exact else
-                "`1 - sum(exp(logprobs))`."))
+                f"`1 - exp(-{m.tail_step!r} * (q - 32768))`" + (
+                    ": exact (the smaller of the tail and the top-k's mass is log-coded, so both "
+                    "have a relative error of at most half the step; `1 - sum(exp(logprobs))` "
+                    "does not: rounding the top-k loses the tail at confident positions)."
+                    if m.exact_tail else ", 0 here." if m.topk_renormalised else
+                    ": 1 - the sum of the source's unrounded top-k, not the teacher's exact "
+                    "tail.") if tail_column else "`1 - sum(exp(logprobs))`."))
     if m.draws:
         columns += [
             "| sample_id_gaps | list<list<int32>> | distinct drawn ids per position, ascending, "
@@ -50,25 +63,16 @@ def render(m: Manifest) -> str:
             "unbiased estimate of the teacher's probability of each id" + (
                 " given that it is outside the top-k: multiply by the tail mass. A position "
                 "whose top-k holds all the mass has no draws." if m.tail_draws else "."))
-    if m.exact:
+    if m.label_logprobs and m.format_version >= 4:
         columns.append("| label_logprob_q | list<uint16> | the teacher's log-prob of the next "
                        "token per position |")
         decoding.append(f"Label: per position, `label_logprob = -{m.label_step!r} * "
                         "label_logprob_q[t]` is the teacher's log-prob of `input_ids[t+1]` "
                         "(0 is stored where the mask is false and at the last position).")
-    return f"""---
-configs:
-  - config_name: default
-    data_files:
-      - split: train
-        path:
-{files}
-tags:
-  - knowledge-distillation
-  - soft-labels
-  - softlabels
----
-
+    lacks = _lacks(m)
+    head = front_matter([s.file for s in m.shards],
+                        ["knowledge-distillation", "soft-labels", "softlabels"])
+    return f"""{head}
 # Soft-label dataset (softlabels format v{m.format_version})
 
 Per token, {what}, stored so a student can be trained without running the teacher again.
@@ -87,12 +91,37 @@ Per token, {what}, stored so a student can be trained without running the teache
 `manifest.json`.
 
 Check the files against the manifest with `softlabels verify <this folder>`.
-
+{lacks}
 ## Provenance
 | field | value |
 |---|---|
 {prov}
 """
+
+
+def _lacks(m: Manifest) -> str:
+    """A section saying what an imported dataset's source did not store, and what that rules
+    out (every recipe that needs it is refused by `softlabels train`)."""
+    src = m.provenance.get("imported_from")
+    if not src:
+        return ""
+    gone = []
+    if m.topk_renormalised:
+        gone.append("the teacher's mass outside the top-k: the source stored the top-k "
+                    "renormalised over the k, so only `--residual none` is exact on it")
+    elif m.k and not m.exact_tail:
+        gone.append("an exact tail: the mass outside the top-k is 1 - the sum of the source's "
+                    "stored top-k" + (", whose values past the first exact_k are a polynomial "
+                                      "fit (an approximation)" if src == "distillkit" else ""))
+    if not m.label_logprobs:
+        gone.append("the label log-prob where the observed token fell outside the stored ids "
+                    "(the label residual's exact form and cross-tokenizer students need it)")
+    if not m.draws:
+        gone.append("draws from the teacher's distribution")
+    items = "".join(f"\n- {g}" for g in gone)
+    return (f"\n## What the source ({src}) did not store\n{items}\n\nHow its rows were "
+            "mapped (trimming, packing, alignment) is in softlabels' FORMAT.md, \"Imported "
+            "datasets\".\n")
 
 
 def write_card(directory: str | os.PathLike, m: Manifest) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from softlabels.data.format import (
+    TAIL_FLAG,
     Encoding,
     Flat,
     FormatError,
@@ -24,11 +25,12 @@ from softlabels.data.format import (
 def check_rows(rows: list[Row], enc: Encoding) -> None:
     """Raise FormatError naming the first row that does not fit `enc`, before it is written."""
     for r in rows:
-        check_row(r, enc.k, enc.draws)
+        check_row(r, enc.k, enc.draws, enc.label_logprobs)
 
 
-def check_row(row: Row, k: int, draws: int = 0) -> None:
-    """Raise FormatError naming what is wrong with a row before it is written."""
+def check_row(row: Row, k: int, draws: int = 0, label: bool = True) -> None:
+    """Raise FormatError naming what is wrong with a row before it is written (`label`: the
+    encoding stores the label's log-prob)."""
     T = len(row.input_ids)
     problems = []
     if k and (row.topk_ids.shape != (T, k) or row.topk_logprobs.shape != (T, k)):
@@ -54,7 +56,9 @@ def check_row(row: Row, k: int, draws: int = 0) -> None:
         problems.append(f"target_mask shaped {row.target_mask.shape}, expected ({T},)")
     if k and (row.tail_logprob is None or row.tail_logprob.shape != (T,)):
         problems.append(f"tail_logprob missing or not shaped ({T},)")
-    if row.label_logprob is None or row.label_logprob.shape != (T,):
+    if not label:
+        pass
+    elif row.label_logprob is None or row.label_logprob.shape != (T,):
         problems.append(f"label_logprob missing or not shaped ({T},)")
     elif row.target_mask.shape == (T,) and np.isnan(
             row.label_logprob[:-1][row.target_mask[:-1].astype(bool)]).any():
@@ -121,7 +125,7 @@ def problems(batch: pa.RecordBatch, f: Flat | None, vocab_size: int, enc: Encodi
                           ).sum(-1)
             mark(row_of[m & (mass > np.exp(enc.logprob_step / 2) + 1e-5)],
                  "probabilities sum to more than 1")
-        if enc.exact:
+        if enc.tail_column or enc.label_logprobs:
             _check_exact(f, enc, mark)
         if enc.draws:
             pos = np.repeat(np.arange(len(m)), f.s_lens)
@@ -147,12 +151,14 @@ def problems(batch: pa.RecordBatch, f: Flat | None, vocab_size: int, enc: Encodi
 
 
 def _check_exact(f: Flat, enc: Encoding, mark) -> None:
-    """Version 4's columns: nothing stored where there is no value; the top-k and the tail sum to
-    1 within their rounding (each decoded value is within a factor exp(step / 2) of the truth);
-    the label's log-prob equals its top-k entry within both roundings, or, outside the top-k,
-    is at most the tail."""
+    """The tail and label columns (version 4 on): nothing stored where there is no value; the
+    top-k and the tail sum to 1 within their rounding (each decoded value is within a factor
+    exp(step / 2) of the truth), and a renormalised top-k has no tail; the label's log-prob
+    equals its top-k entry within both roundings, or, outside the top-k, is at most the tail."""
     m, has, row_of = f.mask, f.has_label, f.row_of
-    stray = ~has & (f.label_q != 0)
+    stray = np.zeros(len(m), bool)
+    if f.label_q is not None:
+        stray |= ~has & (f.label_q != 0)
     if f.tail_q is not None:
         stray |= ~m & (f.tail_q != 0)
     mark(row_of[stray], "a tail or label value stored where the position has none")
@@ -164,6 +170,11 @@ def _check_exact(f: Flat, enc: Encoding, mark) -> None:
     total = np.exp(lp).sum(-1) + np.exp(log_tail)
     mark(row_of[m & (np.abs(total - 1) > np.expm1(max(s, ts) / 2) + 1e-5)],
          "the top-k and the tail mass do not sum to 1")
+    if enc.topk_renormalised:
+        mark(row_of[m & (f.tail_q != TAIL_FLAG - 1)],
+             "a tail stored beside a top-k renormalised over the k")
+    if f.label_q is None:
+        return
     ids = np.cumsum(f.gaps, -1, dtype=np.int64)
     nxt = np.append(f.tokens[1:], -1).astype(np.int64)  # the next token (within a row: `has`)
     at = ids == nxt[:, None]

@@ -22,10 +22,11 @@ import pyarrow as pa
 from softlabels.data.errors import UserError
 
 FORMAT_NAME = "softlabels"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # version 1: top-k only; 2: with top-k, the draws come from the whole distribution; 3: no exact
-# tail mass or label log-prob
-READS_VERSIONS = (1, 2, 3, 4)
+# tail mass or label log-prob; 4: both; 5: what the tail and label columns hold is stated per
+# dataset (imports from other tools lack one or both)
+READS_VERSIONS = (1, 2, 3, 4, 5)
 DEFAULT_LOGPROB_STEP = 1 / 16
 # Steps of the two version-4 columns, chosen by measurement (BENCHMARKS.md, "Confident teachers"):
 # relative error of the tail mass and of the label's probability at most exp(step / 2) - 1.
@@ -47,8 +48,14 @@ DECODING_RULE = (
     "tail[t] = exp(-tail_step * q) if q < 32768 else 1 - exp(-tail_step * (q - 32768)), q = "
     "tail_mass_q[t], is the teacher's exact mass outside the top-k (with k > 0); "
     "label_logprob[t] = -label_step * label_logprob_q[t] is its log-prob of "
-    "input_ids[t+1] (0 stored where the mask is false and at the last position)."
+    "input_ids[t+1] (0 stored where the mask is false and at the last position). Version 5 "
+    "states what these hold: softlabels.exact_tail (false: 1 - the sum of the source's "
+    "unrounded top-k, not the teacher's mass outside it), softlabels.label_logprobs (false: no "
+    "label_logprob_q column) and softlabels.topk_renormalised (true: the top-k log-probs are "
+    "normalised over the k, the tail is 0)."
 )
+# Version 5's flags (schema metadata and manifest keys): what the columns hold, per dataset.
+FLAGS = ("exact_tail", "label_logprobs", "topk_renormalised")
 
 
 class FormatError(UserError):
@@ -70,7 +77,7 @@ class Row:
     response: str | None = None  # teacher-written response text (--generate-responses)
     sample_ids: np.ndarray | None = None  # (T, U) int32 distinct drawn ids, ascending
     sample_counts: np.ndarray | None = None  # (T, U) uint16 their counts; 0 pads a position
-    # version 4 (None when read from older versions):
+    # version 4 (None when read from older versions, or from a version 5 dataset without them):
     tail_logprob: np.ndarray | None = None  # (T,) float32 log of the mass outside the top-k
     label_logprob: np.ndarray | None = None  # (T,) float32 log p(input_ids[t+1]); NaN: none
 
@@ -109,11 +116,31 @@ class Encoding:
     version: int = FORMAT_VERSION
     tail_step: float = TAIL_STEP  # version 4
     label_step: float = LABEL_STEP  # version 4
+    # Version 5 states these; before it they follow from the version (None: that default).
+    # exact_tail: the tail column is the teacher's mass outside the top-k from its logits (False:
+    # 1 - the source's unrounded top-k, in a dataset imported from another tool).
+    exact_tail: bool | None = None
+    label_logprobs: bool | None = None  # the label_logprob_q column is stored
+    topk_renormalised: bool | None = None  # the top-k log-probs are normalised over the k
 
     def __post_init__(self):
         """Numbers only a damaged or hand-made file holds are refused here, where every reader
         and the writer build their Encoding: a step of inf or 0 decodes every log-prob to -inf or
         0 (targets that are no distribution, found by no other check)."""
+        v4 = self.version >= 4
+        for name, default in zip(FLAGS, (v4, v4, False)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+            elif not isinstance(getattr(self, name), bool):
+                raise FormatError(f"{name} {getattr(self, name)!r} is not true or false: a "
+                                  "damaged or hand-edited dataset")
+        if self.version < 5 and (self.exact_tail, self.label_logprobs,
+                                 self.topk_renormalised) != (v4, v4, False):
+            raise FormatError(f"format {self.version} cannot state exact_tail, label_logprobs "
+                              "or topk_renormalised (version 5 can)")
+        if self.topk_renormalised and (self.exact_tail or not self.k):
+            raise FormatError("topk_renormalised with an exact tail (or without a top-k): a "
+                              "renormalised top-k has no tail; a damaged or hand-edited dataset")
         for name in ("logprob_step", "tail_step", "label_step"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v)
@@ -140,21 +167,29 @@ class Encoding:
 
     @property
     def exact(self) -> bool:
-        """Whether the file stores the exact tail mass and the label's log-prob (version 4)."""
-        return self.version >= 4
+        """Whether the file stores the teacher's exact tail mass (with a top-k) and the label's
+        log-prob: every dataset `generate` writes since version 4, no import."""
+        return self.version >= 4 and self.label_logprobs and (self.exact_tail or not self.k)
+
+    @property
+    def tail_column(self) -> bool:
+        """Whether shards have `tail_mass_q` (version 4 on, with a top-k)."""
+        return self.version >= 4 and self.k > 0
 
     @property
     def list_columns(self) -> tuple[str, ...]:
         """The per-position list columns a row of this encoding has, each with T entries."""
-        topk = ("topk_id_gaps", "topk_logprobs_q") + ("tail_mass_q",) * self.exact
+        topk = ("topk_id_gaps", "topk_logprobs_q") + ("tail_mass_q",) * self.tail_column
         return (("input_ids", "target_mask") + topk * bool(self.k)
                 + ("sample_id_gaps", "sample_counts") * bool(self.draws)
-                + ("label_logprob_q",) * self.exact)
+                + ("label_logprob_q",) * self.label_logprobs)
 
     def matches(self, m) -> bool:
         """Whether a manifest (or another Encoding) describes the same numbers: k, the steps,
-        the draws, and what the columns mean (format 3's draws, format 4's exact columns)."""
-        steps = ("k", "logprob_step", "draws") + ("tail_step", "label_step") * self.exact
+        the draws, and what the columns mean (format 3's draws, version 4's exact columns,
+        version 5's flags)."""
+        steps = (("k", "logprob_step", "draws") + ("tail_step", "label_step") *
+                 (self.version >= 4) + FLAGS)
         return (all(getattr(self, a) == getattr(m, a) for a in steps)
                 and (self.tail_draws, self.exact) == (m.tail_draws, m.exact))
 
@@ -173,6 +208,14 @@ class Encoding:
                 f"{', '.join(map(str, READS_VERSIONS))}: use the softlabels release that wrote "
                 "it, or regenerate the dataset"
             )
+        flags = {}
+        if version >= 5:
+            for name in FLAGS:
+                v = meta.get(f"softlabels.{name}")
+                if v not in ("true", "false"):
+                    raise FormatError(f"schema metadata: softlabels.{name} is {v!r}, expected "
+                                      "true or false")
+                flags[name] = v == "true"
         try:
             return cls(k=int(meta["softlabels.k"]),
                        logprob_step=float(meta["softlabels.logprob_step"]),
@@ -180,7 +223,7 @@ class Encoding:
                        sample_temperature=float(meta.get("softlabels.sample_temperature", 1.0)),
                        version=version,
                        tail_step=float(meta.get("softlabels.tail_step", TAIL_STEP)),
-                       label_step=float(meta.get("softlabels.label_step", LABEL_STEP)))
+                       label_step=float(meta.get("softlabels.label_step", LABEL_STEP)), **flags)
         except (KeyError, ValueError) as e:
             raise FormatError(f"schema metadata: {type(e).__name__} {e} (a key missing or not "
                               "a number)") from None
@@ -207,6 +250,7 @@ def schema(enc: Encoding, with_response: bool = False) -> pa.Schema:
         "softlabels.sample_temperature": repr(float(enc.sample_temperature)),
         "softlabels.tail_step": repr(float(enc.tail_step)),
         "softlabels.label_step": repr(float(enc.label_step)),
+        **{f"softlabels.{name}": str(getattr(enc, name)).lower() for name in FLAGS},
         "softlabels.decoding": DECODING_RULE,
     }
     topk = [
@@ -226,6 +270,7 @@ def schema(enc: Encoding, with_response: bool = False) -> pa.Schema:
         ]
         + topk + samples
         + [pa.field("label_logprob_q", pa.list_(pa.uint16()), nullable=False)]
+        * enc.label_logprobs
         + ([pa.field("response", pa.string())] if with_response else []),
         metadata=meta,
     )
@@ -289,20 +334,21 @@ def encode(rows: list[Row], enc: Encoding) -> pa.RecordBatch:
     k, logprob_step, draws = enc.k, enc.logprob_step, enc.draws
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     offsets[1:] = np.cumsum([len(r.input_ids) for r in rows])
-    gaps, qs, toks, mask = [], [], [], []
-    for r in rows:
-        m = r.target_mask.astype(bool)
-        ids = np.where(m[:, None], r.topk_ids, 0).astype(np.int64)
-        by_id = np.argsort(ids, axis=-1, kind="stable")
-        ids = np.take_along_axis(ids, by_id, -1)
-        lp = np.where(m[:, None], np.take_along_axis(r.topk_logprobs, by_id, -1), 0.0)
-        gap = np.diff(ids, axis=-1, prepend=0).astype(np.int32)
-        if (gap[m, 1:] == 0).any():
-            raise FormatError(f"row {r.row_id}: a position lists the same token id twice")
-        gaps.append(gap)
-        qs.append(quantise(lp, logprob_step))
-        toks.append(r.input_ids.astype(np.int32))
-        mask.append(m)
+    mask = [r.target_mask.astype(bool) for r in rows]
+    toks = [r.input_ids.astype(np.int32) for r in rows]
+    m = np.concatenate(mask)
+    # all rows' positions at once: each sorted by id (ids distinct where the mask is true)
+    ids = np.where(m[:, None], np.concatenate([r.topk_ids for r in rows]), 0).astype(np.int64)
+    by_id = np.argsort(ids, axis=-1)
+    ids = np.take_along_axis(ids, by_id, -1)
+    lp = np.where(m[:, None], np.take_along_axis(np.concatenate([r.topk_logprobs for r in rows]),
+                                                 by_id, -1), 0.0)
+    gap = np.diff(ids, axis=-1, prepend=0).astype(np.int32)
+    twice = m & (gap[:, 1:] == 0).any(-1) if k > 1 else np.zeros(len(m), bool)
+    if twice.any():
+        r = rows[int(np.searchsorted(offsets, np.flatnonzero(twice)[0], side="right")) - 1]
+        raise FormatError(f"row {r.row_id}: a position lists the same token id twice")
+    gaps, qs = [gap], [quantise(lp, logprob_step)]
     pa_offsets = pa.array(offsets)
 
     def nested(chunks, typ):
@@ -316,7 +362,7 @@ def encode(rows: list[Row], enc: Encoding) -> pa.RecordBatch:
     tails = [np.where(m, encode_tail(r.tail_logprob, enc.tail_step), 0)
              for r, m in zip(rows, mask)] if k else []
     labels = [quantise(np.where(_has_label(m), r.label_logprob, 0.0), enc.label_step)
-              for r, m in zip(rows, mask)]
+              for r, m in zip(rows, mask)] if enc.label_logprobs else []
     with_response = any(r.response is not None for r in rows)
     s = schema(enc, with_response)
     return pa.RecordBatch.from_arrays(
@@ -327,7 +373,7 @@ def encode(rows: list[Row], enc: Encoding) -> pa.RecordBatch:
         ]
         + ([nested(gaps, pa.int32()), nested(qs, pa.uint16()), flat(tails)] if k else [])
         + (_encode_samples(rows, pa_offsets) if draws else [])
-        + [flat(labels)]
+        + ([flat(labels)] if enc.label_logprobs else [])
         + ([pa.array([r.response for r in rows], pa.string())] if with_response else []),
         schema=s,
     )
@@ -423,11 +469,24 @@ def flatten(batch: pa.RecordBatch, enc: Encoding) -> Flat | None:
             return None
         f.s_gaps = ids.flatten().to_numpy()
         f.s_counts = counts.flatten().to_numpy()
-    if enc.exact:
+    if enc.label_logprobs:
         f.label_q = batch.column("label_logprob_q").flatten().to_numpy()
-        if k:
-            f.tail_q = batch.column("tail_mass_q").flatten().to_numpy()
+    if enc.tail_column:
+        f.tail_q = batch.column("tail_mass_q").flatten().to_numpy()
     return f
+
+
+def list_column(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """(offsets from 0, values) of a list column, slicing honoured: how the layout readers
+    (distillkit.py, axolotl.py) walk another tool's nested columns without a Python loop."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    off = col.offsets.to_numpy().astype(np.int64)
+    return off - off[0], col.flatten()
+
+
+def row_at(offsets: np.ndarray, p: int) -> int:
+    """The row holding flat position p, given the rows' offsets."""
+    return int(np.searchsorted(offsets, p, side="right") - 1)
 
 
 def padded_samples(f: Flat) -> tuple[np.ndarray, np.ndarray]:
@@ -466,10 +525,10 @@ def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding, flat: Flat | None = 
                              dequantise(f.q, enc.logprob_step))
     s_ids, s_counts = padded_samples(f) if enc.draws else (None, None)
     tail = label = None
-    if enc.exact:
+    if enc.label_logprobs:
         label = np.where(f.has_label, dequantise(f.label_q, enc.label_step), np.nan)
-        if enc.k:
-            tail = decode_tail(f.tail_q, enc.tail_step)
+    if enc.tail_column:
+        tail = decode_tail(f.tail_q, enc.tail_step)
     responses = cols["response"].to_pylist() if "response" in cols else None
     rows = []
     for i, rid in enumerate(cols["row_id"].to_pylist()):

@@ -14,6 +14,7 @@ from pathlib import Path
 from softlabels.data.atomic import write_text
 from softlabels.data.dataset import MANIFEST, ShardInfo
 from softlabels.data.format import (
+    FLAGS,
     FORMAT_NAME,
     FORMAT_VERSION,
     LABEL_STEP,
@@ -40,6 +41,11 @@ class Manifest:
     index: dict | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    # Version 5: what the tail and label columns hold (None: what the version implies; a dataset
+    # imported from another tool states what its source lacks). Encoding has the rules.
+    exact_tail: bool | None = None
+    label_logprobs: bool | None = None
+    topk_renormalised: bool | None = None
     # The meaning of the stored numbers, explicit so a reader restates nothing.
     targets: dict = field(
         default_factory=lambda: {
@@ -58,10 +64,22 @@ class Manifest:
     )
 
     def __post_init__(self):
+        v4 = self.format_version >= 4
+        for name, default in zip(FLAGS, (v4, v4, False)):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         t = dict(self.targets)
         if not self.k:  # no top-k columns: their order and tail describe nothing here
             t.pop("order", None)
             t.pop("missing_mass", None)
+        elif self.topk_renormalised:
+            t["normalised_over"] = f"the {self.k} stored ids (renormalised by the source)"
+            t["missing_mass"] = "unknown: the source stored the top-k renormalised (tail 0)"
+        elif not self.exact_tail and v4:
+            t["missing_mass"] = ("1 - the sum of the source's unrounded top-k (not exact: "
+                                 "tail_mass_q codes it as for an exact tail)")
+        if not self.label_logprobs:
+            t.pop("label_logprob", None)
         if self.draws and "samples" not in t:
             t["samples"] = (
                 f"sample_counts / {self.draws} estimates the teacher's probability of each "
@@ -74,7 +92,8 @@ class Manifest:
     def encoding(self) -> Encoding:
         """The encoding every shard's schema must state (its fields are this manifest's)."""
         return Encoding(self.k, self.logprob_step, self.draws, self.sample_temperature,
-                        self.format_version, self.tail_step, self.label_step)
+                        self.format_version, self.tail_step, self.label_step, self.exact_tail,
+                        self.label_logprobs, self.topk_renormalised)
 
     @property
     def tail_draws(self) -> bool:
@@ -83,9 +102,17 @@ class Manifest:
 
     @property
     def exact(self) -> bool:
-        """Whether the shards store the exact tail mass and the label's log-prob (version 4);
-        older datasets give the tail only as 1 - sum(decoded top-k) and no label log-prob."""
+        """Whether the shards store the exact tail mass and the label's log-prob (version 4 on);
+        older datasets give the tail only as 1 - sum(decoded top-k) and no label log-prob, and
+        imported ones state what their source lacked (`exact_tail`, `label_logprobs`)."""
         return self.encoding.exact
+
+    @property
+    def what(self) -> str:
+        """What this dataset is, for messages about what it lacks: "format 3", "imported from
+        distillkit"."""
+        src = self.provenance.get("imported_from") if isinstance(self.provenance, dict) else None
+        return f"imported from {src}" if src else f"format {self.format_version}"
 
     @property
     def rows(self) -> int:
@@ -139,7 +166,8 @@ class Manifest:
 _TYPES = {"k": int, "logprob_step": float, "vocab_size": int, "draws": int,
           "sample_temperature": float, "tail_step": float, "label_step": float,
           "provenance": dict, "shards": list, "index": (dict, type(None)), "format": str,
-          "format_version": int,
+          "format_version": int, "exact_tail": bool, "label_logprobs": bool,
+          "topk_renormalised": bool,
           "targets": dict}
 _SHARD_TYPES = {"file": str, "rows": int, "tokens": int, "sha256": str, "bytes": int,
                 "footer": (list, type(None)), "row_groups": (list, type(None))}
@@ -174,7 +202,7 @@ def _typed(d, path) -> dict:
                 raise FormatError(f"{path}: {where}{key!r} is {v!r}, expected a JSON "
                                   f"{want.__name__}")
 
-    check(d, _TYPES, _REQUIRED, "")
+    check(d, _TYPES, _REQUIRED + FLAGS * (d.get("format_version") >= 5), "")
     if not 1 <= d["vocab_size"] < 1 << 31:  # (k and draws: the Encoding's own range check)
         raise FormatError(f"{path}: vocab_size {d['vocab_size']} is out of range")
     index = d.get("index")

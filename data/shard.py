@@ -8,6 +8,7 @@ checks every value it decodes, against `vocab_size` when given.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -18,43 +19,82 @@ from softlabels.data.atomic import atomic_path
 from softlabels.data.checks import BadRows, check_rows, problems
 from softlabels.data.counts import (
     ROW_COUNT_KEYS,
+    count_of,
     count_rows,
     encode_row_counts,
     read_row_counts,
-    row_counts,
 )
 from softlabels.data.dataset import ShardInfo, hashes
 from softlabels.data.format import LEAF_COLUMNS, Encoding, Row, decode, encode, flatten, schema
 
 ZSTD_LEVEL = 9
+# A converter is bound by the writer (40 % of an import's time at level 9), a teacher run is
+# not: level 3 wrote an imported shard 2.5x faster for 1.3 % more bytes (BENCHMARKS.md,
+# "Importing DistillKit sets").
+FAST_ZSTD_LEVEL = 3
 ROW_GROUP_TOKENS = 32768  # reader memory is one row group: ~32k tokens x k entries
-
-
-def _row_groups(rows: list[Row], max_tokens: int):
-    group, tokens = [], 0
-    for r in rows:
-        if group and tokens + len(r.input_ids) > max_tokens:
-            yield group
-            group, tokens = [], 0
-        group.append(r)
-        tokens += len(r.input_ids)
-    if group:
-        yield group
 
 
 def write_shard(path: str | os.PathLike, rows: list[Row], enc: Encoding,
                 row_group_tokens: int = ROW_GROUP_TOKENS) -> ShardInfo:
     """Encode `rows` into `path` atomically; return its manifest entry."""
+    with shard_writer(path, enc, any(r.response is not None for r in rows),
+                      row_group_tokens) as w:
+        w.add(rows)
+    return w.info
+
+
+class ShardWriter:
+    """Rows in, in any number of calls; row groups of ~`row_group_tokens` out as they fill, so a
+    converter holds one row group, not a shard. The footer's row counts are added at the end."""
+
+    def __init__(self, tmp: Path, enc: Encoding, with_response: bool, row_group_tokens: int,
+                 level: int = ZSTD_LEVEL):
+        self.enc, self.group_tokens = enc, row_group_tokens
+        self.writer = _writer(tmp, schema(enc, with_response), level)
+        self.pending: list[Row] = []
+        self.tokens = 0  # in `pending`
+        self.counts: list[np.ndarray] = []
+        self.info: ShardInfo | None = None  # set once the shard is committed
+
+    def add(self, rows: list[Row]) -> None:
+        check_rows(rows, self.enc)
+        for r in rows:
+            if self.pending and self.tokens + len(r.input_ids) > self.group_tokens:
+                self._flush()
+            self.pending.append(r)
+            self.tokens += len(r.input_ids)
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.writer.write_batch(encode(self.pending, self.enc))
+            self.counts.append(count_of(self.pending))
+            self.pending, self.tokens = [], 0
+
+    def close(self) -> tuple[int, int]:
+        """(rows, tokens) written; the file is complete after this."""
+        self._flush()
+        counts = np.hstack(self.counts) if self.counts else np.zeros((3, 0), np.int64)
+        self.writer.add_key_value_metadata(encode_row_counts(counts))
+        self.writer.close()
+        return counts.shape[1], int(counts[0].sum())
+
+
+@contextlib.contextmanager
+def shard_writer(path: str | os.PathLike, enc: Encoding, with_response: bool = False,
+                 row_group_tokens: int = ROW_GROUP_TOKENS, level: int = ZSTD_LEVEL):
+    """A ShardWriter whose file becomes `path` atomically on a clean exit (its manifest entry is
+    then `.info`); on an exception nothing appears."""
     path = Path(path)
-    check_rows(rows, enc)
     with atomic_path(path) as tmp:
-        s = schema(enc, any(r.response is not None for r in rows))
-        with _writer(tmp, s.with_metadata({**s.metadata, **_encoded(row_counts(rows))})) as w:
-            for group in _row_groups(rows, row_group_tokens):
-                w.write_batch(encode(group, enc))
-        hashed = hashes(tmp)
-    return ShardInfo(file=path.name, rows=len(rows),
-                     tokens=int(sum(len(r.input_ids) for r in rows)), **hashed)
+        w = ShardWriter(tmp, enc, with_response, row_group_tokens, level)
+        try:
+            yield w
+        except BaseException:
+            w.writer.close()  # (the temp file goes with atomic_path)
+            raise
+        rows, tokens = w.close()
+        w.info = ShardInfo(file=path.name, rows=rows, tokens=tokens, **hashes(tmp))
 
 
 def read_shard(path: str | os.PathLike, vocab_size: int | None = None
@@ -109,14 +149,14 @@ def _encoded(meta: dict[str, str]) -> dict[bytes, bytes]:
     return {k.encode(): v.encode() for k, v in meta.items()}
 
 
-def _writer(path: Path, s) -> pq.ParquetWriter:
+def _writer(path: Path, s, level: int = ZSTD_LEVEL) -> pq.ParquetWriter:
     """Id gaps and quantised log-probs get BYTE_STREAM_SPLIT (so zstd sees the near-constant high
     bytes as one run) and no dictionary (a dictionary of 32k+ ids is larger than the data)."""
     return pq.ParquetWriter(
         path,
         s,
         compression="zstd",
-        compression_level=ZSTD_LEVEL,
+        compression_level=level,
         use_dictionary=["row_id"],
         column_encoding={leaf: "BYTE_STREAM_SPLIT" for col, leaf in LEAF_COLUMNS.items()
                          if col in s.names},

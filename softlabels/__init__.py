@@ -5,4 +5,4 @@ and are mapped here by pyproject.toml: `softlabels.data` (the format both sides 
 `softlabels.generate` (the teacher side), `softlabels.train_student` (the student side).
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -66,6 +66,32 @@ def _pull(args) -> int:
     return 0
 
 
+def _import(args) -> int:
+    import json
+    import os
+
+    from softlabels.data.convert import plan_import, run_import
+    from softlabels.generate.cluster import connect, tls_security
+
+    job = plan_import(args.src, args.out, args.kind, args.tokenizer, args.compression_config,
+                      args.vocab_size, args.logprob_step)  # every check before any worker
+    security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
+    workers = args.workers or len(os.sched_getaffinity(0))
+    with connect(args.scheduler, workers, "import", security) as client:
+        summary = run_import(job, args.out, client)
+    print(json.dumps(summary))
+    return 0
+
+
+def _export(args) -> int:
+    import json
+
+    from softlabels.data.convert import export_dataset
+
+    print(json.dumps(export_dataset(args.dir, args.out, args.to)))
+    return 0
+
+
 def _demo(args) -> int:
     from softlabels.demo import main
 
@@ -120,6 +146,37 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("url", help="source URL")
     pl.add_argument("dir", help="local folder")
     pl.set_defaults(func=_pull)
+
+    im = sub.add_parser("import", help="another tool's soft-label dataset (DistillKit, axolotl) "
+                        "into this format (streamed, on Dask workers, resumable)")
+    im.add_argument("src", help="the source: a Parquet file, a folder or URL of them, or a local "
+                    "save_to_disk folder")
+    im.add_argument("out", help="the new dataset's folder")
+    im.add_argument("--from", dest="kind", required=True, choices=("distillkit", "axolotl"),
+                    help="the source's layout")
+    im.add_argument("--tokenizer", default=None, help="the teacher's tokenizer (a folder), where "
+                    "the source carries none; its vocabulary is the dataset's")
+    im.add_argument("--compression-config", default=None, metavar="FILE",
+                    help="DistillKit's compression_config.yaml, where the source has none")
+    im.add_argument("--vocab-size", type=int, default=None, help="the teacher's output size where "
+                    "it exceeds its tokenizer's (padded embeddings); default: the tokenizer's")
+    im.add_argument("--logprob-step", type=float, default=1 / 16,
+                    help="quantisation step of the stored log-probs in nats (default 1/16)")
+    im.add_argument("--workers", type=int, default=None,
+                    help="embedded cluster workers (default: this machine's cores)")
+    im.add_argument("--scheduler", default=None, help="tls://host:port of a running `dask "
+                    "scheduler` whose workers share OUT's filesystem")
+    im.add_argument("--tls-ca-file", default=None, help="CA certificate of the cluster")
+    im.add_argument("--tls-cert", default=None, help="this client's certificate")
+    im.add_argument("--tls-key", default=None, help="this client's private key")
+    im.set_defaults(func=_import)
+
+    ex = sub.add_parser("export", help="a dataset as another tool's columns (axolotl's KD "
+                        "trainer), streamed, with a card saying what was dropped")
+    ex.add_argument("dir", help="dataset folder or URL")
+    ex.add_argument("out", help="the new folder")
+    ex.add_argument("--to", required=True, choices=("axolotl",), help="the layout written")
+    ex.set_defaults(func=_export)
 
     d = sub.add_parser("demo", help="the whole pipeline on the shipped corpus (`make demo`)")
     demo_args(d)

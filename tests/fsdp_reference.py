@@ -15,10 +15,13 @@ STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
 
 
 def build(data: str):
-    cfg = dict(STUDENT, vocab_size=Manifest.load(data).vocab_size)
+    """(model, config, the dataset's resolved recipe)."""
+    m = Manifest.load(data)
+    cfg = dict(STUDENT, vocab_size=m.vocab_size)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
-    return model, TrainConfig(student="-", data=data, output="-", chunk=16)
+    tc = TrainConfig(student="-", data=data, output="-", chunk=16)
+    return model, tc, tc.recipe().for_dataset(m, data)
 
 
 def micro_batches(data: str, n: int) -> list[list]:

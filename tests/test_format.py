@@ -20,6 +20,7 @@ from softlabels.data.card import publish
 from softlabels.data.checks import bad_rows, check_rows
 from softlabels.data.format import (
     DEFAULT_LOGPROB_STEP,
+    FLAGS,
     FORMAT_VERSION,
     LABEL_STEP,
     TAIL_STEP,
@@ -436,7 +437,8 @@ def test_footer_counts_that_lie_are_caught(tmp_path, real_rows):
     m = make_dataset(tmp_path, rows, vocab, shards=1)
     path = tmp_path / m.shards[0].file
     t = pq.read_table(path)
-    meta = dict(t.schema.metadata)
+    meta = {**t.schema.metadata, **pq.ParquetFile(path).metadata.metadata}  # (counts: the file's)
+    del meta[b"ARROW:schema"]
     targets = np.frombuffer(base64.b64decode(meta[b"softlabels.row_targets"]), "<u4").copy()
     targets[1] += 1
     meta[b"softlabels.row_targets"] = base64.b64encode(targets.tobytes())
@@ -559,31 +561,37 @@ def test_bad_samples_are_flagged(real_rows):
 
 def as_version(path: Path, version: int) -> None:
     """Rewrite a dataset written by this package as an older format version: without version
-    4's columns and steps, without version 2's draws keys for version 1."""
+    5's flags, without version 4's columns and steps, without version 2's draws keys for
+    version 1."""
     from softlabels.data.dataset import hashes
 
     d = json.loads((path / "manifest.json").read_text())
+    flags = [f"softlabels.{f}".encode() for f in FLAGS]
     for shard in d["shards"]:
         f = path / shard["file"]
-        t = pq.read_table(f).drop_columns(["tail_mass_q", "label_logprob_q"])
-        meta = {k: v for k, v in t.schema.metadata.items() if not k.endswith(b"_step") or
-                k == b"softlabels.logprob_step"}
+        t = pq.read_table(f)
+        if version < 4:
+            t = t.drop_columns(["tail_mass_q", "label_logprob_q"])
+        meta = {k: v for k, v in t.schema.metadata.items() if k not in flags and (
+            version >= 4 or not k.endswith(b"_step") or k == b"softlabels.logprob_step")}
         if version == 1:
             meta = {k: v for k, v in meta.items() if b"draws" not in k and b"sample" not in k}
         meta[b"softlabels.format_version"] = str(version).encode()
         pq.write_table(pa.Table.from_batches(t.to_batches(), t.schema.with_metadata(meta)), f)
         shard.update(hashes(f))
     d["format_version"] = version
-    for key in ("tail_step", "label_step") + (("draws", "sample_temperature") * (version == 1)):
+    for key in (FLAGS + ("tail_step", "label_step") * (version < 4)
+                + ("draws", "sample_temperature") * (version == 1)):
         d.pop(key)
     (path / "manifest.json").write_text(json.dumps(d))
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_older_versions_are_still_read(tmp_path, real_rows, version):
     """Version 1: top-k only, no draws keys. Version 2: draws beside a top-k came from the whole
     distribution (version 3's from outside the top-k), which the manifest tells the trainer.
-    Versions 1-3 have no exact tail or label log-prob: the rows say so (None)."""
+    Versions 1-3 have no exact tail or label log-prob: the rows say so (None). Version 4 has
+    both, with no flags saying so (version 5 states them)."""
     rows, vocab = real_rows
     draws = 20 if version > 1 else 0
     if draws:
@@ -594,9 +602,12 @@ def test_older_versions_are_still_read(tmp_path, real_rows, version):
     back = {r.row_id: r for r in SoftLabelReader(tmp_path)}
     assert back.keys() == {r.row_id for r in rows}
     assert all((back[r.row_id].sample_ids is None) == (version == 1) for r in rows)
-    assert all(r.tail_logprob is None and r.label_logprob is None for r in back.values())
+    assert all((r.tail_logprob is None and r.label_logprob is None) == (version < 4)
+               for r in back.values())
     m = Manifest.load(tmp_path)
-    assert m.tail_draws == (version == 3) and not m.exact  # (train allows --targets samples on 2)
+    assert m.tail_draws == (version >= 3) and m.exact == (version == 4)  # (train allows
+    # --targets samples on 2)
+    assert (m.exact_tail, m.label_logprobs, m.topk_renormalised) == (version == 4,) * 2 + (False,)
 
 
 def test_tail_code_is_exact_from_one_hot_to_flat():

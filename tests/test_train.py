@@ -149,6 +149,52 @@ def test_chunked_sparse_loss_matches_dense_reference(loss, residual, T, confiden
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss,residual,transform,T", [
+    ("forward_kl", "label", "none", 1.0), ("forward_kl", "ground_truth", "softcap", 1.0),
+    ("reverse_kl", "tail", "divide", 1.0), ("jsd", "none", "none", 2.0),
+    ("tvd", "label", "scale", 1.0), ("skew_kl", "none", "softcap", 0.5)])
+def test_the_head_gradient_computed_in_the_forward_pass_is_the_recomputed_one(
+        loss, residual, transform, T):
+    """With the loss's coefficients given, each chunk's gradient is built from its softmax in
+    place (autograd on the buckets' few inputs only, no recompute): the sums and the gradients
+    of hidden states, weight and bias equal the checkpointed path's, for every loss, residual,
+    family transform and temperature, at any outer scale; a loss that weighs the sums otherwise
+    is refused, not given a wrong gradient."""
+    from softlabels.data.heads import LogitTransform
+
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 37, 16, 50
+    torch.manual_seed(0)
+    head = torch.nn.Linear(H, V, bias=True)
+    teacher = _teacher(N, V, 0.9, g)
+    lp, ids = teacher.topk(K, -1)
+    rest = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[-1] = -1
+    label_lp = torch.where(labels >= 0, teacher.gather(-1, labels.clamp(min=0)[:, None])[:, 0],
+                           torch.nan)
+    h0 = torch.randn(N, H, generator=g)
+    kw = dict(loss=loss, residual=residual, chunk=8, beta=0.3, temperature=T,
+              transform=LogitTransform(transform, None if transform == "none" else 3.0))
+    coef = torch.tensor([0.3, 0.7])
+    got = []
+    for c in (None, coef):
+        h = h0.clone().requires_grad_()
+        head.zero_grad()
+        kd, ce = kd_ce_sums(h, head, ids, lp.float(), rest.float(), label_lp.float(), labels,
+                            coef=c, **kw)
+        (2.5 * (coef[0] * kd + coef[1] * ce)).backward()
+        got.append((kd.detach(), ce.detach(), h.grad, head.weight.grad.clone(),
+                    head.bias.grad.clone()))
+    for a, b in zip(*got):  # (float32 sums in another order: TVD's kinks move ~2e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    h = h0.clone().requires_grad_()
+    kd, ce = kd_ce_sums(h, head, ids, lp.float(), rest.float(), label_lp.float(), labels,
+                        coef=coef, **kw)
+    with pytest.raises(RuntimeError, match="not as the coefficients"):
+        (kd + ce).backward()
+
+
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
 def test_a_one_hot_teacher_bounds_reverse_kl_and_jsd(loss):
     """A teacher whose rest is below what float32 resolves (stored as 0): reverse KL with the
@@ -214,7 +260,8 @@ def test_reverse_kl_on_a_tail_from_rounded_top_k_is_refused():
     with pytest.raises(UserError, match="reverse_kl with --residual tail.*format 3"):
         Recipe(loss="reverse_kl", residual="tail").for_dataset(old, "old")
     Recipe(loss="reverse_kl", residual="none").for_dataset(old, "old")  # renormalised: fine
-    Recipe(loss="reverse_kl", residual="tail").for_dataset(replace(old, format_version=4), "new")
+    new = Manifest(k=K, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=100, format_version=4)
+    Recipe(loss="reverse_kl", residual="tail").for_dataset(new, "new")
     draws = Manifest(k=0, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=100, draws=8)
     said = Recipe().for_dataset(draws, "d").describe(draws)
     assert "tail" not in said, said  # draws alone have no tail to be exact about
@@ -674,7 +721,8 @@ def test_config_file_then_flags(tmp_path, dataset):
     assert log(out)["steps"] == 2
     for bad, needle in (({"lerning_rate": 1}, "unknown option(s) lerning_rate"),
                         ({"max_steps": "two"}, "max_steps should be int"),
-                        ({"temperature": 2.0}, "with a residual (tail or label) is not exact"),
+                        ({"temperature": 2.0, "residual": "label"},
+                         "with a residual (tail or label) is not exact"),
                         ({"residual": "ghost"}, "--residual 'ghost': choose from")):
         cfg.write_text(yaml.safe_dump(bad))
         p = softlabels("train", "--config", cfg, "--output", out, check=False)
@@ -914,8 +962,9 @@ def test_micro_batches_without_targets_train_on(tmp_path, with_context_rows):
 # ---------------------------------------------------------------- FSDP
 
 def test_distiller_under_fsdp_equals_unsharded(tmp_path, dataset):
-    """The chunked lm_head under sharded parameters: 2 CPU processes (gloo) with torch's FSDP2
-    give the gradients of one unsharded process over both micro-batches, the same eval metrics
+    """The chunked lm_head under sharded parameters: 2 CPU processes (gloo) with torch's FSDP2,
+    the head's gradient computed in the forward pass, give the gradients of one unsharded process
+    over both micro-batches (recomputing the head in the backward pass), the same eval metrics
     and the same full state dict. (Accelerate's FSDP plugin refuses a machine without GPUs, so
     `accelerate launch --use_fsdp` itself runs only there; this runs the same sharding.)"""
     from softlabels.train_student.batches import collate
@@ -932,8 +981,8 @@ def test_distiller_under_fsdp_equals_unsharded(tmp_path, dataset):
                        cwd=REPO, env=dask_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(out, weights_only=False)  # written by the test itself
-    model, cfg = build(str(dataset))
-    distiller = Distiller(model, [cfg.recipe()], cfg.chunk)
+    model, cfg, recipe = build(str(dataset))
+    distiller = Distiller(model, [recipe], cfg.chunk)
     chunks = micro_batches(str(dataset), 2)
     kd_n = sum(int(r.target_mask.sum()) for c in chunks for r in c)
     loss = sum(distiller(collate(c, model.config.vocab_size))[0].sum() for c in chunks) / kd_n

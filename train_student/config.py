@@ -55,7 +55,7 @@ class Recipe:
     beta: float = 0.5
     ce_weight: float | None = None
     temperature: float = 1.0
-    residual: str = "label"
+    residual: str = "auto"
 
     def problems(self) -> list[str]:
         errors = []
@@ -69,10 +69,12 @@ class Recipe:
             errors.append("--beta must be in (0, 1)")
         if self.temperature <= 0:
             errors.append("--temperature must be > 0")
-        elif self.residual != "none" and self.temperature != 1.0 and self.ce_weight != 1.0:
+        elif (self.residual not in ("none", "auto") and self.temperature != 1.0
+              and self.ce_weight != 1.0):
             errors.append(TAIL_TEMPERATURE)
-        if self.residual not in RESIDUALS:
-            errors.append(f"--residual {self.residual!r}: choose from {', '.join(RESIDUALS)}")
+        if self.residual not in ("auto", *RESIDUALS):
+            errors.append(f"--residual {self.residual!r}: choose from auto, "
+                          f"{', '.join(RESIDUALS)}")
         return errors
 
     def for_dataset(self, m, name: str) -> Recipe:
@@ -85,8 +87,8 @@ class Recipe:
         if targets == "auto":
             targets = "both" if m.k and m.draws else "samples" if m.draws else "topk"
         if targets != "topk" and not m.draws:
-            raise UserError(f"--targets {targets}: {name} has no sampled targets (generate "
-                            "it with --samples N)")
+            raise UserError(f"--targets {targets}: {name} has no sampled targets ({m.what}; "
+                            "`softlabels generate --samples N` writes them)")
         if targets == "samples" and m.tail_draws:
             raise UserError(f"--targets samples: the draws of {name} come from outside its "
                             "top-k, so alone they miss its head: use --targets both (or auto)")
@@ -99,31 +101,47 @@ class Recipe:
                             "sum is no distribution of the teacher's: use --targets topk (or "
                             "regenerate the draws at --sample-temperature 1)")
         ce = DEFAULT_CE[targets] if self.ce_weight is None else self.ce_weight
+        residual = self.residual
+        if residual == "auto":  # the best measured for what the dataset stores
+            residual = ("none" if m.topk_renormalised else "label" if m.label_logprobs else
+                        "ground_truth")
+            if residual != "none" and self.temperature != 1.0 and ce < 1.0:
+                raise UserError(TAIL_TEMPERATURE)
+        elif residual == "label" and not m.label_logprobs and ce < 1.0 and targets != "samples":
+            raise UserError(f"--residual label: {name} ({m.what}) has no label log-probs; "
+                            "--residual ground_truth puts the teacher's whole rest onto the real "
+                            "next token (auto picks it for such a dataset)")
         if targets != "topk" and ce < 1.0 and (self.loss != "forward_kl" or
                                                self.temperature != 1.0 or
-                                               self.residual == "none"):
+                                               residual == "none"):
             raise UserError(SAMPLED_ONLY_FORWARD_KL)
+        if m.topk_renormalised and residual != "none" and ce < 1.0:
+            raise UserError(f"--residual {residual}: {name} ({m.what}) stores its top-k "
+                            "renormalised over the k, so the teacher's mass outside it is "
+                            "unknown; use --residual none (the default there)")
         if (targets == "topk" and self.loss != "forward_kl" and ce < 1.0 and (
-                self.residual == "ground_truth" or self.residual == "label" and not m.exact)):
-            raise UserError(f"{name} (format {m.format_version}): {LABEL_RESIDUAL_LOSS}")
-        if (self.loss == "reverse_kl" and self.residual != "none" and ce < 1.0
-                and not m.exact):
-            raise UserError(f"--loss reverse_kl with --residual {self.residual}: {name} (format "
-                            f"{m.format_version}) has no exact tail, only 1 - its rounded top-k, "
-                            "which is 0 where the teacher is confident (8,498 nats/token against "
-                            "5.77 measured); use --residual none, or regenerate it (format 4)")
-        return replace(self, targets=targets, ce_weight=ce)
+                residual == "ground_truth" or residual == "label" and not m.label_logprobs)):
+            raise UserError(f"{name} ({m.what}): {LABEL_RESIDUAL_LOSS}")
+        if (self.loss == "reverse_kl" and residual != "none" and ce < 1.0
+                and not (m.exact_tail and m.format_version >= 4)):
+            raise UserError(f"--loss reverse_kl with --residual {residual}: {name} ({m.what}) "
+                            "has no exact tail, only 1 - its stored top-k, which is 0 where the "
+                            "teacher is confident (8,498 nats/token against 5.77 measured); use "
+                            "--residual none, or regenerate it with `softlabels generate`")
+        return replace(self, targets=targets, ce_weight=ce, residual=residual)
 
     def describe(self, m) -> str:
         """What a resolved recipe trains on a dataset with manifest `m`, in words."""
         what = {"topk": f"top-{m.k}", "samples": f"{m.draws} draws",
                 "both": f"top-{m.k} + {m.draws} draws" + " outside it" * m.tail_draws}
         rest = {"tail": "the rest as a tail bucket", "none": "renormalised",
-                "label": "the real next token's own mass" if m.exact else
+                "label": "the real next token's own mass" if m.label_logprobs else
                 "the rest onto the real next token",
                 "ground_truth": "the rest onto the real next token"}
-        exact = ("" if self.targets == "samples" else " (exact tail)" if m.exact else
-                 " (tail from the rounded top-k, format < 4)")  # draws alone have no tail
+        exact = ("" if self.targets == "samples" else  # draws alone have no tail
+                 " (exact tail)" if m.exact_tail and m.format_version >= 4 else
+                 f" (renormalised by its source, {m.what})" if m.topk_renormalised else
+                 f" (tail from 1 - its top-k, {m.what})")
         return (f"{what[self.targets]}{exact}, {self.loss}"
                 + (f", {rest[self.residual]}" if self.targets == "topk" else "")
                 + f", CE weight {self.ce_weight:g}")
@@ -163,11 +181,12 @@ class TrainConfig:
     # The defaults (label residual, ce_weight 0.5) are the best stored-top-k recipe measured
     # (BENCHMARKS.md, "Where the mass outside the top-k goes"): better than CE-only on the mean of
     # 3 seeds; the tail bucket + 0.5 CE only matched it.
-    residual: str = opt("label", "where the teacher's mass outside the top-k goes: label (the real "
-                                 "next token its own mass, the rest a tail bucket), ground_truth "
-                                 "(all of it onto the real next token; forward_kl), tail (a "
-                                 "(k+1)-th bucket), or none (renormalise the top-k)",
-                        choices=RESIDUALS)
+    residual: str = opt("auto", "where the teacher's mass outside the top-k goes: label (the real "
+                                "next token its own mass, the rest a tail bucket), ground_truth "
+                                "(all of it onto the real next token; forward_kl), tail (a "
+                                "(k+1)-th bucket), none (renormalise the top-k), or auto: label, "
+                                "none where the dataset's top-k is renormalised (imported)",
+                        choices=("auto", *RESIDUALS))
     student_tokenizer: str | None = opt(None, "tokenizer folder of a fresh student (--student "
                                               "a config file) other than the teacher's: the "
                                               "training is then cross-tokenizer")
@@ -204,7 +223,8 @@ class TrainConfig:
     save_every: int = opt(0, "steps between checkpoints")
     resume: bool = opt(False, "continue from the latest checkpoint in OUTPUT")
     seed: int = opt(0, "seed of the data order and initialisation")
-    chunk: int = opt(1024, "positions per lm_head chunk (memory)")
+    chunk: int = opt(0, "positions per lm_head chunk (memory: ~3 x chunk x vocab floats at "
+                        "once); 0: 2^26 / vocab, rounded to a power of 2 in [64, 4096]")
     cpu: bool = opt(False, "train on the CPU even if a GPU exists")
     report_to: tuple[str, ...] = opt(("tensorboard",), "trackers, any Accelerate supports "
                                                        "(tensorboard, wandb, mlflow, ...)")
@@ -235,8 +255,8 @@ class TrainConfig:
         if self.cross_loss not in CROSS_LOSSES:
             errors.append(f"--cross-loss {self.cross_loss!r}: choose from "
                           f"{', '.join(CROSS_LOSSES)}")
-        if self.batch_tokens < 1 or self.grad_accum < 1 or self.chunk < 1:
-            errors.append("--batch-tokens, --grad-accum and --chunk must be >= 1")
+        if self.batch_tokens < 1 or self.grad_accum < 1 or self.chunk < 0:
+            errors.append("--batch-tokens and --grad-accum must be >= 1, --chunk >= 0")
         if self.max_steps <= 0 and self.epochs <= 0:
             errors.append("give --max-steps N or --epochs N")
         if not (self.cache_gb > 0 and math.isfinite(self.cache_gb)):

@@ -435,11 +435,13 @@ class Cross:
                             f"{mix.folders[same.index(False)]} another: train the datasets of "
                             "another tokenizer in a run of their own")
         for reader, f in zip(mix.readers, mix.folders):
-            if not reader.manifest.exact:
+            m = reader.manifest
+            if not m.exact:
                 raise UserError(
-                    f"{f} (format {reader.manifest.format_version}) has no label log-probs, which "
-                    "distillation into a student with its own tokenizer needs: regenerate it "
-                    "with this softlabels (format 4)")
+                    f"{f} ({m.what}) has no " + ("label log-probs" if not m.label_logprobs else
+                                                 "exact tail") + ", which distillation into a "
+                    "student with its own tokenizer needs: regenerate it with `softlabels "
+                    "generate`")
         student = check_student(tokenizer, "the student's tokenizer")
         kind, note = cfg.cross_loss, ""
         if kind == "auto":  # the best measured, where the student's tokenizer allows it
@@ -465,7 +467,12 @@ class Cross:
         return collate_cross(rows, sources, self.teachers, self.tokenizer,
                              list(targets or self.targets), self.kind != "alm")
 
-    def sums(self, h, batch: CrossBatch, head, chunk: int, transform) -> torch.Tensor:
+    def coefficients(self, counts, device=None) -> None:
+        """None: the cross losses' chunks are recomputed in the backward pass."""
+        return None
+
+    def sums(self, h, batch: CrossBatch, head, chunk: int, transform, coef=None
+             ) -> torch.Tensor:
         return cross_sums(h, batch, head, chunk, transform)
 
     def step_counts(self, plan, group, mine, reduce) -> list[float]:

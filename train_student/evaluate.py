@@ -24,6 +24,7 @@ from softlabels.train_student.batches import collate, token_batches
 from softlabels.train_student.losses import (
     NEG,
     divergence,
+    head_chunk,
     head_logits,
     student_buckets,
     teacher_buckets,
@@ -31,7 +32,7 @@ from softlabels.train_student.losses import (
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, num_parts=1,
+def evaluate(model, data, batch_tokens=8192, chunk=0, device="cpu", part=0, num_parts=1,
              reduce=None, tokenizer=None) -> dict:
     """Held-out metrics of `model` (see the module docstring); `tokenizer`: the model's, where it
     may differ from the dataset's."""
@@ -53,6 +54,7 @@ def evaluate(model, data, batch_tokens=8192, chunk=1024, device="cpu", part=0, n
             raise
         tb = None  # no bits per byte: its tokens do not keep their bytes
     vocab = model.get_output_embeddings().weight.shape[0]
+    chunk = head_chunk(vocab, chunk)
     lm_head = model.get_output_embeddings()
     transform = logit_transform(model.config, "student")
     # ce, ce tokens, kl over the top-k buckets, top1 hits, target tokens, bytes of the ce

@@ -31,6 +31,7 @@ from softlabels.data.errors import UserError
 from softlabels.data.format import Row
 from softlabels.data.heads import decoder_of, logit_transform
 from softlabels.data.store import is_url
+from softlabels.train_student.losses import head_chunk
 from softlabels.train_student.objective import SameTokenizer
 
 _MARK = "softlabels"  # key of the dataset's description that names its folder
@@ -117,8 +118,8 @@ class DistillationTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's token counts
 
     def __init__(self, *args, targets="auto", loss: str = "forward_kl", ce_weight=None,
-                 temperature: float = 1.0, beta: float = 0.5, residual: str = "label",
-                 chunk: int = 1024, cross_loss: str = "auto", **kwargs):
+                 temperature: float = 1.0, beta: float = 0.5, residual: str = "auto",
+                 chunk: int = 0, cross_loss: str = "auto", **kwargs):
         from softlabels.data.dataset import load_tokenizer
         from softlabels.data.manifest import Manifest
         from softlabels.train_student.config import TrainConfig
@@ -194,7 +195,9 @@ class DistillationTrainer(Trainer):
                      and self.accelerator.num_processes > 1 else 1)  # DDP averages gradients
         else:  # evaluation: this batch alone
             counts, scale = self.objective.batch_counts(inputs), 1
-        sums = self.objective.sums(hidden[0], self.objective.unpack(inputs),
-                                   inner.get_output_embeddings(), self.chunk, transform)
+        head = inner.get_output_embeddings()
+        sums = self.objective.sums(hidden[0], self.objective.unpack(inputs), head,
+                                   head_chunk(head.weight.shape[0], self.chunk), transform,
+                                   self.objective.coefficients(counts, hidden[0].device))
         loss = self.objective.loss(sums, counts) * scale
         return (loss, {"loss": loss.detach()}) if return_outputs else loss

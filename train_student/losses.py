@@ -49,6 +49,9 @@ from softlabels.train_student.config import (  # the choices, declared with the 
 )
 
 NEG = -1e4  # log-prob of an absent bucket: exp() is 0, and 0 * NEG stays finite
+# ~3 (chunk, vocab) float32 blocks exist at once per head chunk (logits, their softmax, their
+# gradient): 2**26 floats a block keeps that near 0.8 GB at any vocabulary
+HEAD_CHUNK_FLOATS = 1 << 26
 # Reverse KL weighs -log p by the student's mass, so one teacher bucket stored as 0 (a tail the
 # teacher's float32 exponentials could not resolve: below about V e^-87) would cost 1e4 nats per
 # unit of student mass. Teacher log-probs below this floor count as the floor: a stated lower
@@ -110,21 +113,41 @@ def student_buckets(logits: torch.Tensor, ids: torch.Tensor, residual: str = "ta
                     ) -> torch.Tensor:
     """(N, V) student logits (already / T) and (N, S) ids (-1: no target) -> bucket log-probs,
     matching teacher_buckets."""
+    at_label = None if labels is None else logits.gather(-1, labels.clamp(min=0)[:, None])
+    return buckets_of(logits.gather(-1, ids.clamp(min=0)),
+                      torch.logsumexp(logits, -1, keepdim=True), at_label, ids, residual,
+                      labels, label_lp)
+
+
+def buckets_of(at_ids: torch.Tensor, lse: torch.Tensor, at_label: torch.Tensor | None,
+               ids: torch.Tensor, residual: str = "tail", labels: torch.Tensor | None = None,
+               label_lp: torch.Tensor | None = None) -> torch.Tensor:
+    """The student's buckets from what they depend on: its logits at the ids (N, S) and at the
+    label (N, 1), and their log-normaliser (N, 1). Every bucket is a function of these few
+    numbers, which is why the head's gradient needs no (N, V) graph (_HeadGradientInForward)."""
     absent = ids < 0
-    at_ids = logits.gather(-1, ids.clamp(min=0))
     if residual == "none":
         return torch.log_softmax(at_ids.masked_fill(absent, NEG), -1)
-    lse = torch.logsumexp(logits, -1, keepdim=True)
     lq = (at_ids - lse).masked_fill(absent, NEG)
     none = torch.full_like(lse, NEG)
     if residual == "tail":
         return torch.cat([lq, none, log_tail(lq)], -1)
     _, own = _label_slots(ids, labels)
-    extra = torch.where(own, logits.gather(-1, labels.clamp(min=0)[:, None]) - lse, none)
+    extra = torch.where(own, at_label - lse, none)
     # the rest's bucket: there with the label's log-prob stored, or with no label (tail)
     has_tail = torch.isfinite(label_lp)[:, None] | (labels < 0)[:, None]
     return torch.cat([lq, extra, torch.where(has_tail, log_tail(torch.cat([lq, extra], -1)),
                                              none)], -1)
+
+
+def head_chunk(vocab: int, chunk: int = 0) -> int:
+    """Positions per output-head chunk: `chunk`, or for 0 the power of 2 nearest
+    HEAD_CHUNK_FLOATS / vocab in [64, 4096] (512 at Qwen's 151,936 ids, 4096 at 16k and below):
+    at 152k ids, 1024 held 5.3 GB at its peak and 512 3.6 GB for 10 % more time a step
+    (BENCHMARKS.md, "Beside the field's trainers")."""
+    if chunk:
+        return chunk
+    return int(min(4096, max(64, 2 ** round(math.log2(HEAD_CHUNK_FLOATS / max(vocab, 1))))))
 
 
 def head_logits(h: torch.Tensor, weight: torch.Tensor, bias,
@@ -166,6 +189,112 @@ def _chunk_sums(h, weight, bias, ids, lp, rest, label_lp, labels, has_label, los
     return kd, ce
 
 
+def _softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax, log-normaliser) of (n, V) logits, the softmax written over `x`: one block."""
+    m = x.amax(-1, keepdim=True)
+    x.sub_(m).exp_()
+    total = x.sum(-1, keepdim=True)
+    return x.div_(total), m + total.log()
+
+
+def _chunk_gradient(raw, coef, ids, lp, rest, label_lp, labels, has_label, loss, beta,
+                    temperature, residual, transform):
+    """One chunk's KD and CE sums, and the gradient of coef[0] KD + coef[1] CE with respect to its
+    raw head outputs, built in place from the softmax.
+
+    Every student bucket is a function of the logits at the ids and at the label and of the
+    log-normaliser (`buckets_of`), so autograd runs on those (n, S + 2) numbers only; the dense
+    part of the gradient is the softmax times d/d(log-normaliser), plus those few entries. At
+    most two (n, V) blocks exist (one with the family's plain head and temperature 1), where
+    autograd through the (n, V) logits holds five."""
+    T = temperature
+    plain = transform.kind == "none" or not transform.factor
+    x = raw.float()
+    del raw  # (a bfloat16 block under autocast: x is the float32 one)
+    if not plain:  # the family's transform, kept for its derivative at the end
+        x = x.detach().requires_grad_()
+        with torch.enable_grad():
+            logits = transform(x)
+        out = logits
+        logits = logits.detach().clone()
+    else:
+        logits = x
+    lab = labels.clamp(min=0)[:, None]
+    at_label1 = logits.gather(-1, lab)
+    scaled = logits / T if T != 1.0 else logits
+    at_ids, at_label = scaled.gather(-1, ids.clamp(min=0)), scaled.gather(-1, lab)
+    q, lse = _softmax_(scaled)  # the KD's softmax (at T), over the logits' own block at T = 1
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (lse, at_ids, at_label)]
+        lse_, at_ids_, at_label_ = leaves
+        kd = divergence(
+            teacher_buckets(lp.masked_fill(ids < 0, NEG), rest, T, residual, ids, labels,
+                            label_lp),
+            buckets_of(at_ids_, lse_, at_label_, ids, residual, labels, label_lp),
+            loss, beta).sum() * T**2
+        d_lse, d_ids, d_label = (torch.zeros_like(v) if g is None else g for v, g in zip(
+            leaves, torch.autograd.grad(coef[0] * kd, leaves, allow_unused=True)))
+    w = coef[1] * has_label[:, None]  # CE = lse - logit of the label, at T = 1
+    if T == 1.0:
+        g = q.mul_(d_lse + w)
+        g.scatter_add_(-1, ids.clamp(min=0), d_ids)
+        g.scatter_add_(-1, lab, d_label - w)
+        lse1 = lse
+    else:
+        g = q.mul_(d_lse / T)
+        g.scatter_add_(-1, ids.clamp(min=0), d_ids / T)
+        g.scatter_add_(-1, lab, d_label / T - w)
+        q1, lse1 = _softmax_(logits)
+        g.add_(q1.mul_(w))
+        del q1
+    ce = ((lse1 - at_label1)[:, 0] * has_label).sum()
+    if not plain:
+        (g,) = torch.autograd.grad(out, x, g)
+    return kd.detach(), ce.detach(), g
+
+
+class _HeadGradientInForward(torch.autograd.Function):
+    """The KD and CE sums of N positions, each chunk's gradient (for the loss coef[0] KD +
+    coef[1] CE) computed as soon as its logits exist and the logits freed: no chunk is
+    recomputed in the backward pass (Liger's fused linear losses do the same). Its backward
+    scales those gradients by the one factor its incoming gradients are of `coef`; a loss that
+    weighs the two sums otherwise is an error, not a wrong gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, coef, chunk, targets):
+        gh = torch.zeros_like(hidden)
+        gw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        gb = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        kd = hidden.new_zeros((), dtype=torch.float32)
+        ce = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s: s + chunk]
+            k, c, g = _chunk_gradient(F.linear(h, weight, bias), coef, *(
+                t[s: s + chunk] if torch.is_tensor(t) and t.dim() else t for t in targets))
+            g = g.to(weight.dtype)
+            gh[s: s + chunk] = (g @ weight).to(gh.dtype)  # (n, V) @ (V, H)
+            if gw is not None:
+                gw.addmm_(g.t(), h.to(weight.dtype))
+            if gb is not None:
+                gb += g.sum(0)
+            kd, ce = kd + k, ce + c
+        ctx.save_for_backward(gh, gw, gb, coef)
+        return kd, ce
+
+    @staticmethod
+    def backward(ctx, g_kd, g_ce):
+        gh, gw, gb, coef = ctx.saved_tensors
+        got = torch.stack([g_kd, g_ce]).double()
+        c = coef.double()
+        scale = (got @ c) / (c @ c)
+        if not torch.allclose(got, scale * c, rtol=1e-5, atol=1e-12):
+            raise RuntimeError(f"the loss weighs KD and CE {got.tolist()}, not as the "
+                               f"coefficients {coef.tolist()} its sums were computed for")
+        scale = scale.to(gh.dtype)  # in place: a head's gradient is as large as its weight
+        return (gh.mul_(scale), None if gw is None else gw.mul_(scale),
+                None if gb is None else gb.mul_(scale), None, None, None)
+
+
 def kd_ce_sums(
     hidden: torch.Tensor,  # (N, H) student hidden states at target positions
     lm_head: torch.nn.Linear,
@@ -180,11 +309,16 @@ def kd_ce_sums(
     residual: str = "tail",
     chunk: int = 1024,
     transform: LogitTransform = PLAIN_HEAD,
+    coef: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed KD loss and summed CE loss (over the positions with a label) of N positions.
 
-    Chunked over positions, and each chunk recomputed in the backward pass (checkpoint), so
-    peak memory holds one (chunk, V) logits block instead of (N, V) logits and log-probs.
+    Chunked over positions, so peak memory holds one (chunk, V) logits block instead of (N, V)
+    logits and log-probs. `coef` (2,): what the step's loss multiplies the two sums by
+    (objective.coefficients). Given, each chunk's gradient is computed in the forward pass
+    (3 head matmuls a chunk instead of 4: BENCHMARKS.md, "Beside the field's trainers"), and
+    the sums are only differentiable in that proportion. Without it, each chunk is recomputed
+    in the backward pass (checkpoint), for any use of the sums.
     """
     if residual not in RESIDUALS:
         raise ValueError(f"residual {residual!r}: choose from {', '.join(RESIDUALS)}")
@@ -195,9 +329,15 @@ def kd_ce_sums(
     if residual == "label" and loss != "forward_kl" and bool(
             (torch.isnan(label_lp) & (labels >= 0)).any()):
         raise ValueError(LABEL_RESIDUAL_LOSS)
+    has_label = (labels >= 0).float()
+    targets = (ids, lp, rest, label_lp, labels, has_label, loss, beta, temperature, residual,
+               transform)
+    if coef is not None and torch.is_grad_enabled() and (
+            hidden.requires_grad or lm_head.weight.requires_grad):
+        return _HeadGradientInForward.apply(hidden, lm_head.weight, lm_head.bias,
+                                            coef.detach().float(), chunk, targets)
     kd = hidden.new_zeros((), dtype=torch.float32)
     ce = hidden.new_zeros((), dtype=torch.float32)
-    has_label = (labels >= 0).float()
     for s in range(0, hidden.shape[0], chunk):
         e = s + chunk
         args = (hidden[s:e], lm_head.weight, lm_head.bias, ids[s:e], lp[s:e], rest[s:e],

@@ -25,6 +25,7 @@ from softlabels.data.store import RangeCache
 from softlabels.train_student.batches import EpochPlan, prefetch
 from softlabels.train_student.config import TrainConfig
 from softlabels.train_student.cross import Cross
+from softlabels.train_student.losses import head_chunk
 from softlabels.train_student.mixture import Mixture
 from softlabels.train_student.objective import SameTokenizer, by_dataset
 from softlabels.train_student.student import add_lora, load_student
@@ -36,11 +37,11 @@ class Distiller(torch.nn.Module):
     `objective`: an objective (objective.py), or a list of resolved recipes for the
     same-tokenizer one."""
 
-    def __init__(self, model, objective, chunk: int = 1024):
+    def __init__(self, model, objective, chunk: int = 0):
         super().__init__()
         self.model = model
         self.objective = SameTokenizer(objective) if isinstance(objective, list) else objective
-        self.chunk = chunk
+        self.chunk = head_chunk(model.get_output_embeddings().weight.shape[0], chunk)
         self.transform = logit_transform(model.config, "student")
 
     @property
@@ -48,13 +49,13 @@ class Distiller(torch.nn.Module):
         """The student's layer classes: what FSDP's transformer auto-wrap shards one by one."""
         return getattr(self.model, "_no_split_modules", None)
 
-    def forward(self, batch):
+    def forward(self, batch, coef=None):
         # (B, L, H) hidden states; the (tokens, vocab) logits are never built at once
         h = decoder_of(self.model)(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
         return self.objective.sums(h, batch, self.model.get_output_embeddings(), self.chunk,
-                                   self.transform)
+                                   self.transform, coef)
 
 
 @dataclass
@@ -357,6 +358,7 @@ def _step(accelerator, distiller, optimizer, objective, cfg, total, plan, group,
     lr = lr_at(progress.step, cfg, total)
     for pg in optimizer.param_groups:
         pg["lr"] = lr
+    coef = objective.coefficients(counts, accelerator.device)  # the loss is linear in the sums
     sums = 0.0
     for i, (batch, weight) in enumerate(mine):
         # past the end of the data a process gets a zero-weight copy, so DDP still syncs
@@ -364,7 +366,7 @@ def _step(accelerator, distiller, optimizer, objective, cfg, total, plan, group,
         last = i == len(mine) - 1
         with (contextlib.nullcontext() if last else accelerator.no_sync(distiller)), \
                 accelerator.autocast():
-            s = distiller(batch)
+            s = distiller(batch, coef)
             # times n_proc as DDP averages gradients
             accelerator.backward(objective.loss(s, counts) * n_proc * weight)
         sums = sums + s.detach().double() * weight
