@@ -32,7 +32,13 @@ from softlabels.data import axolotl, distillkit
 from softlabels.data.atomic import atomic_path, write_text
 from softlabels.data.dataset import MANIFEST, ShardInfo, load_tokenizer, save_tokenizer
 from softlabels.data.errors import UserError
-from softlabels.data.format import DEFAULT_LOGPROB_STEP, FORMAT_VERSION, Encoding, FormatError
+from softlabels.data.format import (
+    DEFAULT_LOGPROB_STEP,
+    FORMAT_VERSION,
+    Encoding,
+    FormatError,
+    check_logprob_step,
+)
 from softlabels.data.store import store
 
 KINDS = ("distillkit", "axolotl")
@@ -218,6 +224,7 @@ def plan_import(src: str, out: str, kind: str, tokenizer: str | None = None,
 
     if kind not in KINDS:
         raise UserError(f"--from {kind!r}: choose from {', '.join(KINDS)}")
+    check_logprob_step(logprob_step)
     if is_url(out) and not out.startswith("file://"):
         raise UserError(f"import writes a folder, not {out}: import here, then `softlabels push` "
                         "the folder")
@@ -248,10 +255,6 @@ def plan_import(src: str, out: str, kind: str, tokenizer: str | None = None,
         _check_widths(src, files[0], pieces[0], comp)
     else:
         k = _axolotl_k(src, files[0], pieces[0])
-    try:
-        Encoding(k, logprob_step)
-    except FormatError as e:
-        raise UserError(f"--logprob-step: {e}") from None
     job = ImportJob(kind, src, [[f["name"], f["bytes"], f["tag"]] for f in files], vocab, k,
                     logprob_step, _tokenizer_hash(tok), comp.as_dict() if comp else None,
                     __version__)

@@ -229,6 +229,15 @@ class Encoding:
                               "a number)") from None
 
 
+def check_logprob_step(step: float) -> None:
+    """`--logprob-step`'s check, for every writer (generate, import): a step whose uint16 codes
+    reach MIN_LOGPROB, at most 1 nat."""
+    low = -MIN_LOGPROB / 65535
+    if not (isinstance(step, (int, float)) and math.isfinite(step) and low <= step <= 1.0):
+        raise UserError(f"--logprob-step {step:g} must be between {low:.4g} (uint16 codes reach "
+                        f"log-prob {MIN_LOGPROB:g}) and 1 nat; the default is 1/16")
+
+
 def tail_draws(version: int, k: int, draws: int) -> bool:
     return version >= 3 and k > 0 and draws > 0
 

@@ -207,16 +207,13 @@ def _check_numbers(args, k: int) -> None:
     step would otherwise cost the whole teacher run (and be found only by verify, or never)."""
     import math
 
-    from softlabels.data.format import MIN_LOGPROB
+    from softlabels.data.format import check_logprob_step
 
     if not 0 <= args.samples <= 65535 or not args.sample_temperature > 0 or \
             not math.isfinite(args.sample_temperature):
         raise UserError("--samples must be between 0 and 65535, --sample-temperature a finite "
                         "number above 0")
-    low = -MIN_LOGPROB / 65535  # the smallest step whose uint16 codes reach the floor
-    if not (math.isfinite(args.logprob_step) and low <= args.logprob_step <= 1.0):
-        raise UserError(f"--logprob-step {args.logprob_step:g} must be between {low:.4g} (uint16 "
-                        f"codes reach log-prob {MIN_LOGPROB:g}) and 1 nat; the default is 1/16")
+    check_logprob_step(args.logprob_step)
     if not (math.isfinite(args.temperature) and args.temperature >= 0) or \
             not 0 < args.top_p <= 1:
         raise UserError("--temperature must be a finite number >= 0 and --top-p in (0, 1]")

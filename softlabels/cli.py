@@ -71,8 +71,11 @@ def _import(args) -> int:
     import os
 
     from softlabels.data.convert import plan_import, run_import
+    from softlabels.data.errors import UserError
     from softlabels.generate.cluster import connect, tls_security
 
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: give 1 or more")
     job = plan_import(args.src, args.out, args.kind, args.tokenizer, args.compression_config,
                       args.vocab_size, args.logprob_step)  # every check before any worker
     security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)

@@ -35,7 +35,8 @@ def expected_distillkit(name: str) -> list[dict]:
 
 
 def import_(src, out, *flags, check=True):
-    return softlabels("import", src, out, *flags, "--workers", "1", check=check)
+    workers = [] if "--workers" in flags else ["--workers", "1"]
+    return softlabels("import", src, out, *flags, *workers, check=check)
 
 
 def by_source_row(rows: dict) -> dict[int, list]:
@@ -274,6 +275,10 @@ def test_bad_sources_are_refused_in_one_line(tmp_path):
                         FIX / "distillkit-raw" / "compression_config.yaml"],
                   "cannot be split into documents"))
     cases.append((FIX / "distillkit-raw", [*dk, "--vocab-size", "100"], "--vocab-size 100"))
+    cases.append((FIX / "distillkit-raw", [*dk, "--logprob-step", "nan"], "--logprob-step nan"))
+    cases.append((FIX / "distillkit-raw", [*dk, "--workers", "-3"], "--workers -3"))
+    cases.append((FIX / "distillkit-raw", [*dk, "--compression-config", "/nope.yaml"],
+                  "/nope.yaml does not exist"))
     for i, (src, flags, needle) in enumerate(cases):
         out = tmp_path / f"out{i}"
         p = import_(src, out, *flags, check=False)
