@@ -108,6 +108,15 @@ def _teacher(N, V, confidence, g):
     return p.log()
 
 
+def _stored(teacher: torch.Tensor, g) -> tuple:
+    """What format 4 stores of (N, V) teacher log-probs: the top-K, the exact rest, random next
+    tokens and their log-probs."""
+    lp, ids = teacher.topk(K, -1)
+    rest = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)
+    labels = torch.randint(0, teacher.shape[1], (teacher.shape[0],), generator=g)
+    return lp, ids, rest, labels, teacher.gather(-1, labels[:, None])[:, 0]
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("residual", ["tail", "label", "label-no-logprob", "none"])
 @pytest.mark.parametrize("T", [1.0, 2.0])
@@ -166,13 +175,8 @@ def test_the_head_gradient_computed_in_the_forward_pass_is_the_recomputed_one(
     N, H, V = 37, 16, 50
     torch.manual_seed(0)
     head = torch.nn.Linear(H, V, bias=True)
-    teacher = _teacher(N, V, 0.9, g)
-    lp, ids = teacher.topk(K, -1)
-    rest = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)
-    labels = torch.randint(0, V, (N,), generator=g)
-    labels[-1] = -1
-    label_lp = torch.where(labels >= 0, teacher.gather(-1, labels.clamp(min=0)[:, None])[:, 0],
-                           torch.nan)
+    lp, ids, rest, labels, label_lp = _stored(_teacher(N, V, 0.9, g), g)
+    labels[-1], label_lp[-1] = -1, torch.nan
     h0 = torch.randn(N, H, generator=g)
     kw = dict(loss=loss, residual=residual, chunk=8, beta=0.3, temperature=T,
               transform=LogitTransform(transform, None if transform == "none" else 3.0))
@@ -236,11 +240,7 @@ def test_the_ground_truth_residual_is_the_old_label_residual_by_its_own_name():
     h = torch.randn(N, H, generator=g)
     torch.manual_seed(0)
     head = torch.nn.Linear(H, V, bias=False)
-    teacher = _teacher(N, V, 0.9, g)
-    lp, ids = teacher.topk(K, -1)
-    rest = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)
-    labels = torch.randint(0, V, (N,), generator=g)
-    label_lp = teacher.gather(-1, labels[:, None])[:, 0]
+    lp, ids, rest, labels, label_lp = _stored(_teacher(N, V, 0.9, g), g)
     args = (h, head, ids, lp.float(), rest.float(), label_lp.float(), labels)
     gt, _ = kd_ce_sums(*args, residual="ground_truth")
     exact, _ = kd_ce_sums(*args, residual="label")
