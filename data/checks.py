@@ -56,11 +56,9 @@ def check_row(row: Row, k: int, draws: int = 0, label: bool = True) -> None:
         problems.append(f"target_mask shaped {row.target_mask.shape}, expected ({T},)")
     if k and (row.tail_logprob is None or row.tail_logprob.shape != (T,)):
         problems.append(f"tail_logprob missing or not shaped ({T},)")
-    if not label:
-        pass
-    elif row.label_logprob is None or row.label_logprob.shape != (T,):
+    if label and (row.label_logprob is None or row.label_logprob.shape != (T,)):
         problems.append(f"label_logprob missing or not shaped ({T},)")
-    elif row.target_mask.shape == (T,) and np.isnan(
+    elif label and row.target_mask.shape == (T,) and np.isnan(
             row.label_logprob[:-1][row.target_mask[:-1].astype(bool)]).any():
         problems.append("label_logprob missing (NaN) at a position with a target and a next "
                         "token")

@@ -146,6 +146,13 @@ def _files(src: str) -> list[dict]:
     return out
 
 
+def _folder(src: str) -> str:
+    """The source's folder: `src`, or the folder holding it when it is one file (where its
+    compression config and tokenizer are looked for, and its files named from)."""
+    st = store(src)
+    return src.rstrip("/").rsplit("/", 1)[0] if st.fs.isfile(st.root.rstrip("/")) else src
+
+
 def _open(src: str, path: str):
     """A file of the source: the path itself when local (pyarrow's own reader), else an fsspec
     file read by ranges."""
@@ -274,8 +281,7 @@ def _tokenizer(src: str, given: str | None):
         except (OSError, ValueError) as e:
             raise UserError(f"--tokenizer {given}: cannot be loaded "
                             f"({str(e).splitlines()[0]})") from e
-    st = store(src)
-    root = src if not st.fs.isfile(st.root) else src.rstrip("/").rsplit("/", 1)[0]
+    root = _folder(src)
     tok = load_tokenizer(root)  # root/tokenizer/
     if tok is None and store(root).exists("tokenizer_config.json"):
         from transformers import AutoTokenizer
@@ -302,8 +308,7 @@ def _compression(src: str, given: str | None) -> distillkit.Compression:
             raise UserError(f"--compression-config {given} does not exist")
         text, where = Path(given).read_text(), given
     else:
-        st = store(src)
-        root = st if not st.fs.isfile(st.root) else store(src.rstrip("/").rsplit("/", 1)[0])
+        root = store(_folder(src))
         if not root.exists(distillkit.CONFIG_FILE):
             raise UserError(f"{src} has no {distillkit.CONFIG_FILE} (Arcee's packed sets ship "
                             "without one): give it with --compression-config FILE, the "
@@ -420,10 +425,8 @@ def _import_piece(task: PieceTask) -> dict:
 
 
 def _files_of(job: ImportJob) -> list[dict]:
-    st = store(job.source)
-    root = st.root.rstrip("/")
-    if st.fs.isfile(root):
-        root = root.rsplit("/", 1)[0]
+    """The job's source files as `_files` lists them (from the job record: no listing)."""
+    root = store(_folder(job.source)).root.rstrip("/")
     return [{"name": n, "path": f"{root}/{n}", "bytes": b, "tag": t,
              "layout": "arrow" if n.endswith(".arrow") else "parquet"} for n, b, t in job.files]
 

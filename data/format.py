@@ -58,6 +58,11 @@ DECODING_RULE = (
 FLAGS = ("exact_tail", "label_logprobs", "topk_renormalised")
 
 
+def implied_flags(version: int) -> tuple[bool, bool, bool]:
+    """The flags a version before 5 implies (and version 5's for a `generate` dataset)."""
+    return version >= 4, version >= 4, False
+
+
 class FormatError(UserError):
     """A dataset or row does not match the format this package reads and writes."""
 
@@ -127,15 +132,14 @@ class Encoding:
         """Numbers only a damaged or hand-made file holds are refused here, where every reader
         and the writer build their Encoding: a step of inf or 0 decodes every log-prob to -inf or
         0 (targets that are no distribution, found by no other check)."""
-        v4 = self.version >= 4
-        for name, default in zip(FLAGS, (v4, v4, False)):
+        implied = implied_flags(self.version)
+        for name, default in zip(FLAGS, implied):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
             elif not isinstance(getattr(self, name), bool):
                 raise FormatError(f"{name} {getattr(self, name)!r} is not true or false: a "
                                   "damaged or hand-edited dataset")
-        if self.version < 5 and (self.exact_tail, self.label_logprobs,
-                                 self.topk_renormalised) != (v4, v4, False):
+        if self.version < 5 and tuple(getattr(self, name) for name in FLAGS) != implied:
             raise FormatError(f"format {self.version} cannot state exact_tail, label_logprobs "
                               "or topk_renormalised (version 5 can)")
         if self.topk_renormalised and (self.exact_tail or not self.k):
@@ -353,7 +357,7 @@ def encode(rows: list[Row], enc: Encoding) -> pa.RecordBatch:
     lp = np.where(m[:, None], np.take_along_axis(np.concatenate([r.topk_logprobs for r in rows]),
                                                  by_id, -1), 0.0)
     gap = np.diff(ids, axis=-1, prepend=0).astype(np.int32)
-    twice = m & (gap[:, 1:] == 0).any(-1) if k > 1 else np.zeros(len(m), bool)
+    twice = m & (gap[:, 1:] == 0).any(-1)
     if twice.any():
         r = rows[int(np.searchsorted(offsets, np.flatnonzero(twice)[0], side="right")) - 1]
         raise FormatError(f"row {r.row_id}: a position lists the same token id twice")

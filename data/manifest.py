@@ -22,6 +22,7 @@ from softlabels.data.format import (
     TAIL_STEP,
     Encoding,
     FormatError,
+    implied_flags,
 )
 
 
@@ -64,8 +65,7 @@ class Manifest:
     )
 
     def __post_init__(self):
-        v4 = self.format_version >= 4
-        for name, default in zip(FLAGS, (v4, v4, False)):
+        for name, default in zip(FLAGS, implied_flags(self.format_version)):
             if getattr(self, name) is None:
                 setattr(self, name, default)
         t = dict(self.targets)
@@ -75,7 +75,7 @@ class Manifest:
         elif self.topk_renormalised:
             t["normalised_over"] = f"the {self.k} stored ids (renormalised by the source)"
             t["missing_mass"] = "unknown: the source stored the top-k renormalised (tail 0)"
-        elif not self.exact_tail and v4:
+        elif not self.exact_tail and self.format_version >= 4:
             t["missing_mass"] = ("1 - the sum of the source's unrounded top-k (not exact: "
                                  "tail_mass_q codes it as for an exact tail)")
         if not self.label_logprobs:

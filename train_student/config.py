@@ -184,8 +184,10 @@ class TrainConfig:
     residual: str = opt("auto", "where the teacher's mass outside the top-k goes: label (the real "
                                 "next token its own mass, the rest a tail bucket), ground_truth "
                                 "(all of it onto the real next token; forward_kl), tail (a "
-                                "(k+1)-th bucket), none (renormalise the top-k), or auto: label, "
-                                "none where the dataset's top-k is renormalised (imported)",
+                                "(k+1)-th bucket), none (renormalise the top-k), or auto: label; "
+                                "ground_truth where the dataset has no label log-probs (formats "
+                                "1-3, DistillKit imports); none where its top-k is renormalised "
+                                "(axolotl imports)",
                         choices=("auto", *RESIDUALS))
     student_tokenizer: str | None = opt(None, "tokenizer folder of a fresh student (--student "
                                               "a config file) other than the teacher's: the "

@@ -49,8 +49,9 @@ from softlabels.train_student.config import (  # the choices, declared with the 
 )
 
 NEG = -1e4  # log-prob of an absent bucket: exp() is 0, and 0 * NEG stays finite
-# ~3 (chunk, vocab) float32 blocks exist at once per head chunk (logits, their softmax, their
-# gradient): 2**26 floats a block keeps that near 0.8 GB at any vocabulary
+# Up to ~3 (chunk, vocab) float32 blocks exist at once per head chunk (two in the gradient built
+# in the forward pass; more in the recomputed path): 2**26 floats a block keeps that below 1 GB
+# at any vocabulary
 HEAD_CHUNK_FLOATS = 1 << 26
 # Reverse KL weighs -log p by the student's mass, so one teacher bucket stored as 0 (a tail the
 # teacher's float32 exponentials could not resolve: below about V e^-87) would cost 1e4 nats per
@@ -143,8 +144,8 @@ def buckets_of(at_ids: torch.Tensor, lse: torch.Tensor, at_label: torch.Tensor |
 def head_chunk(vocab: int, chunk: int = 0) -> int:
     """Positions per output-head chunk: `chunk`, or for 0 the power of 2 nearest
     HEAD_CHUNK_FLOATS / vocab in [64, 4096] (512 at Qwen's 151,936 ids, 4096 at 16k and below):
-    at 152k ids, 1024 held 5.3 GB at its peak and 512 3.6 GB for 10 % more time a step
-    (BENCHMARKS.md, "Beside the field's trainers")."""
+    at 152k ids a step of 4096 tokens peaked at 2.60 GiB with 512 and 3.19 with 1024, in the
+    same time (BENCHMARKS.md, "Beside the field's trainers")."""
     if chunk:
         return chunk
     return int(min(4096, max(64, 2 ** round(math.log2(HEAD_CHUNK_FLOATS / max(vocab, 1))))))
