@@ -215,8 +215,8 @@ def _dense_cross(h, head, b: CrossBatch, tau=100.0):
     lab = lq[b.pos, b.labels]
     s_chunk = torch.zeros(len(b.t_chunk), dtype=torch.float64).index_add(0, b.chunk, lab)
     p_t, p_s = torch.exp(b.t_chunk.double() / tau), torch.exp(s_chunk / tau)
-    alm = (p_t * (torch.log(p_t) - torch.log(p_s))
-           + (1 - p_t) * (torch.log(1 - p_t) - torch.log(1 - p_s))).sum()
+    alm = tau * (p_t * (torch.log(p_t) - torch.log(p_s))
+                 + (1 - p_t) * (torch.log(1 - p_t) - torch.log(1 - p_s))).sum()
     dist = 0.0
     for m in range(len(b.d_pos)):
         keep = b.d_ids[m] >= 0
@@ -403,6 +403,43 @@ def test_a_student_of_another_tokenizer_learns_the_teachers_text(tmp_path, dask_
     assert kd < 0.8 * untrained, (kd, untrained)  # measured: 3.14 vs 4.29
     used = json.loads((tmp_path / "kd" / "train_config.json").read_text())
     assert used["cross_loss"] == "dist" and used["ce_weight"] == [0.5]
+
+
+def test_auto_picks_the_loss_by_the_students_tokens_per_teacher_token(tmp_path):
+    """`--cross-loss auto` counts the student's tokens per teacher token in the dataset's first
+    rows (recounted here by the student's tokenizer on the decoded text): a bytes-only student
+    of a 4-letter-word teacher (5 per word) gets alm, one whose pieces are whole words (1) gets
+    dist, and the mode line says the number and the rule."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from softlabels.demo import make_tokenizer
+    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.cross import ALM_FROM, Cross
+    from softlabels.train_student.mixture import Mixture
+    from tests.helpers import synthetic_rows, write_dataset
+
+    V = 60
+    letters = np.random.default_rng(1).integers(0, 26, (V, 4))
+    words = {"Ġ" + "".join(chr(97 + c) for c in w): i for i, w in enumerate(letters)}
+    t = Tokenizer(models.WordLevel(words, unk_token=next(iter(words))))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    teacher = PreTrainedTokenizerFast(tokenizer_object=t, unk_token=next(iter(words)))
+    teacher.save_pretrained(tmp_path / "teacher")
+    rows = synthetic_rows(20, V, 8, seed=0)
+    data = str(write_dataset(tmp_path / "ds", rows, 8, V, tokenizer=tmp_path / "teacher"))
+    texts = [teacher.decode(r.input_ids.tolist()) for r in rows]
+    for size, want in ((257, "alm"), (2000, "dist")):
+        student = make_tokenizer(texts * 20, size, tmp_path / f"bpe-{size}")
+        ratio = sum(len(student(x, add_special_tokens=False).input_ids) for x in texts[:8]) / \
+            sum(len(r.input_ids) for r in rows[:8])
+        assert (ratio >= ALM_FROM) == (want == "alm"), ratio
+        cross = Cross.setup(student, Mixture([data], shuffle=False),
+                            TrainConfig(student="s", data=data, output="o"))
+        assert cross.kind == want
+        assert f"(the default: {ratio:.2f} student tokens per teacher token" in cross.describe()
+        assert f"alm from {ALM_FROM:g}, dist below" in cross.describe()
 
 
 def test_hf_trainer_takes_the_clis_cross_tokenizer_path(tmp_path, toks, tiny_teacher):

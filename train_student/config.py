@@ -195,8 +195,9 @@ class TrainConfig:
     cross_loss: str = opt("auto", "with a student tokenizer other than the teacher's: dist "
                                   "(the teacher's next-token distributions carried onto the "
                                   "student's tokens), alm (chunk likelihoods, approximate "
-                                  "likelihood matching), both, or auto: dist, alm where the "
-                                  "student's tokenizer does not keep bytes",
+                                  "likelihood matching), both, or auto: alm where the student "
+                                  "has 3 or more tokens per teacher token in the data's first "
+                                  "rows or its tokenizer does not keep bytes, else dist",
                           choices=CROSS_LOSSES)
     max_steps: int = opt(0, "optimiser steps; 0: use --epochs")
     epochs: int = opt(1, "passes over the data when --max-steps is 0")

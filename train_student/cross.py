@@ -4,20 +4,26 @@ Each window's text is rebuilt from the teacher's token bytes (tokenbytes.py) and
 student; both tokenizations are cut into *chunks*, the spans between bytes where both have a token
 boundary. Two losses, either or both (`cross_loss`), beside CE on the student's own tokens:
 
-- "dist" (the default): at every student position the teacher's stored next-token targets
-  (top-k and tail, or draws) are a distribution over teacher token *strings*; those the student
-  would have cut as it did so far (`Trie`) are carried onto the student token they continue
-  with, masses that meet summed, and the student's softmax is trained on it by forward KL with
-  a tail bucket. The token the text holds joins with its exact label log-prob (format 4). It
-  needs a byte-exact student tokenizer.
+- "dist" (the default below ALM_FROM student tokens per teacher token): at every student
+  position the teacher's stored next-token targets (top-k and tail, or draws) are a
+  distribution over teacher token *strings*; those the student would have cut as it did so
+  far (`Trie`) are carried onto the student token they continue with, masses that meet
+  summed, and the student's softmax is trained on it by forward KL with a tail bucket. The
+  token the text holds joins with its exact label log-prob (format 4). It needs a byte-exact
+  student tokenizer.
 - ALM, approximate likelihood matching (Minixhofer et al. 2025; tokenkit's losses.py): the
   teacher's log-likelihood of a chunk is the sum of its stored log-probs of the chunk's tokens
   (the "main path"), the student's likewise; the two are compared as Bernoulli probabilities,
-  exp(logp / tau), tau = 100, by binary KL. It needs one number per teacher position, whatever
-  k, and any student tokenizer.
+  exp(logp / tau), tau = 100, by binary KL, times tau. It needs one number per teacher
+  position, whatever k, and any student tokenizer. Near agreement the binary KL is
+  ~ (t - s)^2 / (2 tau |s|): times tau, the chunk term is on a log-likelihood's scale, as CE
+  and dist are (unscaled, "ALM + 0.5 CE" trained like CE at half the rate).
 
-Measured on a confident teacher (BENCHMARKS.md, "Students with their own tokenizer"), dist +
-0.5 CE recovers most of the same-tokenizer gain; ALM beside it or alone does worse than CE only.
+Measured (BENCHMARKS.md, "Students with their own tokenizer" and "... much finer tokens"): where
+the student's tokens are about as coarse as the teacher's, dist + 0.5 CE recovers most of the
+same-tokenizer gain and ALM adds nothing; where they are ~4 times finer (a word's spelling is
+most of what the student still has to learn), ALM + 0.5 CE gains several times what dist does:
+`auto` picks by the ratio it counts in the data's first rows.
 
 A chunk counts only where every teacher token in it has a stored log-prob (its position has a
 target: response-only masks carry over by byte span) and neither side starts it with its
@@ -331,7 +337,8 @@ def collate_cross(rows: list[Row], sources, teachers: list[CrossTeacher], tok,
 
 def binary_kl(t: torch.Tensor, s: torch.Tensor, tau: float = ALM_TAU) -> torch.Tensor:
     """KL between Bernoulli(exp(t / tau)) and Bernoulli(exp(s / tau)), per chunk: ALM's binary
-    CE less the teacher's entropy (the same gradient; 0 where the two agree)."""
+    CE less the teacher's entropy (the same gradient; 0 where the two agree). The loss takes it
+    times tau (the module's docstring says why)."""
     a = (t / tau).clamp(max=-1e-6)
     b = (s / tau).clamp(max=-1e-6)
     return torch.exp(a) * (a - b) + (-torch.expm1(a)) * (log1mexp(a) - log1mexp(b))
@@ -365,7 +372,7 @@ def cross_sums(h: torch.Tensor, batch: CrossBatch, head, chunk: int = 1024,
     ce = zero - lq.sum()
     s_chunk = torch.zeros(len(batch.t_chunk), device=h.device, dtype=lq.dtype).index_add(
         0, batch.chunk, lq)
-    alm = zero + binary_kl(batch.t_chunk.to(lq.dtype), s_chunk).sum()
+    alm = zero + ALM_TAU * binary_kl(batch.t_chunk.to(lq.dtype), s_chunk).sum()
     dist = zero
     if len(batch.d_pos):
         none = torch.full((len(batch.d_pos),), -1, device=h.device)
@@ -396,6 +403,25 @@ def check_student(student_tok, student_name: str):
 
 
 DEFAULT_CROSS_CE = 0.5  # the best measured (BENCHMARKS.md, "Students with their own tokenizer")
+# student tokens per teacher token from which `auto` is alm rather than dist: at ~4 alm gained
+# 4.5x dist's bits, at ~1-2 dist was as good or better (BENCHMARKS.md, "Students with much
+# finer tokens"); 3 lies between the ratios measured
+ALM_FROM = 3.0
+
+
+def granularity(folder: str, teacher: TokenBytes, tok, rows: int = 8) -> float:
+    """Student tokens per teacher token over the text of a dataset's first rows (its order on
+    disk: one row group), the teacher's special tokens left out."""
+    from softlabels.data.reader import SoftLabelReader
+
+    reader = SoftLabelReader(folder, shuffle=False)
+    n_teacher = n_student = 0
+    for r in reader.read(0, np.arange(min(rows, len(reader.index(0).tokens)))):
+        ids = np.asarray(r.input_ids, np.int64)
+        ids = ids[~teacher.structure[ids]]
+        n_teacher += len(ids)
+        n_student += len(student_spans(tok, teacher.window(ids, r.window == 0)[0])[0])
+    return n_student / max(n_teacher, 1)
 
 
 @dataclass
@@ -444,22 +470,23 @@ class Cross:
                     "generate`")
         student = check_student(tokenizer, "the student's tokenizer")
         kind, note = cfg.cross_loss, ""
-        if kind == "auto":  # the best measured, where the student's tokenizer allows it
-            kind = "dist" if student is not None else "alm"
-            note = " (the default" + "; dist needs a byte-exact student tokenizer" * (
-                student is None) + ")"
-        elif kind != "alm" and student is None:
+        if kind != "alm" and student is None and kind != "auto":
             raise UserError(f"--cross-loss {kind} carries the teacher's targets onto the "
                             "student's tokens by their bytes, which the student's tokenizer "
                             "does not keep (WordPiece): use --cross-loss alm")
+        tbs = [TokenBytes(tok, f"the tokenizer of {f}") for tok, f in zip(toks, mix.folders)]
+        if kind == "auto" and student is None:
+            kind, note = "alm", " (the default; dist needs a byte-exact student tokenizer)"
+        elif kind == "auto":  # the best measured at the student's granularity
+            ratio = granularity(mix.folders[0], tbs[0], tokenizer)
+            kind = "alm" if ratio >= ALM_FROM else "dist"
+            note = (f" (the default: {ratio:.2f} student tokens per teacher token in the first "
+                    f"rows of {mix.folders[0]}; alm from {ALM_FROM:g}, dist below)")
         weights = set(cfg.ce_weight)
         if len(weights) > 1:
             raise UserError("--ce-weight: one value for a student with its own tokenizer")
-        teachers = []
-        for tok, f in zip(toks, mix.folders):
-            tb = TokenBytes(tok, f"the tokenizer of {f}")
-            teachers.append(CrossTeacher(tb, Trie(tb, student, tokenizer)
-                                         if kind != "alm" else None))
+        teachers = [CrossTeacher(tb, Trie(tb, student, tokenizer) if kind != "alm" else None)
+                    for tb in tbs]
         return cls(tokenizer, teachers, kind,
                    weights.pop() if weights else DEFAULT_CROSS_CE, note, tuple(targets))
 
