@@ -35,9 +35,9 @@ TRAIN, HELD = 3000, 200  # samples
 RATIOS = {"~1": 3500, "~2": 1600, "~4": 420}
 LOSSES = {  # row: train arguments of a student with its own tokenizer
     "CE only": ["--ce-weight", 1],
-    "dist + 0.5 CE (default)": ["--cross-loss", "dist", "--ce-weight", 0.5],
+    "dist + 0.5 CE (auto below 3)": ["--cross-loss", "dist", "--ce-weight", 0.5],
     "dist": ["--cross-loss", "dist", "--ce-weight", 0],
-    "alm + 0.5 CE": ["--cross-loss", "alm", "--ce-weight", 0.5],
+    "alm + 0.5 CE (auto from 3)": ["--cross-loss", "alm", "--ce-weight", 0.5],
     "both + 0.5 CE": ["--cross-loss", "both", "--ce-weight", 0.5],
 }
 
