@@ -133,6 +133,7 @@ def generate(cache: Path, t: Path, src: Path, name: str) -> Path:
 def tokenizers(cache: Path, src: Path) -> dict:
     """The student tokenizers and their measured tokens per teacher token."""
     import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
 
     from softlabels.demo import make_tokenizer
 
@@ -143,8 +144,6 @@ def tokenizers(cache: Path, src: Path) -> dict:
         d = cache / f"bpe-{size}"
         if not d.is_dir():
             make_tokenizer(texts, size, d)
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(d)
         out[r] = (d, sum(len(x) for x in tok(texts[:500]).input_ids) / n_words)
     return out
