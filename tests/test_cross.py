@@ -231,8 +231,8 @@ def _dense_cross(h, head, b: CrossBatch, tau=100.0):
 
 def test_alm_and_dist_losses_equal_dense_references_on_a_hand_built_alignment():
     """Hand-built chunks (several student tokens per chunk, one of one) and projected targets:
-    the chunked sums equal the dense float64 ones, values and gradients, at confident and flat
-    teacher chunks."""
+    the chunked sums equal the dense float64 ones, values and gradients (recomputed, or built in
+    the forward pass for the loss's coefficients), at confident and flat teacher chunks."""
     g = torch.Generator().manual_seed(0)
     N, H, V = 9, 16, 40
     h = torch.randn(N, H, generator=g, requires_grad=True)
@@ -247,14 +247,23 @@ def test_alm_and_dist_losses_equal_dense_references_on_a_hand_built_alignment():
         d_ids=torch.tensor([[3, 7, -1], [5, -1, -1], [1, 2, 9]]),
         d_lp=torch.log(torch.tensor([[0.5, 0.3, 1e-9], [0.98, 1e-9, 1e-9], [0.2, 0.2, 0.1]])),
         d_rest=torch.log(torch.tensor([0.2, 0.02, 0.5])), n_bytes=torch.tensor(20))
-    got = cross_sums(h[None], b, head, chunk=2)
     want = _dense_cross(h, head, b)
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
-    for w in (torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, 1.0])):
-        a = torch.autograd.grad((got * w).sum(), [h, head.weight], retain_graph=True)
-        d = torch.autograd.grad((want * w.double()).sum(), [h, head.weight], retain_graph=True)
-        for x, y in zip(a, d):
-            torch.testing.assert_close(x.double(), y.double(), rtol=1e-3, atol=1e-6)
+    # each loss alone and a mix; recomputed in the backward pass (no coefficients) and with the
+    # head's gradient built in the forward pass for the coefficients given; head chunks of 1-3
+    # positions that must not split an alignment chunk
+    for w in (torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, 1.0]),
+              torch.tensor([0.3, 0.5, 0.2])):
+        for coef, size in ((None, 2), (w, 1), (w, 2), (w, 3)):
+            got = cross_sums(h[None], b, head, chunk=size, coef=coef)
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+            a = torch.autograd.grad((got * w).sum() * 1.7, [h, head.weight])
+            d = torch.autograd.grad((want * w.double()).sum() * 1.7, [h, head.weight],
+                                    retain_graph=True)
+            for x, y in zip(a, d):
+                torch.testing.assert_close(x.double(), y.double(), rtol=1e-3, atol=1e-6)
+    got = cross_sums(h[None], b, head, chunk=2, coef=torch.tensor([0.3, 0.5, 0.2]))
+    with pytest.raises(RuntimeError, match="not as the coefficients"):
+        got.sum().backward()
     assert float(binary_kl(torch.tensor(-2.0), torch.tensor(-2.0))) == pytest.approx(0, abs=1e-9)
 
 

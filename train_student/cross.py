@@ -41,7 +41,17 @@ from torch.utils.checkpoint import checkpoint
 from softlabels.data.format import Row
 from softlabels.data.heads import PLAIN_HEAD, LogitTransform
 from softlabels.train_student.batches import targets_of
-from softlabels.train_student.losses import NEG, head_logits, kd_ce_sums, log1mexp
+from softlabels.train_student.losses import (
+    NEG,
+    HeadGradientInForward,
+    buckets_of,
+    divergence,
+    head_logits,
+    log1mexp,
+    softmax_,
+    teacher_buckets,
+    through_head,
+)
 from softlabels.train_student.tokenbytes import TokenBytes, chunks, student_spans
 
 ALM_TAU = 100.0  # tokenkit's binarisation temperature
@@ -361,35 +371,113 @@ def label_logprobs(h: torch.Tensor, head, labels: torch.Tensor, chunk: int = 102
     return torch.cat(out) if out else h.new_zeros(0)
 
 
+def _terms(lse, at_ids, at_label, chunk, t_chunk, ids, lp, rest) -> torch.Tensor:
+    """[ALM, dist, CE] of n positions from the few numbers they depend on: the student's
+    log-normaliser (n, 1), logits at the projected ids (n, W) and at the label (n, 1). `chunk`
+    numbers each position's chunk within `t_chunk` (every chunk's positions are here); rows of
+    `ids` all -1 with `rest` NEG have no dist target and add nothing."""
+    lq = (at_label - lse)[:, 0]
+    s_chunk = torch.zeros(len(t_chunk), device=lq.device, dtype=lq.dtype).index_add(0, chunk, lq)
+    alm = ALM_TAU * binary_kl(t_chunk.to(lq.dtype), s_chunk).sum()
+    dist = divergence(teacher_buckets(lp.masked_fill(ids < 0, NEG), rest),
+                      buckets_of(at_ids, lse, None, ids), "forward_kl", 0.5).sum()
+    return torch.stack([alm, dist, -lq.sum()])
+
+
+def _part_gradient(raw, coef, transform, *targets):
+    """One chunk's [ALM, dist, CE] and the gradient of coef . them with respect to its raw head
+    outputs, from its softmax in place (losses._chunk_gradient's way: autograd on `_terms`'
+    inputs only)."""
+    labels, ids = targets[0], targets[3]
+
+    def gradient_of(logits):
+        lab = labels[:, None]
+        at_ids, at_label = logits.gather(-1, ids.clamp(min=0)), logits.gather(-1, lab)
+        q, lse = softmax_(logits)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (lse, at_ids, at_label)]
+            sums = _terms(*leaves, *targets[1:])
+            d_lse, d_ids, d_label = (torch.zeros_like(v) if g is None else g for v, g in zip(
+                leaves, torch.autograd.grad((coef * sums).sum(), leaves, allow_unused=True)))
+        g = q.mul_(d_lse)
+        g.scatter_add_(-1, ids.clamp(min=0), d_ids)
+        g.scatter_add_(-1, lab, d_label)
+        return sums.detach(), g
+
+    return through_head(raw, transform, gradient_of)
+
+
+def _part_sums(h, weight, bias, transform, labels, *targets):
+    logits = head_logits(h, weight, bias, transform)
+    return _terms(torch.logsumexp(logits, -1, keepdim=True),
+                  logits.gather(-1, targets[2].clamp(min=0)), logits.gather(-1, labels[:, None]),
+                  *targets)
+
+
+def _bounds(chunk: torch.Tensor, size: int) -> list[int]:
+    """Edges of head chunks of about `size` positions that never split an alignment chunk (ALM
+    compares whole chunks), so each head chunk's losses are its own."""
+    c = chunk.cpu().numpy()
+    starts = np.flatnonzero(np.diff(c)) + 1  # where a new alignment chunk begins
+    out = [0]
+    while out[-1] < len(c):
+        i = np.searchsorted(starts, out[-1] + size)
+        out.append(int(starts[i]) if i < len(starts) else len(c))
+    return out if len(out) > 1 else [0, 0]
+
+
 def cross_sums(h: torch.Tensor, batch: CrossBatch, head, chunk: int = 1024,
-               transform: LogitTransform = PLAIN_HEAD) -> torch.Tensor:
+               transform: LogitTransform = PLAIN_HEAD, coef: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """(B, L, H) student hidden states -> [ALM sum over chunks, dist KL sum over chunk starts,
-    CE sum over student target tokens]; zeros that still run through the graph where a batch
-    has none (so backward and DDP's all-reduce happen on every process)."""
+    CE sum over student target tokens], from one pass of the head over the student's target
+    positions. `coef` (3,): what the step's loss multiplies the sums by (Cross.coefficients);
+    given, each head chunk's gradient is built in the forward pass (losses.HeadGradientInForward),
+    else each chunk is recomputed in the backward pass. Zeros that still run through the graph
+    where a batch has no target (so backward and DDP's all-reduce happen on every process)."""
     h = h.reshape(-1, h.shape[-1])
     zero = head_logits(h[:1], head.weight, head.bias, transform).sum() * 0.0
-    lq = label_logprobs(h[batch.pos], head, batch.labels, chunk, transform)
-    ce = zero - lq.sum()
-    s_chunk = torch.zeros(len(batch.t_chunk), device=h.device, dtype=lq.dtype).index_add(
-        0, batch.chunk, lq)
-    alm = zero + ALM_TAU * binary_kl(batch.t_chunk.to(lq.dtype), s_chunk).sum()
-    dist = zero
-    if len(batch.d_pos):
-        none = torch.full((len(batch.d_pos),), -1, device=h.device)
-        dist = zero + kd_ce_sums(h[batch.d_pos], head, batch.d_ids, batch.d_lp, batch.d_rest,
-                                 torch.full_like(batch.d_rest, float("nan")), none,
-                                 residual="tail", chunk=chunk, transform=transform)[0]
-    return torch.stack([alm, dist, ce])
+    N, W = len(batch.pos), batch.d_ids.shape[1]
+    # the dist targets onto the positions (every chunk start is a target position)
+    at = torch.searchsorted(batch.pos, batch.d_pos)
+    ids = torch.full((N, W), -1, dtype=batch.d_ids.dtype, device=h.device).index_copy(
+        0, at, batch.d_ids)
+    lp = torch.full((N, W), NEG, dtype=batch.d_lp.dtype, device=h.device).index_copy(
+        0, at, batch.d_lp)
+    rest = torch.full((N,), NEG, dtype=batch.d_rest.dtype, device=h.device).index_copy(
+        0, at, batch.d_rest)
+    bounds = _bounds(batch.chunk, chunk)
+    C = len(batch.t_chunk)
+
+    def targets(s, e):  # positions [s, e): labels, chunks renumbered from 0, their t_chunk, ...
+        c0 = int(batch.chunk[s]) if 0 < s < N else 0  # (the first part: from chunk 0)
+        c1 = int(batch.chunk[e]) if e < N else C
+        return (batch.labels[s:e], batch.chunk[s:e] - c0, batch.t_chunk[c0:c1], ids[s:e],
+                lp[s:e], rest[s:e])
+
+    hp = h[batch.pos]
+    if coef is not None and torch.is_grad_enabled() and (hp.requires_grad or
+                                                         head.weight.requires_grad):
+        coef = coef.detach().float()
+        return zero + HeadGradientInForward.apply(
+            hp, head.weight, head.bias, coef, bounds,
+            lambda raw, s, e: _part_gradient(raw, coef, transform, *targets(s, e)))
+    out = zero + torch.zeros(3, device=h.device)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        args = (hp[s:e], head.weight, head.bias, transform, *targets(s, e))
+        out = out + (checkpoint(_part_sums, *args, use_reentrant=False)
+                     if torch.is_grad_enabled() else _part_sums(*args))
+    return out
 
 
-def cross_loss(sums: torch.Tensor, counts, kind: str, ce_weight: float) -> torch.Tensor:
-    """The step's loss from its global sums and counts (student tokens, chunks, chunk starts):
-    (1 - w) times ALM per chunk, dist per chunk start, or their mean (`kind`), + w CE per
-    student target token."""
+def cross_coefficients(counts, kind: str, ce_weight: float) -> torch.Tensor:
+    """(3,) what the step's loss multiplies [ALM, dist, CE] sums by, from the step's global counts
+    (student tokens, chunks, chunk starts): (1 - w) times ALM per chunk, dist per chunk start,
+    or their mean (`kind`), + w CE per student target token. The loss is linear in the sums."""
     n, c, m = (max(x, 1) for x in counts)
-    kd = {"alm": sums[0] / c, "dist": sums[1] / m,
-          "both": 0.5 * (sums[0] / c + sums[1] / m)}[kind]
-    return (1 - ce_weight) * kd + ce_weight * sums[2] / n
+    kd = {"alm": [1 / c, 0.0], "dist": [0.0, 1 / m], "both": [0.5 / c, 0.5 / m]}[kind]
+    return torch.tensor([(1 - ce_weight) * kd[0], (1 - ce_weight) * kd[1], ce_weight / n],
+                        dtype=torch.float64).float()
 
 
 def check_student(student_tok, student_name: str):
@@ -491,16 +579,17 @@ class Cross:
                    weights.pop() if weights else DEFAULT_CROSS_CE, note, tuple(targets))
 
     def collate(self, rows, sources, targets: list[str] | None = None) -> CrossBatch:
+        # (at CE weight 1 the dist targets would be weighed by 0: not built)
         return collate_cross(rows, sources, self.teachers, self.tokenizer,
-                             list(targets or self.targets), self.kind != "alm")
+                             list(targets or self.targets),
+                             self.kind != "alm" and self.ce_weight < 1)
 
-    def coefficients(self, counts, device=None) -> None:
-        """None: the cross losses' chunks are recomputed in the backward pass."""
-        return None
+    def coefficients(self, counts, device=None) -> torch.Tensor:
+        return cross_coefficients(counts, self.kind, self.ce_weight).to(device)
 
     def sums(self, h, batch: CrossBatch, head, chunk: int, transform, coef=None
              ) -> torch.Tensor:
-        return cross_sums(h, batch, head, chunk, transform)
+        return cross_sums(h, batch, head, chunk, transform, coef)
 
     def step_counts(self, plan, group, mine, reduce) -> list[float]:
         return reduce(torch.tensor([list(b.counts) for b, w in mine if w], dtype=torch.float64
@@ -513,15 +602,15 @@ class Cross:
         return CrossBatch(**{f.name: inputs[f.name] for f in fields(CrossBatch)})
 
     def loss(self, sums: torch.Tensor, counts) -> torch.Tensor:
-        return cross_loss(sums, counts, self.kind, self.ce_weight)
+        return (self.coefficients(counts, sums.device) * sums).sum()
 
     def kd(self, sums: torch.Tensor, counts) -> torch.Tensor:
-        return cross_loss(sums, counts, self.kind, 0.0)
+        return (cross_coefficients(counts, self.kind, 0.0).to(sums.device) * sums).sum()
 
     def record(self, sums: torch.Tensor, counts) -> dict:
         n, c, m = (max(x, 1) for x in counts)
         return {"loss": float(self.loss(sums, counts)), "alm": float(sums[0]) / c,
-                "dist": float(sums[1]) / m, "ce": float(sums[2]) / n,
+                **({"dist": float(sums[1]) / m} if counts[2] else {}), "ce": float(sums[2]) / n,
                 "kd": float(self.kd(sums, counts)), "chunks": int(counts[1])}
 
     def resolved(self) -> dict:

@@ -125,7 +125,7 @@ def buckets_of(at_ids: torch.Tensor, lse: torch.Tensor, at_label: torch.Tensor |
                label_lp: torch.Tensor | None = None) -> torch.Tensor:
     """The student's buckets from what they depend on: its logits at the ids (N, S) and at the
     label (N, 1), and their log-normaliser (N, 1). Every bucket is a function of these few
-    numbers, which is why the head's gradient needs no (N, V) graph (_HeadGradientInForward)."""
+    numbers, which is why the head's gradient needs no (N, V) graph (HeadGradientInForward)."""
     absent = ids < 0
     if residual == "none":
         return torch.log_softmax(at_ids.masked_fill(absent, NEG), -1)
@@ -190,12 +190,29 @@ def _chunk_sums(h, weight, bias, ids, lp, rest, label_lp, labels, has_label, los
     return kd, ce
 
 
-def _softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax, log-normaliser) of (n, V) logits, the softmax written over `x`: one block."""
     m = x.amax(-1, keepdim=True)
     x.sub_(m).exp_()
     total = x.sum(-1, keepdim=True)
     return x.div_(total), m + total.log()
+
+
+def through_head(raw: torch.Tensor, transform: LogitTransform, gradient_of):
+    """(n, V) raw head outputs -> (sums, the gradient of the loss with respect to them), where
+    `gradient_of(logits)` gives the sums and the gradient with respect to the logits and may
+    overwrite them (one block). The family's transform, where there is one, is kept for its
+    derivative at the end."""
+    x = raw.float()
+    del raw  # (a bfloat16 block under autocast: x is the float32 one)
+    if transform.kind == "none" or not transform.factor:
+        return gradient_of(x)
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        out = transform(x)
+    sums, g = gradient_of(out.detach().clone())
+    (g,) = torch.autograd.grad(out, x, g)
+    return sums, g
 
 
 def _chunk_gradient(raw, coef, ids, lp, rest, label_lp, labels, has_label, loss, beta,
@@ -209,88 +226,79 @@ def _chunk_gradient(raw, coef, ids, lp, rest, label_lp, labels, has_label, loss,
     most two (n, V) blocks exist (one with the family's plain head and temperature 1), where
     autograd through the (n, V) logits holds five."""
     T = temperature
-    plain = transform.kind == "none" or not transform.factor
-    x = raw.float()
-    del raw  # (a bfloat16 block under autocast: x is the float32 one)
-    if not plain:  # the family's transform, kept for its derivative at the end
-        x = x.detach().requires_grad_()
+
+    def gradient_of(logits):
+        lab = labels.clamp(min=0)[:, None]
+        at_label1 = logits.gather(-1, lab)
+        scaled = logits / T if T != 1.0 else logits
+        at_ids, at_label = scaled.gather(-1, ids.clamp(min=0)), scaled.gather(-1, lab)
+        q, lse = softmax_(scaled)  # the KD's softmax (at T), over the logits' block at T = 1
         with torch.enable_grad():
-            logits = transform(x)
-        out = logits
-        logits = logits.detach().clone()
-    else:
-        logits = x
-    lab = labels.clamp(min=0)[:, None]
-    at_label1 = logits.gather(-1, lab)
-    scaled = logits / T if T != 1.0 else logits
-    at_ids, at_label = scaled.gather(-1, ids.clamp(min=0)), scaled.gather(-1, lab)
-    q, lse = _softmax_(scaled)  # the KD's softmax (at T), over the logits' own block at T = 1
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (lse, at_ids, at_label)]
-        lse_, at_ids_, at_label_ = leaves
-        kd = divergence(
-            teacher_buckets(lp.masked_fill(ids < 0, NEG), rest, T, residual, ids, labels,
-                            label_lp),
-            buckets_of(at_ids_, lse_, at_label_, ids, residual, labels, label_lp),
-            loss, beta).sum() * T**2
-        d_lse, d_ids, d_label = (torch.zeros_like(v) if g is None else g for v, g in zip(
-            leaves, torch.autograd.grad(coef[0] * kd, leaves, allow_unused=True)))
-    w = coef[1] * has_label[:, None]  # CE = lse - logit of the label, at T = 1
-    if T == 1.0:
-        g = q.mul_(d_lse + w)
-        g.scatter_add_(-1, ids.clamp(min=0), d_ids)
-        g.scatter_add_(-1, lab, d_label - w)
-        lse1 = lse
-    else:
-        g = q.mul_(d_lse / T)
-        g.scatter_add_(-1, ids.clamp(min=0), d_ids / T)
-        g.scatter_add_(-1, lab, d_label / T - w)
-        q1, lse1 = _softmax_(logits)
-        g.add_(q1.mul_(w))
-        del q1
-    ce = ((lse1 - at_label1)[:, 0] * has_label).sum()
-    if not plain:
-        (g,) = torch.autograd.grad(out, x, g)
-    return kd.detach(), ce.detach(), g
+            leaves = [t.detach().requires_grad_() for t in (lse, at_ids, at_label)]
+            lse_, at_ids_, at_label_ = leaves
+            kd = divergence(
+                teacher_buckets(lp.masked_fill(ids < 0, NEG), rest, T, residual, ids, labels,
+                                label_lp),
+                buckets_of(at_ids_, lse_, at_label_, ids, residual, labels, label_lp),
+                loss, beta).sum() * T**2
+            d_lse, d_ids, d_label = (torch.zeros_like(v) if g is None else g for v, g in zip(
+                leaves, torch.autograd.grad(coef[0] * kd, leaves, allow_unused=True)))
+        w = coef[1] * has_label[:, None]  # CE = lse - logit of the label, at T = 1
+        if T == 1.0:
+            g = q.mul_(d_lse + w)
+            g.scatter_add_(-1, ids.clamp(min=0), d_ids)
+            g.scatter_add_(-1, lab, d_label - w)
+            lse1 = lse
+        else:
+            g = q.mul_(d_lse / T)
+            g.scatter_add_(-1, ids.clamp(min=0), d_ids / T)
+            g.scatter_add_(-1, lab, d_label / T - w)
+            q1, lse1 = softmax_(logits)
+            g.add_(q1.mul_(w))
+            del q1
+        ce = ((lse1 - at_label1)[:, 0] * has_label).sum()
+        return torch.stack([kd.detach(), ce.detach()]), g
+
+    return through_head(raw, transform, gradient_of)
 
 
-class _HeadGradientInForward(torch.autograd.Function):
-    """The KD and CE sums of N positions, each chunk's gradient (for the loss coef[0] KD +
-    coef[1] CE) computed as soon as its logits exist and the logits freed: no chunk is
-    recomputed in the backward pass (Liger's fused linear losses do the same). Its backward
-    scales those gradients by the one factor its incoming gradients are of `coef`; a loss that
-    weighs the two sums otherwise is an error, not a wrong gradient."""
+class HeadGradientInForward(torch.autograd.Function):
+    """Sums of losses over N positions whose head gradient (for the loss coef . sums) is computed
+    chunk by chunk as soon as each chunk's logits exist, the logits then freed: no chunk is
+    recomputed in the backward pass (Liger's fused linear losses do the same). `part(raw, s, e)`
+    gives positions [s, e)'s sums and their gradient with respect to the raw head outputs;
+    `bounds` are the chunks' edges. Its backward scales the gradients by the one factor its
+    incoming gradients are of `coef`; a loss that weighs the sums otherwise is an error, not a
+    wrong gradient. The same-tokenizer losses (KD, CE) and the cross-tokenizer ones (ALM, dist,
+    CE) both go through it."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, coef, chunk, targets):
+    def forward(ctx, hidden, weight, bias, coef, bounds, part):
         gh = torch.zeros_like(hidden)
         gw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         gb = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
-        kd = hidden.new_zeros((), dtype=torch.float32)
-        ce = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s: s + chunk]
-            k, c, g = _chunk_gradient(F.linear(h, weight, bias), coef, *(
-                t[s: s + chunk] if torch.is_tensor(t) and t.dim() else t for t in targets))
+        sums = hidden.new_zeros(len(coef), dtype=torch.float32)
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            h = hidden[s:e]
+            k, g = part(F.linear(h, weight, bias), s, e)
             g = g.to(weight.dtype)
-            gh[s: s + chunk] = (g @ weight).to(gh.dtype)  # (n, V) @ (V, H)
+            gh[s:e] = (g @ weight).to(gh.dtype)  # (n, V) @ (V, H)
             if gw is not None:
                 gw.addmm_(g.t(), h.to(weight.dtype))
             if gb is not None:
                 gb += g.sum(0)
-            kd, ce = kd + k, ce + c
+            sums = sums + k
         ctx.save_for_backward(gh, gw, gb, coef)
-        return kd, ce
+        return sums
 
     @staticmethod
-    def backward(ctx, g_kd, g_ce):
+    def backward(ctx, got):
         gh, gw, gb, coef = ctx.saved_tensors
-        got = torch.stack([g_kd, g_ce]).double()
-        c = coef.double()
+        got, c = got.double(), coef.double()
         scale = (got @ c) / (c @ c)
         if not torch.allclose(got, scale * c, rtol=1e-5, atol=1e-12):
-            raise RuntimeError(f"the loss weighs KD and CE {got.tolist()}, not as the "
-                               f"coefficients {coef.tolist()} its sums were computed for")
+            raise RuntimeError(f"the loss weighs its sums {got.tolist()}, not as the "
+                               f"coefficients {coef.tolist()} they were computed for")
         scale = scale.to(gh.dtype)  # in place: a head's gradient is as large as its weight
         return (gh.mul_(scale), None if gw is None else gw.mul_(scale),
                 None if gb is None else gb.mul_(scale), None, None, None)
@@ -335,8 +343,16 @@ def kd_ce_sums(
                transform)
     if coef is not None and torch.is_grad_enabled() and (
             hidden.requires_grad or lm_head.weight.requires_grad):
-        return _HeadGradientInForward.apply(hidden, lm_head.weight, lm_head.bias,
-                                            coef.detach().float(), chunk, targets)
+        coef = coef.detach().float()
+
+        def part(raw, s, e):
+            return _chunk_gradient(raw, coef, *(t[s:e] if torch.is_tensor(t) and t.dim() else t
+                                                for t in targets))
+
+        N = hidden.shape[0]
+        sums = HeadGradientInForward.apply(hidden, lm_head.weight, lm_head.bias, coef,
+                                           [*range(0, N, chunk), N], part)
+        return sums[0], sums[1]
     kd = hidden.new_zeros((), dtype=torch.float32)
     ce = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden.shape[0], chunk):
