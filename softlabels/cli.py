@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_args(t)
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="held-out CE, KL to the teacher and top-1 agreement")
+    e = sub.add_parser("eval", help="held-out CE, KL to the teacher and top-1 agreement; "
+                       "reverse KL to a teacher on the model's own continuations")
     eval_args(e)
     e.set_defaults(func=_eval)
 

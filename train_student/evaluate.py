@@ -9,6 +9,9 @@ most drawn id): an estimate, whose KL is biased upward by the sampling noise.
 A model with another tokenizer than the dataset's is evaluated on its own tokens of each window's
 text (rebuilt from the teacher's token bytes, tokenbytes.py): ce and bpb over the tokens the
 cross-tokenizer trainer counts (chunks whose bytes are targets); kl and top-1 do not apply.
+
+With --teacher and --prompts it also reports the model's reverse KL to the teacher on
+continuations it writes itself (continuations.py).
 """
 
 from __future__ import annotations
@@ -165,8 +168,19 @@ def main(args) -> int:
     from transformers import AutoTokenizer
 
     from softlabels.data.dataset import load_tokenizer
+    from softlabels.data.errors import UserError
     from softlabels.train_student.student import check_student, load_model
 
+    if bool(args.teacher) != bool(args.prompts):
+        raise UserError("--teacher and --prompts go together: the model continues the prompts "
+                        "and the teacher scores what it wrote")
+    if not args.data and not args.prompts:
+        raise UserError("eval needs --data (held-out soft-label datasets), or --teacher with "
+                        "--prompts (the model's own continuations), or both")
+    for flag in ("max_new_tokens", "n", "max_prompts"):
+        if getattr(args, flag) < (0 if flag == "max_prompts" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least "
+                            f"{0 if flag == 'max_prompts' else 1}")
     model = load_model(args.model, args.trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -175,17 +189,37 @@ def main(args) -> int:
     check_student(model, tok)
     for d in args.data:  # every dataset checked before any is evaluated
         if load_tokenizer(d) is None:
-            from softlabels.data.errors import UserError
-
             raise UserError(f"{d} has no tokenizer/ folder; regenerate it with softlabels "
                             "generate")
+    if args.prompts:
+        from softlabels.train_student import continuations as cont
+
+        if tok is None:
+            raise UserError(f"model {args.model} has no tokenizer to write continuations with")
+        teacher = load_model(args.teacher, args.trust_remote_code)
+        try:
+            teacher_tok = AutoTokenizer.from_pretrained(args.teacher)
+        except (OSError, ValueError):
+            teacher_tok = None
+        cont.check_pair(model, teacher, tok, teacher_tok, args.teacher)
+        prompts = cont.load_prompts(args.prompts, args.prompt_column, tok, args.max_prompts)
     rows = [{"data": d, **evaluate(model, d, args.batch_tokens, tokenizer=tok)}
             for d in args.data]
+    if args.prompts:
+        rows.append({"prompts": args.prompts, "teacher": args.teacher,
+                     **cont.evaluate_continuations(model, teacher, tok, prompts,
+                                                   args.max_new_tokens, args.n, args.seed)})
     if args.json:
         print(json.dumps(rows[0] if len(rows) == 1 else rows))
         return 0
-    for m in rows + ([{"data": "token-weighted mean", **weighted_mean(rows)}]
-                     if len(rows) > 1 else []):
+    held = [m for m in rows if "data" in m]
+    for m in rows[len(held):]:
+        print(f"{args.model} on its own continuations of {m['prompts']} ({m['continuations']}, "
+              f"{m['continuation_tokens']} tokens): reverse KL to {m['teacher']} "
+              f"{m['reverse_kl']:.4f} nats/token, the teacher's NLL of them "
+              f"{m['teacher_nll']:.4f}, its own {m['model_nll']:.4f}")
+    for m in held + ([{"data": "token-weighted mean", **weighted_mean(held)}]
+                     if len(held) > 1 else []):
         print(f"{args.model} on {m['data']}: CE {m['ce']:.4f} (ppl {m['ppl']:.2f})"
               + (f", {m['bpb']:.4f} bits/byte" if m["bpb"] is not None else "")
               + (f", KL over the top-k + 1 bucket {m['kl_topk']:.4f}, top-1 agreement "
