@@ -10,7 +10,10 @@ reference) or a byte-level BPE trained on the corpus, sized for the ratio. Every
 `softlabels train` with batches of the same teacher windows (so the same text per step whatever
 the student's tokens) and the same steps; then held-out bits per byte over each student's own
 tokens of the teacher's other samples, split into the bits of tokens that start a teacher token
-(a word's first piece, with its space) and of tokens inside one.
+(a word's first piece, with its space) and of tokens inside one. Throughput: text bytes per
+second against the same-tokenizer path's, of the teacher's tokenizer (the reference student) and
+of the same student (its own tokenizer's dataset of the same texts, `same_path_data`: the cost
+of the student itself, whose head and token count the tokenizer sets).
 
     python bench/granularity.py [--seeds 0 1 2] [--only ROW ...] [--steps 150]
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,24 +34,29 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 WORDS, LENGTH, ALPHA = 1500, 128, 25.0  # teacher vocabulary, words per sample, head scale
 TRAIN, HELD = 3000, 200  # samples
-# student tokenizers: byte-level BPEs sized for ~1, ~2, ~4 tokens per word (sizes found by
-# `tokenizers` on the corpus; the ratio measured is printed)
-RATIOS = {"~1": 3500, "~2": 1600, "~4": 420}
+# student tokenizers: byte-level BPEs sized for ~1-4 tokens per word, and a SentencePiece-style
+# Unigram (which, trained on this corpus, cuts ~5); sizes found by `tokenizers` on the corpus, the
+# ratio measured is printed
+STUDENTS = {"~1": ("bpe", 3500), "~2": ("bpe", 1600), "~3": ("bpe", 700), "~4": ("bpe", 420),
+            "~5 unigram": ("unigram", 2000)}
 LOSSES = {  # row: train arguments of a student with its own tokenizer
     "CE only": ["--ce-weight", 1],
-    "dist + 0.5 CE (auto below 3)": ["--cross-loss", "dist", "--ce-weight", 0.5],
-    "dist": ["--cross-loss", "dist", "--ce-weight", 0],
-    "alm + 0.5 CE (auto from 3)": ["--cross-loss", "alm", "--ce-weight", 0.5],
+    "dist + 0.5 CE": ["--cross-loss", "dist", "--ce-weight", 0.5],
+    "alm + 0.5 CE": ["--cross-loss", "alm", "--ce-weight", 0.5],
     "both + 0.5 CE": ["--cross-loss", "both", "--ce-weight", 0.5],
+    "dist": ["--cross-loss", "dist", "--ce-weight", 0],
+    "alm": ["--cross-loss", "alm", "--ce-weight", 0],
 }
+SHORT = ("CE only", "dist + 0.5 CE", "alm + 0.5 CE")  # the rows of ~3 and the Unigram
 
 
 def rows() -> dict:
     out = {"same tokenizer, CE only": (None, ["--ce-weight", 1]),
            "same tokenizer, top-64 (default)": (None, [])}
-    for r in RATIOS:
+    for r in STUDENTS:
         for name, extra in LOSSES.items():
-            out[f"{r}, {name}"] = (r, extra)
+            if r in ("~1", "~2", "~4") or name in SHORT:
+                out[f"{r}, {name}"] = (r, extra)
     return out
 
 
@@ -131,22 +140,25 @@ def generate(cache: Path, t: Path, src: Path, name: str) -> Path:
 
 
 def tokenizers(cache: Path, src: Path) -> dict:
-    """The student tokenizers and their measured tokens per teacher token."""
+    """The student tokenizers, each with its tokens per teacher token and bytes per token on the
+    corpus; and the teacher's bytes per token (a word and its space)."""
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from softlabels.demo import make_tokenizer
+    from softlabels.demo import make_tokenizer, make_unigram_tokenizer
 
     texts = pq.read_table(src).column("text").to_pylist()
     n_words = sum(len(x.split()) for x in texts[:500])
+    n_bytes = sum(len(x.encode()) for x in texts[:500])
     out = {}
-    for r, size in RATIOS.items():
-        d = cache / f"bpe-{size}"
+    for r, (kind, size) in STUDENTS.items():
+        d = cache / f"{kind}-{size}"
         if not d.is_dir():
-            make_tokenizer(texts, size, d)
+            (make_tokenizer if kind == "bpe" else make_unigram_tokenizer)(texts, size, d)
         tok = AutoTokenizer.from_pretrained(d)
-        out[r] = (d, sum(len(x) for x in tok(texts[:500]).input_ids) / n_words)
-    return out
+        n = sum(len(x) for x in tok(texts[:500], add_special_tokens=False).input_ids)
+        out[r] = (d, n / n_words, n_bytes / n)
+    return out, n_bytes / n_words
 
 
 def student(cache: Path) -> Path:
@@ -186,6 +198,64 @@ def held_bits(model_dir: Path, texts: list[str]) -> dict:
             **{f"bpb_{k}": v / n_bytes for k, v in bits.items()}}
 
 
+def same_path_data(cache: Path, r: str, tok_dir: Path, texts: list[str]) -> Path:
+    """For speed only: the same training texts as a dataset of the student's own tokenizer (one
+    window per text), top-64 of a random model with that tokenizer (a step costs the same
+    whatever the values): what the same student trains on through the same-tokenizer path."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from softlabels.data.card import publish
+    from softlabels.data.dataset import TOKENIZER_DIR
+    from softlabels.data.format import DEFAULT_LOGPROB_STEP, Encoding, Row, row_id
+    from softlabels.data.manifest import Manifest
+    from softlabels.data.shard import write_shard
+    from softlabels.demo import make_model
+
+    out = cache / f"same-path-{slug(r)}"
+    if (out / "manifest.json").is_file():
+        return out
+    tmp = cache / ".same-path.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.save_pretrained(tmp / TOKENIZER_DIR)
+    model = make_model(tmp / "model", vocab_size=len(tok), hidden=64, layers=1, heads=2).eval()
+    shutil.rmtree(tmp / "model")  # (the dataset carries the tokenizer, not the random model)
+    rows = []
+    with torch.no_grad():
+        for i, text in enumerate(texts):
+            w = np.array(tok(text, add_special_tokens=False).input_ids, np.int32)
+            lp = torch.log_softmax(model(torch.from_numpy(w.astype(np.int64))[None]).logits[0],
+                                   -1)
+            v, top = lp.topk(64, -1)
+            label = np.full(len(w), np.nan, np.float32)
+            label[:-1] = lp[:-1].gather(-1, torch.from_numpy(w[1:, None].astype(np.int64)))[
+                :, 0].numpy()
+            tail = torch.logsumexp(lp.scatter(-1, top, -torch.inf), -1).numpy()
+            rows.append(Row(row_id(i, 0), w, top.numpy().astype(np.int32), v.numpy(),
+                            np.ones(len(w), bool), label_logprob=label, tail_logprob=tail))
+    shard = write_shard(tmp / "shard-00000.parquet", rows, Encoding(64, DEFAULT_LOGPROB_STEP))
+    publish(tmp, Manifest(k=64, logprob_step=DEFAULT_LOGPROB_STEP, vocab_size=len(tok),
+                          shards=[shard]))
+    tmp.rename(out)
+    return out
+
+
+def slug(r: str) -> str:
+    return r.replace("~", "").replace(" ", "-")
+
+
+def run_dir(cache: Path, name: str, seed: int) -> Path:
+    return cache / "runs" / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
+
+
+def text_rate(out: Path, bytes_per_token: float) -> float:
+    """Text bytes per second of a run, after its first 10 steps (warm-up): the student target
+    tokens it trained on per second, times its tokenizer's bytes per token on the corpus."""
+    h = json.loads((out / "train_log.json").read_text())["history"]
+    return (h[-1]["tokens"] - h[9]["tokens"]) / sum(x["step_s"] for x in h[10:]) * bytes_per_token
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench-granularity")
@@ -200,8 +270,10 @@ def main() -> None:
     train_src = sample(cache, t, "train", TRAIN, 1)
     held_src = sample(cache, t, "held", HELD, 2)
     data = generate(cache, t, train_src, "k64")
-    toks = tokenizers(cache, train_src)
+    toks, teacher_bytes = tokenizers(cache, train_src)
     import pyarrow.parquet as pq
+
+    from softlabels.train_student.cross import ALM_FROM
 
     held = pq.read_table(held_src).column("text").to_pylist()
     ref_file = cache / "teacher.json"
@@ -217,7 +289,7 @@ def main() -> None:
             key = f"{name} | seed {seed}"
             if key in res or (a.only and name not in a.only):
                 continue
-            out = cache / "runs" / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
+            out = run_dir(cache, name, seed)
             cmd = [sys.executable, "-m", "softlabels", "train", "--student", s, "--data", data,
                    "--output", out, "--max-steps", a.steps, "--batch-tokens", a.batch_tokens,
                    "--lr", "3e-3", "--warmup", 10, "--seed", seed, *extra]
@@ -231,6 +303,23 @@ def main() -> None:
             print(key, res[key], file=sys.stderr, flush=True)
             res_file.write_text(json.dumps(res, indent=1))
 
+    # speed: each student through the same-tokenizer path, on the same texts
+    texts = pq.read_table(train_src).column("text").to_pylist()
+    for r, (tok_dir, ratio, _) in toks.items():
+        out = cache / "runs" / f"same-path-{slug(r)}"
+        if not (out / "train_log.json").is_file():
+            subprocess.run(list(map(str, [
+                sys.executable, "-m", "softlabels", "train", "--student", s, "--data",
+                same_path_data(cache, r, tok_dir, texts[:1200]), "--output", out,
+                "--max-steps", 60, "--batch-tokens", round(a.batch_tokens * ratio), "--lr",
+                "3e-3", "--seed", 0])), check=True, capture_output=True, cwd=REPO)
+
+    def rate(name: str, r: str | None) -> float:
+        """Text bytes per second: the fastest seed (the least disturbed)."""
+        per = toks[r][2] if r else teacher_bytes
+        return max(text_rate(run_dir(cache, name, x), per) for x in a.seeds
+                   if f"{name} | seed {x}" in res)
+
     def cells(name: str, k: str = "bpb") -> np.ndarray:
         return np.array([res[f"{name} | seed {x}"][k] for x in a.seeds
                          if f"{name} | seed {x}" in res])
@@ -241,9 +330,11 @@ def main() -> None:
           f"of {a.batch_tokens} teacher tokens, seeds {a.seeds}; same-tokenizer gain "
           f"{gain:.4f} bits/byte; student tokens per teacher token: "
           + ", ".join(f"{r} {v[1]:.2f}" for r, v in toks.items()) + "\n")
+    same_rate = rate("same tokenizer, top-64 (default)", None)
     print("| student tokens per teacher token, loss | held-out bits/byte | first pieces | "
-          "inside | vs its CE only (seeds better) | share of the same-tokenizer gain |")
-    print("|---|---|---|---|---|---|")
+          "inside | vs its CE only (seeds better) | share of the same-tokenizer gain | "
+          "text bytes/s vs the same-tokenizer path: teacher's tokenizer | the same student |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (r, _) in table.items():
         v = cells(name)
         if not len(v):
@@ -255,10 +346,17 @@ def main() -> None:
                       for x in paired])
         n = len(d)
         own = name == base_name
-        print(f"| {name} | {v.mean():.4f} ± {v.std():.4f} | {cells(name, 'bpb_first').mean():.4f}"
+        speed = rate(name, r)
+        same_student = (speed / text_rate(cache / "runs" / f"same-path-{slug(r)}", toks[r][2])
+                        if r else speed / same_rate)
+        auto = r and name.endswith("alm + 0.5 CE" if toks[r][1] >= ALM_FROM else
+                                   "dist + 0.5 CE")  # what --cross-loss auto picks
+        print(f"| {name}{' (default)' if auto else ''} | {v.mean():.4f} ± {v.std():.4f} | "
+              f"{cells(name, 'bpb_first').mean():.4f}"
               f" | {cells(name, 'bpb_inside').mean():.4f} | "
               + ("" if own or not n else f"{d.mean():+.4f} ({(d < 0).sum()}/{n})") + " | "
-              + ("" if own or not n else f"{-d.mean() / gain:.0%}") + " |")
+              + ("" if own or not n else f"{-d.mean() / gain:.0%}") + " | "
+              + f"{speed / same_rate:.2f}x | {same_student:.2f}x |")
 
 
 if __name__ == "__main__":
