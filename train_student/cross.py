@@ -491,9 +491,9 @@ def check_student(student_tok, student_name: str):
 
 
 DEFAULT_CROSS_CE = 0.5  # the best measured (BENCHMARKS.md, "Students with their own tokenizer")
-# student tokens per teacher token from which `auto` is alm rather than dist: at ~4 alm gained
-# 8.7x dist's bits, at ~1-2 dist was as good or better (BENCHMARKS.md, "Students with much
-# finer tokens"); 3 lies between the ratios measured
+# student tokens per teacher token from which `auto` is alm rather than dist: at ~3 (3.18) alm
+# gained 2.5x dist's bits and at ~4 4.3x, at ~1-2 dist was as good or better (BENCHMARKS.md,
+# "Students with much finer tokens")
 ALM_FROM = 3.0
 
 
