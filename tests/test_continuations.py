@@ -52,7 +52,8 @@ def _prompt_ids(prompts, tok) -> list[list[int]]:
 def test_reverse_kl_and_nlls_equal_a_float64_recomputation(pair):
     """Each continuation's every token: KL(q || p) over the whole vocabulary and both NLLs,
     recomputed here from plain forwards; a model against itself is at 0 with equal NLLs; the
-    continuations stop at EOS or the length asked, and a seed gives the same ones."""
+    continuations stop at EOS or the length asked, and a seed gives the same ones, whatever the
+    model's own generation config says."""
     teacher, student, prompts = pair
     t, s, tok = _models(teacher, student)
     ids = _prompt_ids(prompts, tok)
@@ -62,6 +63,12 @@ def test_reverse_kl_and_nlls_equal_a_float64_recomputation(pair):
     assert all(1 <= len(c.tokens) <= 12 and eos not in c.tokens[:-1] for c in got)
     assert [c.tokens for c in sample(s, ids, 12, n=2, seed=7, eos=eos, pad=eos)] == \
         [c.tokens for c in got]
+    # the model's own generation config (Qwen's ships top_k, top_p, a repetition penalty) does
+    # not reshape the draws
+    s.generation_config.top_k, s.generation_config.repetition_penalty = 2, 50.0
+    assert [c.tokens for c in sample(s, ids, 12, n=2, seed=7, eos=eos, pad=eos)] == \
+        [c.tokens for c in got]
+    assert s.generation_config.top_k == 2  # (and is left as it was)
     kl = t_nll = s_nll = n = 0.0
     for c in got:
         x = torch.tensor([c.prompt + c.tokens])

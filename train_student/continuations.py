@@ -68,9 +68,24 @@ def check_pair(model, teacher, tok, teacher_tok, teacher_name: str) -> None:
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], max_new_tokens: int, n: int = 1, seed: int = 0,
            eos: int | None = None, pad: int = 0, batch: int = 8) -> list[Continuation]:
-    """`n` continuations of each prompt, drawn from the model's whole distribution."""
+    """`n` continuations of each prompt, drawn from the model's whole distribution: a generation
+    config of its own, so nothing of the model's (Qwen's ships top_k 20, top_p 0.8, a repetition
+    penalty) reshapes the draws."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     torch.manual_seed(seed)
     model.eval()
+    # (generate merges the model's own config into one passed: it must not see it at all)
+    own, model.generation_config = model.generation_config, config
+    try:
+        return _sample(model, prompts, n, pad, batch, eos)
+    finally:
+        model.generation_config = own
+
+
+def _sample(model, prompts, n, pad, batch, eos) -> list[Continuation]:
     out = []
     todo = [p for p in prompts for _ in range(n)]
     for a in range(0, len(todo), batch):
@@ -78,9 +93,7 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, n: int = 1, see
         width = max(map(len, part))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in part])  # left-padded
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part])
-        got = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=pad)[:, width:].tolist()
+        got = model.generate(input_ids=ids, attention_mask=mask)[:, width:].tolist()
         for p, g in zip(part, got):
             if eos is not None and eos in g:
                 g = g[:g.index(eos) + 1]
