@@ -62,6 +62,9 @@ def check_row(row: Row, k: int, draws: int = 0, label: bool = True) -> None:
             row.label_logprob[:-1][row.target_mask[:-1].astype(bool)]).any():
         problems.append("label_logprob missing (NaN) at a position with a target and a next "
                         "token")
+    if row.writer_logprob is not None and (row.writer_logprob.shape != (T,) or (
+            row.writer_logprob[:-1][row.target_mask[:-1].astype(bool)] > 0).any()):
+        problems.append(f"writer_logprob not shaped ({T},) or above 0")
     if T == 0:
         problems.append("empty row")
     if problems:
@@ -125,6 +128,8 @@ def problems(batch: pa.RecordBatch, f: Flat | None, vocab_size: int, enc: Encodi
                  "probabilities sum to more than 1")
         if enc.tail_column or enc.label_logprobs:
             _check_exact(f, enc, mark)
+        if "writer_logprob" in batch.schema.names:
+            _check_writer(batch.column("writer_logprob"), f, mark)
         if enc.draws:
             pos = np.repeat(np.arange(len(m)), f.s_lens)
             first = np.ones(len(pos), bool)
@@ -182,6 +187,20 @@ def _check_exact(f: Flat, enc: Encoding, mark) -> None:
     off = np.where(inside, np.abs(label - topk_value) > (s + ls) / 2 + 1e-5,
                    label > log_tail + (ls + ts) / 2 + 1e-5)
     mark(row_of[has & off], "the label's log-prob disagrees with the top-k or the tail")
+
+
+def _check_writer(col: pa.ListArray, f: Flat, mark) -> None:
+    """The writer's log-probs: one per position, a finite log-prob where a written token follows
+    (`has_label`), 0 elsewhere."""
+    lens = np.diff(col.offsets.to_numpy())
+    if (lens != np.bincount(f.row_of, minlength=len(lens))).any():
+        mark(np.flatnonzero(lens != np.bincount(f.row_of, minlength=len(lens))),
+             "writer_logprob's length differs from input_ids'")
+        return
+    w = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    bad = np.where(f.has_label, ~np.isfinite(w) | (w > 0), w != 0)
+    mark(f.row_of[bad], "a writer log-prob not a finite number <= 0 where a written token "
+                        "follows, or stored where none does")
 
 
 def _in_topk(f: Flat, pos: np.ndarray, first: np.ndarray, gaps: np.ndarray) -> np.ndarray:

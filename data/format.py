@@ -52,7 +52,9 @@ DECODING_RULE = (
     "states what these hold: softlabels.exact_tail (false: 1 - the sum of the source's "
     "unrounded top-k, not the teacher's mass outside it), softlabels.label_logprobs (false: no "
     "label_logprob_q column) and softlabels.topk_renormalised (true: the top-k log-probs are "
-    "normalised over the k, the tail is 0)."
+    "normalised over the k, the tail is 0). Optional column writer_logprob[t] (float32): when "
+    "another model wrote the responses, its own log-prob of input_ids[t+1] where that token is "
+    "written (0 elsewhere)."
 )
 # Version 5's flags (schema metadata and manifest keys): what the columns hold, per dataset.
 FLAGS = ("exact_tail", "label_logprobs", "topk_renormalised")
@@ -85,6 +87,9 @@ class Row:
     # version 4 (None when read from older versions, or from a version 5 dataset without them):
     tail_logprob: np.ndarray | None = None  # (T,) float32 log of the mass outside the top-k
     label_logprob: np.ndarray | None = None  # (T,) float32 log p(input_ids[t+1]); NaN: none
+    # responses written by another model (--response-model): its own log-prob of each token it
+    # wrote, aligned as the label's; NaN where no written token follows
+    writer_logprob: np.ndarray | None = None
 
     @property
     def record(self) -> int:
@@ -247,12 +252,21 @@ def tail_draws(version: int, k: int, draws: int) -> bool:
 
 
 
-def schema(enc: Encoding, with_response: bool = False) -> pa.Schema:
-    """Arrow schema of a shard of this encoding; its metadata carries the decoding rule and
-    parameters (what `Encoding.from_schema` reads back).
+# Optional columns, present when the rows carry them (`optional_columns`): `response`, the text of
+# a written response (the dataset doubles as an ordinary SFT dataset), and `writer_logprob`, the
+# writing model's float32 log-prob of each token it wrote (what on-policy objectives weigh a
+# stale sample by). Neither changes how the targets decode, so neither needs a format version.
+OPTIONAL = ("response", "writer_logprob")
 
-    `with_response` adds the optional `response` column: the text of a teacher-written response,
-    so the dataset doubles as an ordinary SFT dataset."""
+
+def optional_columns(rows: list[Row]) -> tuple[str, ...]:
+    return tuple(c for c in OPTIONAL if any(getattr(r, c) is not None for r in rows))
+
+
+def schema(enc: Encoding, optional: tuple[str, ...] = ()) -> pa.Schema:
+    """Arrow schema of a shard of this encoding, with the `optional` columns named (OPTIONAL);
+    its metadata carries the decoding rule and parameters (what `Encoding.from_schema` reads
+    back)."""
     k, draws = enc.k, enc.draws
     meta = {
         "softlabels.format": FORMAT_NAME,
@@ -284,7 +298,9 @@ def schema(enc: Encoding, with_response: bool = False) -> pa.Schema:
         + topk + samples
         + [pa.field("label_logprob_q", pa.list_(pa.uint16()), nullable=False)]
         * enc.label_logprobs
-        + ([pa.field("response", pa.string())] if with_response else []),
+        + ([pa.field("response", pa.string())] if "response" in optional else [])
+        + ([pa.field("writer_logprob", pa.list_(pa.float32()), nullable=False)]
+           if "writer_logprob" in optional else []),
         metadata=meta,
     )
 
@@ -376,8 +392,8 @@ def encode(rows: list[Row], enc: Encoding) -> pa.RecordBatch:
              for r, m in zip(rows, mask)] if k else []
     labels = [quantise(np.where(_has_label(m), r.label_logprob, 0.0), enc.label_step)
               for r, m in zip(rows, mask)] if enc.label_logprobs else []
-    with_response = any(r.response is not None for r in rows)
-    s = schema(enc, with_response)
+    optional = optional_columns(rows)
+    s = schema(enc, optional)
     return pa.RecordBatch.from_arrays(
         [
             pa.array([r.row_id for r in rows], pa.string()),
@@ -387,7 +403,11 @@ def encode(rows: list[Row], enc: Encoding) -> pa.RecordBatch:
         + ([nested(gaps, pa.int32()), nested(qs, pa.uint16()), flat(tails)] if k else [])
         + (_encode_samples(rows, pa_offsets) if draws else [])
         + ([flat(labels)] if enc.label_logprobs else [])
-        + ([pa.array([r.response for r in rows], pa.string())] if with_response else []),
+        + ([pa.array([r.response for r in rows], pa.string())] if "response" in optional else [])
+        + ([pa.ListArray.from_arrays(pa_offsets, pa.array(np.concatenate(
+            [np.where(_has_label(m), np.nan_to_num(r.writer_logprob, nan=0.0), 0.0)
+             for r, m in zip(rows, mask)]).astype(np.float32)))]
+           if "writer_logprob" in optional else []),
         schema=s,
     )
 
@@ -543,6 +563,10 @@ def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding, flat: Flat | None = 
     if enc.tail_column:
         tail = decode_tail(f.tail_q, enc.tail_step)
     responses = cols["response"].to_pylist() if "response" in cols else None
+    writer = None
+    if "writer_logprob" in cols:
+        w = cols["writer_logprob"].flatten().to_numpy(zero_copy_only=False)
+        writer = np.where(f.has_label, w, np.nan).astype(np.float32)
     rows = []
     for i, rid in enumerate(cols["row_id"].to_pylist()):
         a, b = offsets[i], offsets[i + 1]
@@ -558,6 +582,7 @@ def decode(batch: pa.RecordBatch | pa.Table, enc: Encoding, flat: Flat | None = 
                 sample_counts=s_counts[a:b] if enc.draws else None,
                 tail_logprob=tail[a:b] if tail is not None else None,
                 label_logprob=label[a:b] if label is not None else None,
+                writer_logprob=writer[a:b] if writer is not None else None,
             )
         )
     return rows

@@ -25,7 +25,16 @@ from softlabels.data.counts import (
     read_row_counts,
 )
 from softlabels.data.dataset import ShardInfo, hashes
-from softlabels.data.format import LEAF_COLUMNS, Encoding, Row, decode, encode, flatten, schema
+from softlabels.data.format import (
+    LEAF_COLUMNS,
+    Encoding,
+    Row,
+    decode,
+    encode,
+    flatten,
+    optional_columns,
+    schema,
+)
 
 ZSTD_LEVEL = 9
 # A converter is bound by the writer (40 % of an import's time at level 9), a teacher run is
@@ -38,8 +47,7 @@ ROW_GROUP_TOKENS = 32768  # reader memory is one row group: ~32k tokens x k entr
 def write_shard(path: str | os.PathLike, rows: list[Row], enc: Encoding,
                 row_group_tokens: int = ROW_GROUP_TOKENS) -> ShardInfo:
     """Encode `rows` into `path` atomically; return its manifest entry."""
-    with shard_writer(path, enc, any(r.response is not None for r in rows),
-                      row_group_tokens) as w:
+    with shard_writer(path, enc, optional_columns(rows), row_group_tokens) as w:
         w.add(rows)
     return w.info
 
@@ -48,10 +56,10 @@ class ShardWriter:
     """Rows in, in any number of calls; row groups of ~`row_group_tokens` out as they fill, so a
     converter holds one row group, not a shard. The footer's row counts are added at the end."""
 
-    def __init__(self, tmp: Path, enc: Encoding, with_response: bool, row_group_tokens: int,
-                 level: int = ZSTD_LEVEL):
+    def __init__(self, tmp: Path, enc: Encoding, optional: tuple[str, ...],
+                 row_group_tokens: int, level: int = ZSTD_LEVEL):
         self.enc, self.group_tokens = enc, row_group_tokens
-        self.writer = _writer(tmp, schema(enc, with_response), level)
+        self.writer = _writer(tmp, schema(enc, optional), level)
         self.pending: list[Row] = []
         self.tokens = 0  # in `pending`
         self.counts: list[np.ndarray] = []
@@ -81,13 +89,13 @@ class ShardWriter:
 
 
 @contextlib.contextmanager
-def shard_writer(path: str | os.PathLike, enc: Encoding, with_response: bool = False,
+def shard_writer(path: str | os.PathLike, enc: Encoding, optional: tuple[str, ...] = (),
                  row_group_tokens: int = ROW_GROUP_TOKENS, level: int = ZSTD_LEVEL):
     """A ShardWriter whose file becomes `path` atomically on a clean exit (its manifest entry is
     then `.info`); on an exception nothing appears."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        w = ShardWriter(tmp, enc, with_response, row_group_tokens, level)
+        w = ShardWriter(tmp, enc, optional, row_group_tokens, level)
         try:
             yield w
         except BaseException:

@@ -68,6 +68,12 @@ def add_arguments(p) -> None:
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--n", type=int, default=1, help="responses per prompt")
+    r.add_argument("--response-model", default=None, metavar="MODEL",
+                   help="another model writes the responses (a student checkpoint, for "
+                   "on-policy distillation) and the teacher scores them in the same job: "
+                   "every unit is written first, then scored; each response token also keeps "
+                   "the writer's own log-prob (column writer_logprob), the manifest the "
+                   "checkpoint's hash. Same tokenizer as the teacher")
     r.add_argument("--seed", type=int, default=0,
                    help="seed of the responses and of --samples (each window draws from its "
                    "own generator seeded by this and its row id)")
@@ -273,6 +279,37 @@ def _sampling(args):
     return None
 
 
+def check_response_model(args, teacher_tok, teacher_config, max_length: int) -> Path | None:
+    """The response model, if any, checked like the teacher (a causal LM, safetensors, no
+    remote code unless asked) and against it: the ids it writes must mean the same text to the
+    teacher, and fit its embedding."""
+    if args.response_model is None:
+        return None
+    if not args.generate_responses:
+        raise UserError("--response-model writes responses: it goes with --generate-responses")
+    from softlabels.data.store import is_url
+
+    if is_url(args.output):
+        raise UserError("--response-model writes to a local --output folder (a URL's job "
+                        "cannot hold its written responses yet); write locally, then "
+                        "`softlabels push` the dataset")
+    path = Path(args.response_model)
+    config, tok = check_teacher(path, 0, args.trust_remote_code, scoring=False)
+    if tok.get_vocab() != teacher_tok.get_vocab():
+        raise UserError(f"--response-model {path} has another tokenizer than the teacher: the "
+                        "teacher scores the ids it writes, so both must use the same one")
+    vocab, teacher_vocab = config.get_text_config().vocab_size, \
+        teacher_config.get_text_config().vocab_size
+    if vocab > teacher_vocab:
+        raise UserError(f"--response-model {path} has {vocab} outputs, the teacher "
+                        f"{teacher_vocab}: it could write ids the teacher cannot read")
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if context and context < max_length:
+        raise UserError(f"--response-model {path} holds {context} positions, less than "
+                        f"--max-length {max_length}: give --max-length {context} or less")
+    return path
+
+
 def main(args) -> int:
     from softlabels.data.store import is_url
     from softlabels.generate.cluster import (
@@ -304,9 +341,11 @@ def main(args) -> int:
     extra = _engine_extra(args.engine_arg)
     config, tok = check_teacher(teacher, k, args.trust_remote_code,
                                 safetensors_only="load_format" not in dict(extra),
-                                scoring=not args.generate_responses)
+                                scoring=not args.generate_responses or
+                                args.response_model is not None)
     max_length = _max_length(args, config)
     _check_windows(args, max_length)
+    response_model = check_response_model(args, tok, config, max_length)
     security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
     cpu = on_cpu()
     if args.calibrate and not args.dry_run:
@@ -325,7 +364,7 @@ def main(args) -> int:
     n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
 
     def run(client, workers, supervisor=None):
-        job = _job(args, teacher, corpus, fields, sampling, k, max_length)
+        job = _job(args, teacher, corpus, fields, sampling, k, max_length, response_model)
         # what the job's numbers are (k, window, seed, draws) comes from the Job alone
         engine = EngineConfig(
             teacher=str(teacher.resolve()), k=job.k, max_length=job.max_length, dtype=args.dtype,
@@ -333,8 +372,14 @@ def main(args) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
             seed=job.seed, draws=job.draws, sample_temperature=job.sample_temperature,
             extra=extra, trust_remote_code=args.trust_remote_code)
+        writer = None
+        if response_model is not None:  # the same engine settings, the model's own weights
+            import dataclasses
+
+            writer = dataclasses.replace(engine, teacher=str(response_model.resolve()), k=0,
+                                         draws=0)
         return _run(args, client, out, job, engine, corpus, fields, sampling, tok,
-                    config.get_text_config().vocab_size, cpu, workers, supervisor)
+                    config.get_text_config().vocab_size, cpu, workers, supervisor, writer)
 
     supervisor_report = None
     if batch:  # the jobs' TLS files go under OUT: take the folder before anything is written
@@ -365,6 +410,10 @@ def main(args) -> int:
     print(f"done: {plan.records} records, {m.tokens} tokens, {len(m.shards)} shards in "
           f"{wall:.0f} s ({m.tokens / wall:.0f} tokens/s), {size / m.tokens:.1f} bytes/token "
           f"-> {out}", file=sys.stderr)
+    if times.get("writer_teacher"):
+        print(f"time in workers, response model: engine start "
+              f"{times['writer_engine_start']:.1f} s, writing {times['writer_teacher']:.1f} s, "
+              f"committing {times['writer_write']:.1f} s (summed over units)", file=sys.stderr)
     if times:
         print(f"time in workers: engine start {times['engine_start']:.1f} s, teacher "
               f"{times['teacher']:.1f} s, encoding and writing {times['write']:.1f} s (summed "
@@ -374,18 +423,24 @@ def main(args) -> int:
     return 0
 
 
-def _job(args, teacher: Path, corpus, fields, sampling, k: int, max_length: int):
-    """The Job: everything that changes the output, the teacher and the input by content."""
+def _files(folder: Path) -> list[Path]:
+    """A model folder's files, hidden ones aside."""
+    return [f for f in folder.rglob("*") if f.is_file() and
+            not any(part.startswith(".") for part in f.relative_to(folder).parts)]
+
+
+def _job(args, teacher: Path, corpus, fields, sampling, k: int, max_length: int,
+         response_model: Path | None = None):
+    """The Job: everything that changes the output, the teacher, the input and the response
+    model by content."""
     from softlabels.generate.fingerprint import fingerprint_files
     from softlabels.generate.inputs import PIECE_BYTES
     from softlabels.generate.plan import Job
     from softlabels.generate.publish import vllm_version
 
     print(f"hashing teacher {teacher} and input {args.input} ...", file=sys.stderr)
-    teacher_files = [f for f in teacher.rglob("*") if f.is_file() and
-                     not any(part.startswith(".") for part in f.relative_to(teacher).parts)]
     return Job(
-        teacher_hash=fingerprint_files(teacher_files, teacher, args.rehash),
+        teacher_hash=fingerprint_files(_files(teacher), teacher, args.rehash),
         input_fingerprint=corpus.fingerprint(args.rehash),
         k=k,
         max_length=max_length,
@@ -399,13 +454,15 @@ def _job(args, teacher: Path, corpus, fields, sampling, k: int, max_length: int)
         piece_bytes=PIECE_BYTES,
         fields=repr(fields),
         sampling=repr(sampling) if sampling else "",
+        response_model=fingerprint_files(_files(response_model), response_model, args.rehash)
+        if response_model else "",
         engine=json.dumps({"dtype": args.dtype, "engine_args": sorted(args.engine_arg),
                            "vllm": vllm_version(), "trust_remote_code": args.trust_remote_code}),
     )
 
 
 def _run(args, client, out, job, engine, corpus, fields, sampling, tok, vocab_size, cpu,
-         n_workers, supervisor=None):
+         n_workers, supervisor=None, writer=None):
     """Claim the folder for the job, run it, publish: -> (manifest, plan, times); with
     --dry-run, plan (and calibrate) only: -> None."""
     from softlabels.data.store import is_url, store
@@ -427,11 +484,13 @@ def _run(args, client, out, job, engine, corpus, fields, sampling, tok, vocab_si
                     if (not cpu and local) else (),
                     supervisor=supervisor,
                     # a URL's job: remote workers may not see a local input; the client plans
-                    client_plans=is_url(out) and not local and not is_url(args.input))
+                    client_plans=is_url(out) and not local and not is_url(args.input),
+                    writer=writer)
     plan = run_job(driver, corpus, fields, dry_run=args.dry_run, calibrate=args.calibrate)
     if plan is None:
         return None
-    m = publish_dataset(out, job, plan, tok, vocab_size, Path(args.teacher), args.input)
+    m = publish_dataset(out, job, plan, tok, vocab_size, Path(args.teacher), args.input,
+                        Path(args.response_model) if args.response_model else None)
     return m, plan, driver.times
 
 

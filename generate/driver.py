@@ -28,9 +28,13 @@ class Driver:
     def __init__(self, client, out: Path, job, engine, sampling=None, *, workers: int = 1,
                  resource: str = "teacher", retries: int = 2, rehash: bool = False,
                  cpu_binds: tuple = (), gpu_binds: tuple = (), supervisor=None,
-                 client_plans: bool = False):
+                 client_plans: bool = False, writer=None):
         self.client, self.out, self.job = client, out, job
         self.engine, self.sampling = engine, sampling
+        # --response-model: its engine's config; every unit is written by it in a first pass
+        # (phase "write"), then scored by the teacher (phase "score"): one engine switch per
+        # worker, not one per unit
+        self.writer, self.phase = writer, ""
         self.n_workers, self.resource, self.retries, self.rehash = workers, resource, retries, \
             rehash
         self.cpus, self.gpus = cpu_binds, gpu_binds
@@ -45,15 +49,19 @@ class Driver:
         self.commits: dict[str, str] = {}  # (a URL's job) unit -> the object that commits it
         self.client_plans = client_plans  # (a URL's job) the workers cannot read the input
 
-    def _unit_task(self, u):
+    def _unit_task(self, u, phase: str = ""):
         from softlabels.generate.work import UnitTask
 
+        if phase == "write":
+            return UnitTask(self.where, u, self.writer, self.job.encoding, self.cpus, self.gpus,
+                            self.sampling, phase="write")
         return UnitTask(self.where, u, self.engine, self.job.encoding, self.cpus, self.gpus,
-                        self.sampling, commit=self.commits.get(u.name, ""))
+                        None if phase == "score" else self.sampling,
+                        commit=self.commits.get(u.name, ""), phase=phase)
 
-    def plan_and_score(self, corpus, fields, budget, score: bool = True):
+    def plan_and_score(self, corpus, fields, budget, score: bool = True, phase: str = ""):
         """-> the plan (None if a piece failed); units run as their pieces are planned (with
-        `score`; without, only the plan is made)."""
+        `score`; without, only the plan is made). `phase`: what runs on each unit (UnitTask)."""
         from distributed import as_completed
         from tqdm import tqdm
 
@@ -75,9 +83,9 @@ class Driver:
                 u for s in plan.shards if is_published(out, s, self.rehash) for u in s.units}
         pieces = [] if plan is not None else corpus.pieces(self.job.piece_bytes)  # checks columns
         self.tasks, self.ac, self.submitted, planned = {}, as_completed(), 0, {}
-        self.score = score
-        self.bar = tqdm(total=0, unit=" tok", unit_scale=True, desc="teacher", smoothing=0.1,
-                        leave=False)
+        self.score, self.phase = score, phase
+        self.bar = tqdm(total=0, unit=" tok", unit_scale=True, smoothing=0.1, leave=False,
+                        desc="response model" if phase == "write" else "teacher")
         if plan is not None:
             self._release(plan.units, published)
         else:
@@ -107,7 +115,7 @@ class Driver:
         try:
             for f in self.ac:
                 what = self.tasks.pop(f)
-                if what.startswith("unit "):
+                if what.startswith(("unit ", "writing ")):
                     self.in_flight -= 1
                     self._fill()
                 try:
@@ -124,11 +132,14 @@ class Driver:
                     if len(planned) == len(pieces):
                         plan = self._whole(pieces, planned)
                 else:
-                    self.times["engine_start"] = max(self.times["engine_start"],
-                                                     r["engine_start_s"])
-                    self.times["teacher"] += r["teacher_s"]
-                    self.times["write"] += r["write_s"]
-                    self.bar.update(r["tokens"])
+                    prefix = "writer_" if phase == "write" else ""
+                    for key in ("engine_start", "teacher", "write"):
+                        self.times.setdefault(prefix + key, 0.0)
+                    self.times[prefix + "engine_start"] = max(
+                        self.times[prefix + "engine_start"], r["engine_start_s"])
+                    self.times[prefix + "teacher"] += r["teacher_s"]
+                    self.times[prefix + "write"] += r["write_s"]
+                    self.bar.update(r["unit_tokens"] if phase == "write" else r["tokens"])
                 if self.supervisor is not None:  # worker jobs: how many run, how many wait
                     self.bar.set_postfix_str(f"workers: {self.supervisor.status()}")
         except BaseException:
@@ -179,14 +190,16 @@ class Driver:
                           if plan.untargeted else ""), file=sys.stderr)
 
     def _release(self, units, published) -> None:
-        """Queue the units not yet committed for the teacher workers."""
-        from softlabels.generate.work import is_done
+        """Queue the units not yet committed for the teacher workers (in phase "write", those
+        whose responses are not yet written)."""
+        from softlabels.generate.work import is_done, is_written
 
         if not self.score or (self.st is not None and not self.commits):
             return  # (a URL's job: until the whole plan names the units' commits)
         self.bar.total += sum(u.tokens for u in units)
         for u in units:
-            if u.name in published or (self.st is None and is_done(self.out, u, self.rehash)):
+            if u.name in published or (self.st is None and is_done(self.out, u, self.rehash)) \
+                    or (self.phase == "write" and is_written(self.out, u, self.rehash)):
                 self.bar.update(u.tokens)
                 continue
             self.waiting.append(u)
@@ -199,24 +212,37 @@ class Driver:
         task with a resource restriction to a worker at once, and a worker's death counts
         against every task it holds (after `allowed-failures`, the task fails): holding the
         rest here keeps each lost worker to the one unit it runs and the one next in line."""
-        from softlabels.generate.work import run_unit
+        from softlabels.generate.work import run_unit, write_responses
 
         workers = max(self.n_workers, len(self.client.scheduler_info().get("workers", {})))
+        write = self.phase == "write"
         while self.waiting and self.in_flight < 2 * workers:
             u = self.waiting.popleft()
-            f = self.client.submit(run_unit, self._unit_task(u), key=f"unit-{u.name}",
+            f = self.client.submit(write_responses if write else run_unit,
+                                   self._unit_task(u, self.phase),
+                                   key=f"{'write' if write else 'unit'}-{u.name}",
                                    resources={self.resource: 1}, retries=self.retries,
                                    pure=False)
-            self.tasks[f] = f"unit {u.name}"
+            self.tasks[f] = f"{'writing' if write else 'unit'} {u.name}"
             self.ac.add(f)
             self.in_flight += 1
 
     def calibrate(self, plan) -> dict:
         """Score the plan's first unit on one worker (committed: the real run keeps it); its
         run_unit summary, or the summary recorded when it was committed before."""
-        from softlabels.generate.work import is_done, run_unit
+        from softlabels.generate.work import is_done, is_written, run_unit, write_responses
 
         u = plan.units[0]
+        if self.writer is not None and not is_done(self.out, u) and \
+                not is_written(self.out, u):  # the response model writes first
+            try:
+                self.client.submit(write_responses, self._unit_task(u, "write"),
+                                   key=f"calibrate-write-{u.name}", resources={self.resource: 1},
+                                   pure=False).result()
+            except Exception as e:
+                why = (str(e).splitlines() or [""])[0]
+                raise UserError(f"--calibrate: the response model failed on unit {u.name} "
+                                f"({type(e).__name__}: {why}); fix its cause first") from e
         if self.st is not None:
             rec = objects.read_json(self.st, f"{objects.STATE}/done/{u.name}.json")
             if rec is not None and "teacher_s" in rec:
@@ -226,7 +252,8 @@ class Driver:
             if "teacher_s" in rec:
                 return rec
         try:
-            return self.client.submit(run_unit, self._unit_task(u), key=f"calibrate-{u.name}",
+            return self.client.submit(run_unit, self._unit_task(u, self.phase),
+                                      key=f"calibrate-{u.name}",
                                       resources={self.resource: 1}, pure=False).result()
         except Exception as e:  # the unit's error, raised here from the worker
             why = (str(e).splitlines() or [""])[0]
@@ -276,7 +303,11 @@ def run_job(driver: Driver, corpus, fields, *, dry_run: bool = False, calibrate:
 
     sampling = driver.sampling
     budget = sampling.max_new_tokens * sampling.n if sampling else 0
-    plan = driver.plan_and_score(corpus, fields, budget, score=not dry_run)
+    if driver.writer is not None:  # every unit's responses written, then every unit scored
+        plan = driver.plan_and_score(corpus, fields, budget, score=not dry_run, phase="write")
+        driver.raise_failures()
+        driver.phase = "score"
+    plan = driver.plan_and_score(corpus, fields, budget, score=not dry_run, phase=driver.phase)
     if dry_run and not driver.failures:
         dry_run_report(driver, plan, calibrate)
         return None

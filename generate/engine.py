@@ -6,6 +6,8 @@ the format says: targets[t] predicts the token after input_ids[0..t].
 
 Responses (`Responder`, --generate-responses): vLLM's generate runner samples them, and each step's
 top-k come back with flat_logprobs (k+1 entries: the sampled token, then the top-k in rank order).
+A response model (--response-model) is a Responder with k = 0: only its sampled tokens and their
+log-probs.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class Responder:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self.llm = _build(cfg, max_logprobs=cfg.k, skip_tokenizer_init=True)
+        self.llm = _build(cfg, max_logprobs=max(cfg.k, 1), skip_tokenizer_init=True)
 
     def respond(self, prompts: list[list[int]], records: list[int], s: Sampling):
         """Sample responses; per prompt, n of (response ids, (R, k) ids, (R, k) logprobs, (R,)

@@ -55,7 +55,8 @@ class Job:
     stride: int = 0  # new positions per later window; 0: max_length (no overlap)
     piece_bytes: int = 0  # how the corpus is cut for planning (inputs.PIECE_BYTES)
     fields: str = "text"  # which columns mean what (records.Fields)
-    sampling: str = ""  # teacher-written responses: the sampling settings, else ""
+    sampling: str = ""  # written responses: the sampling settings, else ""
+    response_model: str = ""  # --response-model: the checkpoint that writes them, by content
     engine: str = ""  # what else changes the numbers: dtype, engine args, vLLM version
     # the code that writes the numbers: a job resumed by another version would mix two formats
     format_version: int = FORMAT_VERSION

@@ -13,7 +13,7 @@ from softlabels.data.card import publish
 from softlabels.data.dataset import save_tokenizer
 from softlabels.data.manifest import Manifest
 from softlabels.data.store import is_url, store
-from softlabels.generate.state import unit_path
+from softlabels.generate.state import unit_path, written_path
 
 
 def vllm_version() -> str:
@@ -29,7 +29,7 @@ def vllm_version() -> str:
 
 
 def publish_dataset(out: Path | str, job, plan, tokenizer, vocab_size: int, teacher: Path,
-                    source: str) -> Manifest:
+                    source: str, response_model: Path | None = None) -> Manifest:
     """Make `out` (a folder or a URL) a dataset: every shard of `plan` is committed and intact
     (driver.run_job)."""
     from softlabels.generate import objects
@@ -59,6 +59,9 @@ def publish_dataset(out: Path | str, job, plan, tokenizer, vocab_size: int, teac
             "input_fingerprint": job.input_fingerprint,
             "columns": job.fields,
             "sampling": job.sampling or None,
+            # who wrote the responses, when not the teacher: the checkpoint, by content
+            **({"response_model": str(response_model.resolve()),
+                "response_model_sha256": job.response_model} if response_model else {}),
             "skipped_prompts_too_long": plan.too_long,
             "records": plan.records,
             "empty_records_skipped": plan.empty_records,
@@ -76,4 +79,5 @@ def publish_dataset(out: Path | str, job, plan, tokenizer, vocab_size: int, teac
     publish(out, m)
     for u in plan.units:  # now inside the published shards (a shard of one unit is its link)
         unit_path(out, u).unlink(missing_ok=True)
+        written_path(out, u).unlink(missing_ok=True)
     return m

@@ -6,6 +6,9 @@
     plan.json                 every unit and how units are grouped into shards (written last)
     units/<unit>.parquet      a scored unit, committed atomically by the worker that ran it
     done/<unit>.json          its commit record (hash, identity, what it cost)
+    written/<unit>.parquet    --response-model: the responses that model wrote for a unit (its
+                              token ids and log-probs), before the teacher scores them; .json:
+                              its commit record
     shards/<shard>.json       a published shard's record
     attempts.log              one line per time a unit reached the teacher
     tls/, worker-logs/        a --cluster run's certificates and its worker jobs' logs
@@ -64,6 +67,10 @@ def unit_path(out: Path, unit) -> Path:
 
 def done_path(out: Path, unit) -> Path:
     return out / STATE_DIR / "done" / f"{unit.name}.json"
+
+
+def written_path(out: Path, unit, suffix: str = "") -> Path:
+    return out / STATE_DIR / "written" / f"{unit.name}{suffix}"
 
 
 def shard_record_path(out: Path, shard) -> Path:

@@ -1,5 +1,7 @@
 """What a Dask worker runs: plan a piece of the corpus; score a unit with the teacher and commit
-its file; concatenate committed units into a published shard.
+its file; concatenate committed units into a published shard. With a response model
+(--response-model) a unit takes two tasks: the model writes its responses (`write_responses`,
+committed under written/), then the teacher scores them (`run_unit`, phase "score").
 
 The engine is built in the first task a worker process runs and cached for the process's life
 (WorkerPlugin.setup would block the worker's event loop for the minute an engine takes to start).
@@ -16,8 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from softlabels.data.atomic import fsync_dir, write_text
+from softlabels.data.atomic import atomic_path, fsync_dir, write_text
 from softlabels.data.dataset import ShardInfo, sha256_file
 from softlabels.data.errors import UserError
 from softlabels.data.format import Encoding, Row
@@ -25,7 +29,13 @@ from softlabels.data.shard import concat_shards, write_shard
 from softlabels.data.store import is_url
 from softlabels.generate.engine import EngineConfig, Responder, Sampling, Teacher, on_cpu
 from softlabels.generate.plan import Job, PiecePlan, Shard, Unit, plan_piece, read_unit
-from softlabels.generate.state import attempts_path, done_path, shard_record_path, unit_path
+from softlabels.generate.state import (
+    attempts_path,
+    done_path,
+    shard_record_path,
+    unit_path,
+    written_path,
+)
 
 _TEACHER: list[Teacher | Responder] = []  # this worker process's engine (one at a time)
 _TOKENIZER: dict = {}  # this worker process's tokenizer, by teacher path
@@ -76,8 +86,11 @@ class UnitTask:
     # two engines never share a core or a GPU; empty for workers the user started
     cpu_binds: tuple[str, ...] = ()
     gpu_binds: tuple[str, ...] = ()
-    sampling: Sampling | None = None  # set: the teacher writes the responses
+    sampling: Sampling | None = None  # set: the engine writes the responses
     commit: str = ""  # an --output URL's job: the write-once object the unit commits (objects)
+    # "": the teacher scores the unit (and writes its responses, with `sampling`); "write": the
+    # response model (`engine`) writes them; "score": the teacher scores what it wrote
+    phase: str = ""
 
 
 def _identity(path: Path | int) -> list[int]:
@@ -108,6 +121,11 @@ def _matches(record: Path, path: Path, rehash: bool = False) -> bool:
 def is_done(out: Path, unit: Unit, rehash: bool = False) -> bool:
     """The unit's file is committed and intact (before it is concatenated into its shard)."""
     return _matches(done_path(out, unit), unit_path(out, unit), rehash)
+
+
+def is_written(out: Path, unit: Unit, rehash: bool = False) -> bool:
+    """The response model's responses to the unit's prompts are committed and intact."""
+    return _matches(written_path(out, unit, ".json"), written_path(out, unit), rehash)
 
 
 def is_published(out: Path, shard: Shard, rehash: bool = False) -> bool:
@@ -257,6 +275,75 @@ def _responses(task: UnitTask, teacher: Teacher, row_ids, prompts) -> list[Row]:
     return rows
 
 
+WRITTEN_SCHEMA = pa.schema([("row_id", pa.string()), ("response", pa.list_(pa.int32())),
+                            ("writer_logprob", pa.list_(pa.float32()))])
+
+
+def write_responses(task: UnitTask) -> dict:
+    """The response model answers the unit's prompts; its tokens and its own log-prob of each
+    are committed (written/<unit>), for the teacher's pass. Ids only: no text round trip, so the
+    teacher scores exactly the tokens the model sampled."""
+    out = Path(task.out)
+    t0 = time.perf_counter()
+    writer = _teacher(task)
+    t1 = time.perf_counter()
+    row_ids, prompts, _ = read_unit(out, task.unit)
+    records = [int(r.split(":")[0]) for r in row_ids]
+    try:
+        answers = writer.respond(prompts, records, task.sampling)
+    except BaseException:
+        _drop_teacher()
+        raise
+    t2 = time.perf_counter()
+    ids, resps, lps = [], [], []
+    for rec, samples in zip(records, answers):
+        for i, (resp, _, _, _, lp) in enumerate(samples):
+            ids.append(f"{rec}:{i}")
+            resps.append(resp)
+            lps.append(np.minimum(np.asarray(lp, np.float32), 0.0))
+    path = written_path(out, task.unit)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table([ids, resps, lps], schema=WRITTEN_SCHEMA), tmp)
+    summary = {"rows": len(ids), "tokens": int(sum(map(len, resps))),
+               "unit_tokens": task.unit.tokens, "engine_start_s": t1 - t0,
+               "teacher_s": t2 - t1, "write_s": time.perf_counter() - t2, "pid": os.getpid()}
+    write_text(written_path(out, task.unit, ".json"), json.dumps(
+        {**summary, "sha256": sha256_file(path), "identity": _identity(path)}))
+    return summary
+
+
+def _score_written(task: UnitTask, teacher: Teacher, row_ids, prompts) -> list[Row]:
+    """Rows of prompt + the response model's response, scored by the teacher: targets, exact
+    tail and label log-prob on the response positions (aligned as `_responses`), with the
+    writer's log-prob of each written token beside the label."""
+    from transformers import AutoTokenizer
+
+    out = Path(task.out)
+    if not is_written(out, task.unit):
+        raise RuntimeError(f"unit {task.unit.name}: its written responses no longer match their "
+                           "record; rerun the same command to write them again")
+    written = pq.read_table(written_path(out, task.unit)).to_pydict()
+    prompt_of = {int(r.split(":")[0]): p for r, p in zip(row_ids, prompts)}
+    rids = written["row_id"]
+    windows = [prompt_of[int(r.split(":")[0])] + resp
+               for r, resp in zip(rids, written["response"])]
+    tok = AutoTokenizer.from_pretrained(task.engine.teacher,
+                                        trust_remote_code=task.engine.trust_remote_code)
+    rows = []
+    for rid, w, resp, wlp, t in zip(rids, windows, written["response"],
+                                    written["writer_logprob"], teacher.outputs(windows, rids)):
+        P, R = len(w) - len(resp), len(resp)
+        mask = np.zeros(P + R, bool)
+        mask[P - 1:P + R - 1] = True  # position t predicts token t + 1: the response
+        writer = np.full(P + R, np.nan, np.float32)
+        writer[P - 1:P + R - 1] = wlp
+        label = np.where(mask, t.label_logprob, np.nan).astype(np.float32)
+        rows.append(Row(rid, np.asarray(w, np.int32), t.topk_ids, t.topk_logprobs, mask,
+                        tok.decode(resp, skip_special_tokens=True), tail_logprob=t.tail_logprob,
+                        label_logprob=label, writer_logprob=writer))
+    return rows
+
+
 def _log_attempt(out: Path, unit: Unit) -> None:
     """One line per time a unit reaches the teacher: how much teacher work lost workers cost
     (lines beyond the number of units). An append of one short line is atomic on POSIX."""
@@ -279,7 +366,9 @@ def run_unit(task: UnitTask) -> dict:
         _log_attempt(out, task.unit)
         row_ids, windows, masks = read_unit(out, task.unit)
     try:
-        if task.sampling:
+        if task.phase == "score":
+            rows = _score_written(task, teacher, row_ids, windows)
+        elif task.sampling:
             rows = _responses(task, teacher, row_ids, windows)
         else:
             rows = [

@@ -412,9 +412,17 @@ def test_bad_rows_flags_each_rule(real_rows):
             label_logprob=np.where(np.arange(len(r.input_ids)) == 6, r.topk_logprobs[6, 0] - 0.5,
                                    r.label_logprob)),
     }
+    # a written response's writer log-probs: finite and <= 0 where a written token follows
+    T = len(r.input_ids)
+    for i, bad in enumerate([0.5, np.inf]):
+        cases[f"writer {bad}"] = replace(r, row_id=f"{6 + i}:0", writer_logprob=np.where(
+            np.arange(T) == 2, bad, -1.0).astype(np.float32))
+    cases["writer ok"] = replace(r, row_id="8:0", writer_logprob=np.full(T, -1.0, np.float32))
+    cases["ok"].writer_logprob = np.full(T, np.nan, np.float32)  # decoded NaN: stored 0
     batch = encode(list(cases.values()), enc)
     got = dict(bad_rows(batch, enc, vocab))
-    assert set(got) == {"1:0", "2:0", "4:0", "5:0"}
+    assert set(got) == {"1:0", "2:0", "4:0", "5:0", "6:0", "7:0"}
+    assert "writer log-prob not a finite number" in got["6:0"] == got["7:0"]
     assert "sum to more than 1" in got["1:0"] and "input id outside" in got["2:0"]
     assert "do not sum to 1" in got["4:0"] and "label's log-prob disagrees" in got["5:0"]
     with pytest.raises(FormatError, match="same token id twice"):  # encode refuses duplicates

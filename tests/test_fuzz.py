@@ -39,11 +39,16 @@ META_ODD = [b"inf", b"-inf", b"nan", b"-1", b"0", b"1e-9", b"65536", b"abc", b""
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    """Valid datasets: a top-k with the exact tail (format 4), and draws only."""
+    """Valid datasets: a top-k with the exact tail (format 4), draws only, and written responses
+    (a top-k with the optional response and writer_logprob columns)."""
     root = tmp_path_factory.mktemp("fuzz")
     out = {}
-    for kind, k, draws in (("topk", K, 0), ("draws", 0, 4)):
+    for kind, k, draws in (("topk", K, 0), ("draws", 0, 4), ("written", K, 0)):
         rows = synthetic_rows(6, VOCAB, k, seed=1, lengths=(3, 12), draws=draws)
+        if kind == "written":
+            for r in rows:
+                r.response = "some text"
+                r.writer_logprob = np.minimum(np.nan_to_num(r.label_logprob) + 0.5, 0.0)
         write_dataset(root / kind, rows, k=k, vocab=VOCAB, draws=draws, shards=2)
         assert verify(root / kind) == [], kind
         out[kind] = root / kind
@@ -144,6 +149,10 @@ def mutate_values(d: Path, rng: random.Random) -> str:
         at = g.integers(0, v.size, n)
         if v.dtype == bool:
             v[at] = ~v[at]
+        elif v.dtype.kind == "f":  # writer_logprob
+            v[at] = g.choice([np.nan, np.inf, -np.inf, 0.5, -1e30, 3e38], n)
+        elif v.dtype.kind not in "iu":  # the response's text: any text is valid
+            v[at] = g.choice(["", "x" * 1000, "\u2028\n"], n)
         else:
             info = np.iinfo(v.dtype)
             choice = g.integers(0, 3)
@@ -313,7 +322,7 @@ def check(d: Path, what: str) -> str:
 CHUNK = 100
 
 
-@pytest.mark.parametrize("kind", ["topk", "draws"])
+@pytest.mark.parametrize("kind", ["topk", "draws", "written"])
 @pytest.mark.parametrize("chunk", range(max(1, N // CHUNK)))
 def test_mutated_datasets_pass_or_are_refused_in_one_line(tmp_path, bases, kind, chunk):
     outcomes = {"passed": 0, "refused": 0}

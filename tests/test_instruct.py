@@ -56,9 +56,10 @@ def inputs(tmp_path_factory):
     return d
 
 
-def gen(teacher, inp, out, dask, *extra):
+def gen(teacher, inp, out, dask, *extra, check=True):
     return softlabels("generate", "--teacher", teacher, "--input", inp, "--output", out,
-                      "--top-k", K, "--max-length", 128, "--scheduler", dask, *extra)
+                      "--top-k", K, "--max-length", 128, "--scheduler", dask, *extra,
+                      check=check)
 
 
 def test_prompt_response_with_chat_template(tmp_path, chat_teacher, inputs, dask_cluster):
@@ -150,6 +151,74 @@ def test_teacher_written_responses(tmp_path, chat_teacher, inputs, dask_cluster)
                                    np.exp(tail[m].astype(np.float64)),
                                    rtol=np.expm1(TAIL_STEP / 2) + 1e-4)
         np.testing.assert_allclose(r.label_logprob[m], label[m], atol=LABEL_STEP / 2 + 1e-4)
+
+
+@pytest.fixture(scope="module")
+def chat_student(tmp_path_factory, chat_teacher):
+    """Another random model with the teacher's tokenizer: the response model."""
+    from transformers import AutoTokenizer
+
+    from softlabels.demo import make_model
+
+    d = tmp_path_factory.mktemp("student") / "student"
+    tok = AutoTokenizer.from_pretrained(chat_teacher)
+    make_model(d, vocab_size=len(tok), hidden=64, layers=1, heads=2, seed=1)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_student_written_responses_scored_by_the_teacher(tmp_path, chat_teacher, chat_student,
+                                                         inputs, dask_cluster):
+    """--response-model: the student's engine writes (and keeps its own log-prob of each token
+    it wrote), the teacher's scores the same ids; a rerun redoes nothing, and another checkpoint
+    is another job."""
+    from transformers import AutoTokenizer
+
+    args = ["--prompt-column", "prompt", "--generate-responses", "--max-new-tokens", 12,
+            "--n", 2, "--seed", 7, "--response-model", chat_student, "--unit-tokens", 40]
+    out = tmp_path / "ds"
+    p = gen(chat_teacher, inputs / "pairs.jsonl", out, dask_cluster, *args)
+    assert "response model: engine start" in p.stderr
+    assert verify(out) == []
+    m = Manifest.load(out)
+    assert m.provenance["response_model"] == str(chat_student.resolve())
+    assert len(m.provenance["response_model_sha256"]) == 64
+    rows = read_dataset(out)
+    assert sorted(rows) == [f"{i}:{s}" for i in range(3) for s in range(2)]
+    rows = list(rows.values())
+    windows = [r.input_ids.tolist() for r in rows]
+    tok = AutoTokenizer.from_pretrained(chat_teacher)
+    student = reference_targets(chat_student, windows, K)
+    teacher = reference_targets(chat_teacher, windows, K + 1)
+    written = 0
+    for r, (_, _, _, s_label), (t_ids, t_lp, _, t_label) in zip(rows, student, teacher):
+        m_ = np.flatnonzero(r.target_mask)
+        n_prompt = m_[0] + 1
+        assert tok.decode(r.input_ids[:n_prompt]).endswith("<|assistant|>\n")
+        assert len(m_) == len(r.input_ids) - n_prompt
+        assert r.response == tok.decode(r.input_ids[n_prompt:], skip_special_tokens=True)
+        # the writer's own log-prob of each token it wrote: the student's, not the teacher's
+        np.testing.assert_allclose(r.writer_logprob[m_], s_label[m_], atol=1e-4)
+        assert np.isnan(r.writer_logprob[:n_prompt - 1]).all()
+        np.testing.assert_allclose(r.label_logprob[m_], t_label[m_], atol=LABEL_STEP / 2 + 1e-4)
+        assert np.abs(s_label[m_] - t_label[m_]).max() > 0.1  # two different models
+        clear = m_[t_lp[m_, K - 1] - t_lp[m_, K] > 1e-4]
+        assert_same_targets(t_ids[clear, :K], t_lp[clear, :K], r.topk_ids[clear],
+                            r.topk_logprobs[clear], DEFAULT_LOGPROB_STEP / 2 + 1e-4)
+        written += len(m_)
+    attempts = (out / ".softlabels" / "attempts.log").read_text()
+    p = gen(chat_teacher, inputs / "pairs.jsonl", out, dask_cluster, *args)
+    assert (out / ".softlabels" / "attempts.log").read_text() == attempts
+    assert read_dataset(out).keys() == {r.row_id for r in rows}
+    # the same folder with another checkpoint of the response model: another job
+    other = tmp_path / "other"
+    shutil.copytree(chat_student, other)
+    from softlabels.demo import make_model
+
+    make_model(other, vocab_size=len(tok), hidden=64, layers=1, heads=2, seed=2)
+    args[args.index(chat_student)] = other
+    p = gen(chat_teacher, inputs / "pairs.jsonl", out, dask_cluster, *args, check=False)
+    assert p.returncode == 2 and "holds a different job" in p.stderr, p.stderr
 
 
 def test_windows_of_long_prompts_are_not_scored(tmp_path, chat_teacher, inputs, dask_cluster):

@@ -31,8 +31,8 @@ from softlabels.data.manifest import Manifest
 from softlabels.data.reader import SoftLabelReader
 from softlabels.data.shard import write_shard
 from softlabels.train_student.batches import EpochPlan
-from softlabels.train_student.config import LOSSES
-from softlabels.train_student.losses import kd_ce_sums
+from softlabels.train_student.config import DIVERGENCES
+from softlabels.train_student.losses import IS_CLIP, NEG, kd_ce_sums
 from tests.helpers import REPO, corpus_texts, dask_env, reference_rows, softlabels
 
 K = 8
@@ -117,7 +117,7 @@ def _stored(teacher: torch.Tensor, g) -> tuple:
     return lp, ids, rest, labels, teacher.gather(-1, labels[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", DIVERGENCES)
 @pytest.mark.parametrize("residual", ["tail", "label", "label-no-logprob", "none"])
 @pytest.mark.parametrize("T", [1.0, 2.0])
 @pytest.mark.parametrize("confidence", [None, 0.99, 0.999])
@@ -197,6 +197,92 @@ def test_the_head_gradient_computed_in_the_forward_pass_is_the_recomputed_one(
                         coef=coef, **kw)
     with pytest.raises(RuntimeError, match="not as the coefficients"):
         (kd + ce).backward()
+
+
+def _written(N, H, V, g):
+    """A student (hidden states, head), a teacher's log-probs, written tokens, and a writer
+    that was an older student: its log-probs a perturbation of the student's."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(H, V, bias=True)
+    h = torch.randn(N, H, generator=g)
+    teacher = _teacher(N, V, 0.9, g)
+    with torch.no_grad():
+        lq = torch.log_softmax(head(h).double(), -1)
+    labels = torch.multinomial(lq.exp(), 1, generator=g)[:, 0]
+    writer = lq.gather(-1, labels[:, None])[:, 0] + torch.randn(N, generator=g, dtype=torch.float64)
+    return h, head, teacher, labels, writer
+
+
+@pytest.mark.parametrize("coef", [None, (0.6, 0.4)])
+def test_token_reverse_kl_matches_dense_reference(coef):
+    """On-policy's per-token reverse KL against plain float64 formulas over the full softmax:
+    value sum_t w_t (log q(x_t) - log p(x_t)), gradient sum_t w_t (log q - log p) d log q(x_t),
+    w_t = min(q(x_t) / q_writer(x_t), IS_CLIP) (some clipped here), in both head paths, beside
+    CE; and refused where a position lacks the writer's or the teacher's log-prob."""
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 29, 16, 50
+    h0, head, teacher, labels, writer = _written(N, H, V, g)
+    lp, ids = teacher.topk(K, -1)
+    rest = torch.logsumexp(teacher.scatter(-1, ids, -torch.inf), -1)
+    label_lp = teacher.gather(-1, labels[:, None])[:, 0]
+    h = h0.clone().requires_grad_()
+    c = torch.tensor(coef or (0.6, 0.4))
+    kd, ce = kd_ce_sums(h, head, ids, lp.float(), rest.float(), label_lp.float(), labels,
+                        loss="token_reverse_kl", chunk=8, writer_lp=writer.float(),
+                        coef=None if coef is None else c)
+    gh, gw = torch.autograd.grad(c[0] * kd + c[1] * ce, [h, head.weight])
+    hd = h0.double().requires_grad_()
+    lq_all = torch.log_softmax(hd @ head.weight.double().t() + head.bias.double(), -1)
+    lq = lq_all.gather(-1, labels[:, None])[:, 0]
+    w = torch.exp(lq.detach() - writer).clamp(max=IS_CLIP)
+    assert (w == IS_CLIP).any() and (w < 1).any()
+    value = w * (lq.detach() - label_lp)
+    ref_ce = -lq.sum()
+    torch.testing.assert_close(kd.double(), value.sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
+    want = torch.autograd.grad(c[0].double() * (value * lq).sum() + c[1].double() * ref_ce,
+                               [hd])[0]
+    torch.testing.assert_close(gh.double(), want, rtol=1e-4, atol=1e-6)
+    wd = head.weight.double().requires_grad_()
+    lq2 = torch.log_softmax(h0.double() @ wd.t() + head.bias.double(), -1).gather(
+        -1, labels[:, None])[:, 0]
+    want_w = torch.autograd.grad(c[0].double() * (value * lq2).sum() - c[1].double() * lq2.sum(),
+                                 [wd])[0]
+    torch.testing.assert_close(gw.double(), want_w, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="token_reverse_kl needs"):
+        kd_ce_sums(h, head, ids, lp.float(), rest.float(), label_lp.float(), labels,
+                   loss="token_reverse_kl", writer_lp=torch.full((N,), np.nan))
+
+
+def test_token_reverse_kl_gradient_is_the_reverse_kl_gradient_in_expectation():
+    """The estimator's point: averaged over tokens the student wrote, its gradient is the
+    gradient of the exact KL(q || p) over the whole vocabulary; with tokens an older student
+    wrote, the importance weights make it so again (unweighted, they would not)."""
+    g = torch.Generator().manual_seed(0)
+    V, H, N = 8, 8, 200_000
+    torch.manual_seed(0)
+    head = torch.nn.Linear(H, V, bias=False)
+    h = torch.randn(1, H, generator=g)
+    teacher = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64) * 2, -1)
+    with torch.no_grad():
+        lq = torch.log_softmax(head(h)[0].double(), -1)
+    wd = head.weight.detach().double().requires_grad_()
+    q = torch.softmax(h.double() @ wd.t(), -1)[0]
+    exact = torch.autograd.grad((q * (q.log() - teacher)).sum(), [wd])[0]
+    older = torch.log_softmax(lq + 0.2 * torch.randn(V, generator=g, dtype=torch.float64), -1)
+    errors = {}
+    for name, writer, claimed in [("fresh", lq, lq), ("older", older, older),
+                                  ("older, unweighted", older, lq)]:
+        labels = torch.multinomial(writer.exp(), N, replacement=True, generator=g)
+        head.zero_grad()
+        kd, _ = kd_ce_sums(h.expand(N, H), head, torch.full((N, K), -1), torch.full((N, K), NEG),
+                           torch.zeros(N), teacher[labels].float(), labels,
+                           loss="token_reverse_kl", chunk=4096, writer_lp=claimed[labels].float(),
+                           coef=torch.tensor([1.0 / N, 0.0]))
+        (kd / N).backward()
+        errors[name] = float((head.weight.grad.double() - exact).norm() / exact.norm())
+    assert errors["fresh"] < 0.03 and errors["older"] < 0.03, errors
+    assert errors["older, unweighted"] > 3 * errors["older"], errors
 
 
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
@@ -567,7 +653,7 @@ def test_student_with_another_tokenizer_needs_the_label_logprobs(tmp_path, datas
 
 # ---------------------------------------------------------------- review fixes (issue 12)
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", DIVERGENCES)
 def test_teacher_ids_beyond_the_student_vocab_join_the_tail(loss):
     """A teacher with a padded vocabulary (V + 6) can rank ids the student cannot produce. Those
     slots are no target (-1, as collate writes them): their teacher mass belongs in the tail, and

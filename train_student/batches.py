@@ -33,6 +33,7 @@ class Batch:
     label_lp: torch.Tensor  # (N,) teacher log-prob of the label; NaN: not stored
     labels: torch.Tensor  # (N,) next token, -1 at a window's last position
     source: torch.Tensor  # (N,) the dataset of each position (its index in a mixture)
+    writer_lp: torch.Tensor  # (N,) log-prob of the label under the model that wrote it; NaN: none
 
     def to(self, device) -> Batch:
         return Batch(**{k: v.to(device) for k, v in vars(self).items()})
@@ -109,7 +110,7 @@ def collate(rows: list[Row], student_vocab: int, targets: str | list[str] = "top
     kinds = [targets] if isinstance(targets, str) else list(targets)
     input_ids = np.zeros((B, L), np.int64)
     attn = np.zeros((B, L), np.int64)
-    pos, ids, lps, rests, label_lps, labels, src = [], [], [], [], [], [], []
+    pos, ids, lps, rests, label_lps, labels, src, writer_lps = [], [], [], [], [], [], [], []
     for b, r in enumerate(rows):
         T = len(r.input_ids)
         input_ids[b, :T] = r.input_ids
@@ -125,6 +126,7 @@ def collate(rows: list[Row], student_vocab: int, targets: str | list[str] = "top
                          np.full(len(t), np.nan, np.float32))
         nxt = np.append(r.input_ids[1:], -1).astype(np.int64)
         labels.append(nxt[t])
+        writer_lps.append(_writer_lp(r, t))
     width = max(x.shape[1] for x in ids)  # rows decoded apart can hold fewer distinct draws
     ids = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-1)
                           for x in ids])
@@ -155,7 +157,19 @@ def collate(rows: list[Row], student_vocab: int, targets: str | list[str] = "top
         label_lp=torch.from_numpy(np.concatenate(label_lps).astype(np.float32)),
         labels=torch.from_numpy(np.concatenate(labels)),
         source=torch.from_numpy(np.concatenate(src).astype(np.int64)),
+        writer_lp=torch.from_numpy(np.concatenate(writer_lps).astype(np.float32)),
     )
+
+
+def _writer_lp(row: Row, t: np.ndarray) -> np.ndarray:
+    """The log-prob of each written token under the model that wrote it: the response model's
+    own (--response-model), or, for responses the teacher wrote, the teacher's (its label
+    log-prob); NaN for text no model wrote."""
+    if row.writer_logprob is not None:
+        return row.writer_logprob[t]
+    if row.response is not None and row.label_logprob is not None:
+        return row.label_logprob[t]
+    return np.full(len(t), np.nan, np.float32)
 
 
 def token_batches(stream: Iterator[tuple[int, Row]], batch_tokens: int

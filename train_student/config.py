@@ -19,7 +19,9 @@ from softlabels.data.errors import UserError
 
 # The choices of the recipe's options, here with the flags (no torch is imported for --help);
 # losses.py, batches.py and cross.py implement each.
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")  # on the stored buckets
+# token_reverse_kl: on-policy distillation's per-token reverse KL of the written tokens
+LOSSES = (*DIVERGENCES, "token_reverse_kl")
 RESIDUALS = ("tail", "label", "ground_truth", "none")
 TARGETS = ("topk", "samples", "both")  # batches.targets_of
 CROSS_LOSSES = ("auto", "alm", "dist", "both")  # cross.py
@@ -128,6 +130,15 @@ class Recipe:
                             "has no exact tail, only 1 - its stored top-k, which is 0 where the "
                             "teacher is confident (8,498 nats/token against 5.77 measured); use "
                             "--residual none, or regenerate it with `softlabels generate`")
+        if self.loss == "token_reverse_kl" and ce < 1.0:
+            if not (m.provenance.get("sampling") and m.label_logprobs):
+                raise UserError(f"--loss token_reverse_kl: {name} ({m.what}) holds no written "
+                                "responses with the teacher's log-prob of each token: it is for "
+                                "datasets of `generate --generate-responses` (on-policy: "
+                                "--response-model STUDENT)")
+            if self.temperature != 1.0:
+                raise UserError("--loss token_reverse_kl is the reverse KL of the teacher at "
+                                "temperature 1 on the tokens written: drop --temperature")
         return replace(self, targets=targets, ce_weight=ce, residual=residual)
 
     def describe(self, m) -> str:
@@ -142,6 +153,9 @@ class Recipe:
                  " (exact tail)" if m.exact_tail and m.format_version >= 4 else
                  f" (renormalised by its source, {m.what})" if m.topk_renormalised else
                  f" (tail from 1 - its top-k, {m.what})")
+        if self.loss == "token_reverse_kl":
+            return ("the written tokens, per-token reverse KL (policy gradient, importance "
+                    f"weights to the writer's log-prob), CE weight {self.ce_weight:g}")
         return (f"{what[self.targets]}{exact}, {self.loss}"
                 + (f", {rest[self.residual]}" if self.targets == "topk" else "")
                 + f", CE weight {self.ce_weight:g}")
@@ -164,7 +178,10 @@ class TrainConfig:
                                               "tokens, in order (normalised); default: "
                                               "proportional to their target tokens")
     output: str = opt(None, "where the trained student goes")
-    loss: str = opt("forward_kl", "divergence on the teacher's top-k + tail", choices=LOSSES)
+    loss: str = opt("forward_kl", "divergence on the teacher's top-k + tail; token_reverse_kl: "
+                                  "on-policy distillation's per-token reverse KL of written "
+                                  "responses (the teacher's log-prob of each token the student "
+                                  "wrote, as a policy-gradient advantage)", choices=LOSSES)
     beta: float = opt(0.5, "JSD's mixing weight / skew KL's alpha")
     targets: tuple[str, ...] = opt(("auto",), "stored targets to train on, for every --data "
                                               "or one per --data: topk, samples (the draws, an "

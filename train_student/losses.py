@@ -42,8 +42,8 @@ from torch.utils.checkpoint import checkpoint
 
 from softlabels.data.heads import PLAIN_HEAD, LogitTransform
 from softlabels.train_student.config import (  # the choices, declared with the flags
+    DIVERGENCES,
     LABEL_RESIDUAL_LOSS,
-    LOSSES,
     RESIDUALS,
     TAIL_TEMPERATURE,
 )
@@ -172,20 +172,44 @@ def divergence(lp: torch.Tensor, lq: torch.Tensor, loss: str, beta: float) -> to
         return kl_pm if loss == "skew_kl" else beta * kl_pm + (1 - beta) * (q * (lq - lm)).sum(-1)
     if loss == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
-    raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+    raise ValueError(f"unknown divergence {loss!r}; choose from {', '.join(DIVERGENCES)}")
+
+
+# Importance weights of token_reverse_kl are clipped here (truncated importance sampling): a
+# token the student now likes far more than when it wrote it cannot dominate the step.
+IS_CLIP = 2.0
+
+
+def token_reverse_kl(lq: torch.Tensor, label_lp: torch.Tensor, writer_lp: torch.Tensor
+                     ) -> torch.Tensor:
+    """(n,) the student's log-prob now of each written token, the teacher's and the writer's ->
+    the summed per-token reverse KL estimate of on-policy distillation (GKD; Thinking Machines'
+    "On-Policy Distillation"): its value is sum_t w_t (log q(x_t) - log p(x_t)), its gradient
+    sum_t w_t (log q(x_t) - log p(x_t)) d log q(x_t), the score-function gradient of
+    KL(q || p) from tokens the student wrote. w_t = min(q(x_t) / q_writer(x_t), IS_CLIP)
+    corrects for a writer that was an older student (1 for a fresh one); both weights and
+    advantages are constants of the gradient."""
+    adv = (lq - label_lp.clamp(min=REVERSE_FLOOR)).detach()
+    w = torch.exp(lq.detach() - writer_lp).clamp(max=IS_CLIP)
+    value = w * adv
+    return (value * lq + (value - value * lq).detach()).sum()
 
 
 def _chunk_sums(h, weight, bias, ids, lp, rest, label_lp, labels, has_label, loss, beta,
-                temperature, residual, transform):
+                temperature, residual, transform, writer_lp=None):
     """KD and CE sums for one chunk of positions; only (chunk, V) logits ever exist."""
     logits = head_logits(h, weight, bias, transform)
-    kd = divergence(
-        teacher_buckets(lp.masked_fill(ids < 0, NEG), rest, temperature, residual, ids, labels,
-                        label_lp),
-        student_buckets(logits / temperature, ids, residual, labels, label_lp),
-        loss,
-        beta,
-    ).sum() * temperature**2
+    if loss == "token_reverse_kl":
+        lq = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+        kd = token_reverse_kl(lq, label_lp, writer_lp)
+    else:
+        kd = divergence(
+            teacher_buckets(lp.masked_fill(ids < 0, NEG), rest, temperature, residual, ids,
+                            labels, label_lp),
+            student_buckets(logits / temperature, ids, residual, labels, label_lp),
+            loss,
+            beta,
+        ).sum() * temperature**2
     ce = (F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * has_label).sum()
     return kd, ce
 
@@ -216,7 +240,7 @@ def through_head(raw: torch.Tensor, transform: LogitTransform, gradient_of):
 
 
 def _chunk_gradient(raw, coef, ids, lp, rest, label_lp, labels, has_label, loss, beta,
-                    temperature, residual, transform):
+                    temperature, residual, transform, writer_lp=None):
     """One chunk's KD and CE sums, and the gradient of coef[0] KD + coef[1] CE with respect to its
     raw head outputs, built in place from the softmax.
 
@@ -236,11 +260,14 @@ def _chunk_gradient(raw, coef, ids, lp, rest, label_lp, labels, has_label, loss,
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in (lse, at_ids, at_label)]
             lse_, at_ids_, at_label_ = leaves
-            kd = divergence(
-                teacher_buckets(lp.masked_fill(ids < 0, NEG), rest, T, residual, ids, labels,
-                                label_lp),
-                buckets_of(at_ids_, lse_, at_label_, ids, residual, labels, label_lp),
-                loss, beta).sum() * T**2
+            if loss == "token_reverse_kl":  # (T is 1: Recipe)
+                kd = token_reverse_kl((at_label_ - lse_)[:, 0], label_lp, writer_lp)
+            else:
+                kd = divergence(
+                    teacher_buckets(lp.masked_fill(ids < 0, NEG), rest, T, residual, ids,
+                                    labels, label_lp),
+                    buckets_of(at_ids_, lse_, at_label_, ids, residual, labels, label_lp),
+                    loss, beta).sum() * T**2
             d_lse, d_ids, d_label = (torch.zeros_like(v) if g is None else g for v, g in zip(
                 leaves, torch.autograd.grad(coef[0] * kd, leaves, allow_unused=True)))
         w = coef[1] * has_label[:, None]  # CE = lse - logit of the label, at T = 1
@@ -319,8 +346,11 @@ def kd_ce_sums(
     chunk: int = 1024,
     transform: LogitTransform = PLAIN_HEAD,
     coef: torch.Tensor | None = None,
+    writer_lp: torch.Tensor | None = None,  # (N,) the writer's log-prob of the label
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed KD loss and summed CE loss (over the positions with a label) of N positions.
+    With loss "token_reverse_kl" the KD sum is `token_reverse_kl` of the labels (the tokens the
+    student wrote), which needs `writer_lp` and the teacher's `label_lp` at every position.
 
     Chunked over positions, so peak memory holds one (chunk, V) logits block instead of (N, V)
     logits and log-probs. `coef` (2,): what the step's loss multiplies the two sums by
@@ -338,9 +368,14 @@ def kd_ce_sums(
     if residual == "label" and loss != "forward_kl" and bool(
             (torch.isnan(label_lp) & (labels >= 0)).any()):
         raise ValueError(LABEL_RESIDUAL_LOSS)
+    if loss == "token_reverse_kl" and (writer_lp is None or bool(
+            (torch.isnan(label_lp) | torch.isnan(writer_lp) | (labels < 0)).any())):
+        raise ValueError("--loss token_reverse_kl needs, at every target position, the written "
+                         "token, the teacher's log-prob of it and the writer's (a dataset of "
+                         "written responses: generate --generate-responses)")
     has_label = (labels >= 0).float()
     targets = (ids, lp, rest, label_lp, labels, has_label, loss, beta, temperature, residual,
-               transform)
+               transform, writer_lp)
     if coef is not None and torch.is_grad_enabled() and (
             hidden.requires_grad or lm_head.weight.requires_grad):
         coef = coef.detach().float()
@@ -359,7 +394,7 @@ def kd_ce_sums(
         e = s + chunk
         args = (hidden[s:e], lm_head.weight, lm_head.bias, ids[s:e], lp[s:e], rest[s:e],
                 label_lp[s:e], labels[s:e], has_label[s:e], loss, beta, temperature, residual,
-                transform)
+                transform, None if writer_lp is None else writer_lp[s:e])
         if torch.is_grad_enabled():
             k, c = checkpoint(_chunk_sums, *args, use_reentrant=False)
         else:

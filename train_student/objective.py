@@ -50,7 +50,7 @@ def target_sums(h: torch.Tensor, batch: Batch, head, recipes: list, chunk: int,
             h[batch.pos[at]], head, batch.ids[at], batch.lp[at], batch.rest[at],
             batch.label_lp[at], batch.labels[at], loss=r.loss, beta=r.beta,
             temperature=r.temperature, residual=r.residual, chunk=chunk, transform=transform,
-            coef=None if coef is None else coef[:, d])
+            coef=None if coef is None else coef[:, d], writer_lp=batch.writer_lp[at])
     return torch.stack([torch.stack(kd), torch.stack(ce)])
 
 
