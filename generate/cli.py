@@ -227,6 +227,9 @@ def _check_numbers(args, k: int) -> None:
             args.tensor_parallel_size < 1:
         raise UserError("--retries must be >= 0, --worker-timeout above 0, --kv-cache-gib and "
                         "--tensor-parallel-size >= 1")
+    if not 0 <= args.seed < 1 << 31:
+        raise UserError(f"--seed {args.seed} must be between 0 and 2**31 - 1 (vLLM seeds its "
+                        "engine with it, and each prompt with it plus the prompt's index)")
     if k == 0 and not args.samples:
         raise UserError("--top-k 0 stores nothing: give --top-k K, --samples N, or both")
     if k and args.samples and args.sample_temperature != 1.0:

@@ -95,6 +95,12 @@ def _export(args) -> int:
     return 0
 
 
+def _on_policy(args) -> int:
+    from softlabels.on_policy import main
+
+    return main(args)
+
+
 def _demo(args) -> int:
     from softlabels.demo import main
 
@@ -127,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "reverse KL to a teacher on the model's own continuations")
     eval_args(e)
     e.set_defaults(func=_eval)
+
+    from softlabels.on_policy import add_arguments as on_policy_args
+
+    op = sub.add_parser("on-policy", help="on-policy distillation in rounds: the student writes, "
+                        "the teacher scores in a batch job, the student trains; repeat")
+    on_policy_args(op)
+    op.set_defaults(func=_on_policy)
 
     v = sub.add_parser("verify", help="check a dataset's shards against its manifest and format")
     v.add_argument("dir", help="dataset folder or URL (s3://, gs://, hf://)")

@@ -221,6 +221,8 @@ def test_windows_of_context_only_are_never_planned(tmp_path, tiny_teacher):
     (["--generate-responses", "--prompt-column", "text", "--temperature", "nan"], "--temperature"),
     (["--generate-responses", "--prompt-column", "text", "--top-p", 0], "--top-p"),
     (["--retries", -1], "--retries"),
+    (["--seed", -1], "--seed -1"),
+    (["--seed", 1 << 32], "between 0 and 2**31 - 1"),
 ])
 def test_numbers_that_would_waste_the_teacher_run_are_refused_first(tmp_path, tiny_teacher,
                                                                      flags, needle):

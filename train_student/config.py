@@ -242,6 +242,13 @@ class TrainConfig:
     eval_every: int = opt(0, "steps between evaluations")
     save_every: int = opt(0, "steps between checkpoints")
     resume: bool = opt(False, "continue from the latest checkpoint in OUTPUT")
+    continue_from: str = opt("", "a checkpoint folder of an earlier run (OUT/checkpoints/step-N): "
+                                 "its weights, optimizer state and step count go on, over this "
+                                 "run's --data from its start (on-policy rounds); --max-steps "
+                                 "counts from step 0 of the first run. --resume, where OUTPUT "
+                                 "has a checkpoint, comes first")
+    schedule_steps: int = opt(0, "steps the learning-rate schedule spans (0: the run's own "
+                                 "steps): a run continued by others keeps one schedule")
     seed: int = opt(0, "seed of the data order and initialisation")
     chunk: int = opt(0, "positions per lm_head chunk (memory: ~3 x chunk x vocab floats at "
                         "once); 0: 2^26 / vocab, rounded to a power of 2 in [64, 4096]")
@@ -279,6 +286,12 @@ class TrainConfig:
             errors.append("--batch-tokens and --grad-accum must be >= 1, --chunk >= 0")
         if self.max_steps <= 0 and self.epochs <= 0:
             errors.append("give --max-steps N or --epochs N")
+        if self.schedule_steps < 0:
+            errors.append("--schedule-steps must be >= 0")
+        if self.continue_from and not (Path(self.continue_from) /
+                                       "custom_checkpoint_0.pkl").is_file():
+            errors.append(f"--continue-from {self.continue_from} is not a training checkpoint "
+                          "(OUTPUT/checkpoints/step-N of a `softlabels train` run)")
         if not (self.cache_gb > 0 and math.isfinite(self.cache_gb)):
             errors.append(f"--cache-gb {self.cache_gb}: must be a size > 0 in GB")
         if self.mixed_precision not in ("no", "bf16", "fp16"):

@@ -95,7 +95,8 @@ def unsharded(module):
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    """Linear warm-up, then cosine decay to 10 % of the peak at `total` (or --schedule-steps)."""
+    total = cfg.schedule_steps or total
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, total - cfg.warmup)
@@ -255,6 +256,17 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.load_state(str(resumed))
         check_resume(progress.stream, stream, resumed)
         accelerator.print(f"resumed from {resumed} (step {progress.step})")
+    elif cfg.continue_from:  # another run's weights, optimizer and step; this run's data
+        try:
+            accelerator.load_state(cfg.continue_from)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"--continue-from {cfg.continue_from}: its state does not fit this "
+                            f"student ({str(e).splitlines()[0][:200]}); continue a run of the "
+                            "same --student and options") from e
+        progress.stream, progress.epoch, progress.row = stream, 0, 0
+        progress.consumed = [[0, 0] for _ in recipes]
+        accelerator.print(f"continued from {cfg.continue_from} (step {progress.step}) on "
+                          f"{' '.join(cfg.data)}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "train_config.json", cfg.to_json(objective.resolved()))

@@ -1,0 +1,258 @@
+"""`softlabels on-policy`: on-policy distillation in rounds, the teacher only ever in batch jobs.
+
+Each round: the current student writes responses to the prompts and the teacher scores every
+token it wrote (`softlabels generate --generate-responses --response-model`, one scheduled job:
+the embedded cluster, TLS workers or Slurm); then the student trains on that round's dataset
+(`softlabels train --continue-from` the previous round's last checkpoint: weights, optimizer
+state and step count go on, one learning-rate schedule over all rounds); then, with
+--eval-prompts, `softlabels eval` measures the reverse KL to the teacher on the student's own
+continuations. Each stage is the ordinary command, run as a subprocess (a training process
+never holds the GPU memory the next round's engines need), so every round's dataset is an
+ordinary soft-label dataset and each stage resumes as that command does.
+
+OUTPUT/
+    rounds.json            per round: checkpoint, teacher tokens scored, wall time per stage, eval
+    round-R/data/          the round's dataset (written by the student of round R - 1)
+    round-R/student/       the student after round R (model, tokenizer, checkpoints/, logs)
+
+Interrupted anywhere, the same command resumes: finished rounds are skipped, a stage whose
+output is complete is not rerun, and the others resume (generate's units are exactly-once;
+training restarts the round from the previous round's checkpoint, with the same seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from softlabels.data.atomic import write_text
+from softlabels.data.errors import UserError
+
+# generate's flags that on-policy sets itself (or that make no sense for rollouts)
+GENERATE_OWN = {"--teacher", "--input", "--output", "--text-column", "--prompt-column",
+                "--response-column", "--messages-column", "--generate-responses",
+                "--response-model", "--temperature", "--top-p", "--seed", "--samples",
+                "--sample-temperature", "--stride", "--dry-run", "--calibrate",
+                "--print-job-script", "--trust-remote-code"}
+# train's flags that on-policy sets itself
+TRAIN_OWN = {"--config", "--student", "--data", "--output", "--max-steps",
+             "--epochs", "--resume", "--continue-from", "--schedule-steps", "--save-every",
+             "--seed", "--trust-remote-code", "--student-tokenizer", "--cross-loss"}
+# round r's rollouts use seed + r * ROUND_SEED (prompt i: that + i): rounds of up to a million
+# prompts share no draws, and the seed stays within what vLLM takes (2**32)
+ROUND_SEED = 1_000_003
+
+
+class _Flags:
+    """Adds another command's flags to a parser, but `skip`, and remembers them (`kept`) to hand
+    the values given back to that command."""
+
+    def __init__(self, parser, skip: set[str], kept: list | None = None):
+        self.p, self.skip = parser, skip
+        self.kept = [] if kept is None else kept
+
+    def add_argument(self, *names, **kw):
+        if names[0] in self.skip:
+            return None
+        action = self.p.add_argument(*names, **kw)
+        self.kept.append(action)
+        return action
+
+    def add_argument_group(self, *args, **kw):
+        return _Flags(self.p.add_argument_group(*args, **kw), self.skip, self.kept)
+
+
+def argv_of(args: argparse.Namespace, actions: list) -> list[str]:
+    """The command-line flags of `actions` whose values in `args` differ from their defaults
+    (train's flags have none: absent unless given)."""
+    out = []
+    for a in actions:
+        if not hasattr(args, a.dest):
+            continue
+        v, flag = getattr(args, a.dest), a.option_strings[0]
+        if v == a.default:
+            continue
+        if isinstance(a, argparse.BooleanOptionalAction):
+            out.append(flag if v else "--no-" + flag[2:])
+        elif a.nargs == 0:
+            out += [flag] * bool(v)
+        elif isinstance(v, list) and a.nargs != "+":  # an append action
+            for x in v:
+                out += [flag, str(x)]
+        elif isinstance(v, (list, tuple)):
+            out += [flag, *map(str, v)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+_GENERATE: list = []
+_TRAIN: list = []
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from softlabels.generate.cli import add_arguments as generate_arguments
+    from softlabels.train_student.config import add_arguments as train_arguments
+
+    p.add_argument("--teacher", required=True, help="HF causal-LM folder of the teacher")
+    p.add_argument("--student", required=True, help="HF causal-LM folder of the student to "
+                   "start from, with the teacher's tokenizer (it writes round 0's responses)")
+    p.add_argument("--prompts", required=True, help="prompts: any input `generate` reads")
+    p.add_argument("--prompt-column", default="prompt", help="the prompts' column")
+    p.add_argument("--messages-column", default=None,
+                   help="or a chat column (the last assistant turn, if any, is answered anew)")
+    p.add_argument("--rounds", type=int, required=True, help="rollout -> score -> train rounds")
+    p.add_argument("--steps-per-round", type=int, required=True,
+                   help="optimiser steps each round trains")
+    p.add_argument("--output", required=True, help="folder of the rounds (resumable)")
+    p.add_argument("--mix", nargs="+", default=[], metavar="DATASET",
+                   help="other soft-label datasets (off-policy: a corpus, teacher-written "
+                   "responses) mixed into every round's training, in --data-weights' "
+                   "proportions (this round's data first)")
+    p.add_argument("--eval-prompts", default=None,
+                   help="held-out prompts: after each round the student writes continuations "
+                   "and `softlabels eval` gives the exact reverse KL to the teacher on them")
+    p.add_argument("--eval-max-prompts", type=int, default=64)
+    p.add_argument("--eval-max-new-tokens", type=int, default=None,
+                   help="(default: --max-new-tokens)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the rollouts (round r: its own draws) and of training")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folders run their own Python (auto_map)")
+    _GENERATE.clear()
+    _TRAIN.clear()
+    g = _Flags(p.add_argument_group("rollouts and scoring (softlabels generate's flags)"),
+               GENERATE_OWN, _GENERATE)
+    generate_arguments(g)
+    t = _Flags(p.add_argument_group("training (softlabels train's flags)"), TRAIN_OWN, _TRAIN)
+    train_arguments(t)
+
+
+def _check(args) -> None:
+    """Every flag, before any round: the numbers here, train's flags by building its config
+    (generate checks its own flags, and the models, in its first seconds)."""
+    from dataclasses import fields
+
+    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.mixture import check_weights
+
+    if args.rounds < 1 or args.steps_per_round < 1:
+        raise UserError("--rounds and --steps-per-round must be >= 1")
+    if args.eval_max_prompts < 1:
+        raise UserError("--eval-max-prompts must be >= 1")
+    for flag, path in (("--student", args.student), ("--prompts", args.prompts),
+                       ("--eval-prompts", args.eval_prompts)):
+        if path is not None and "://" not in path and not Path(path).exists():
+            raise UserError(f"{flag} {path} does not exist")
+    if not (Path(args.student) / "config.json").is_file():
+        raise UserError(f"--student {args.student} is not a model folder (save_pretrained): "
+                        "it writes round 0's responses")
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    cfg = TrainConfig(**{**values, "student": args.student, "data": ("round",) + tuple(args.mix),
+                         "output": args.output, "max_steps": args.steps_per_round})
+    check_weights(cfg.data_weights, len(cfg.data))
+
+
+def _run(cmd: list[str], what: str) -> None:
+    print(f"{what}: softlabels {' '.join(cmd)}", file=sys.stderr, flush=True)
+    p = subprocess.run([sys.executable, "-m", "softlabels", *cmd])
+    if p.returncode:
+        raise UserError(f"{what} failed (exit {p.returncode}, its message is above); fix the "
+                        "cause and rerun the same command: finished rounds are kept")
+
+
+def _eval(args, model: Path) -> dict:
+    cmd = ["eval", "--model", str(model), "--teacher", args.teacher, "--prompts",
+           args.eval_prompts, "--prompt-column", args.prompt_column, "--max-prompts",
+           str(args.eval_max_prompts), "--max-new-tokens",
+           str(args.eval_max_new_tokens or args.max_new_tokens), "--seed", str(args.seed),
+           "--json"]
+    print(f"eval: softlabels {' '.join(cmd)}", file=sys.stderr, flush=True)
+    p = subprocess.run([sys.executable, "-m", "softlabels", *cmd], stdout=subprocess.PIPE,
+                       text=True)
+    if p.returncode:
+        raise UserError(f"eval of {model} failed (exit {p.returncode}, its message is above)")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _stage_seconds(data: Path) -> dict:
+    """What the round's job spent in its workers (summed over units, from their commit
+    records): the response model writing, the teacher scoring, and engine starts."""
+    state = data / ".softlabels"
+    out = {"writing_s": 0.0, "scoring_s": 0.0, "engine_starts_s": 0.0}
+    for key, folder in (("writing_s", "written"), ("scoring_s", "done")):
+        for f in (state / folder).glob("*.json"):
+            rec = json.loads(f.read_text())
+            out[key] += rec["teacher_s"] + rec["write_s"]
+            out["engine_starts_s"] += rec["engine_start_s"]
+    return out
+
+
+def main(args) -> int:
+    from softlabels.data.manifest import Manifest
+
+    _check(args)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "rounds.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {"rounds": []}
+    done = {r["round"]: r for r in log["rounds"] if r.get("done")}
+    generate_flags = argv_of(args, _GENERATE)
+    train_flags = argv_of(args, _TRAIN)
+    remote = ["--trust-remote-code"] * args.trust_remote_code
+    N = args.steps_per_round
+    for r in range(args.rounds):
+        if r in done:
+            continue
+        t0 = time.time()
+        writer = Path(args.student) if r == 0 else out / f"round-{r - 1}" / "student"
+        data, student = out / f"round-{r}" / "data", out / f"round-{r}" / "student"
+        rec = {"round": r, "writer": str(writer), "data": str(data)}
+        if not (data / "manifest.json").is_file():
+            columns = (["--messages-column", args.messages_column] if args.messages_column
+                       else ["--prompt-column", args.prompt_column])
+            _run(["generate", "--teacher", args.teacher, "--input", args.prompts, "--output",
+                  str(data), *columns, "--generate-responses", "--response-model", str(writer),
+                  "--seed", str(args.seed + r * ROUND_SEED), *generate_flags, *remote],
+                 f"round {r}: rollouts by {writer.name} and the teacher's scores")
+        t1 = time.time()
+        m = Manifest.load(data)
+        rec.update(teacher_tokens=m.tokens, rows=m.rows, generate_wall_s=t1 - t0,
+                   **_stage_seconds(data))
+        previous = out / f"round-{r - 1}" / "student" / "checkpoints" / f"step-{r * N}"
+        train_log = student / "train_log.json"
+        if not (train_log.is_file() and json.loads(train_log.read_text())["steps"] >= (r + 1) * N):
+            _run(["train", "--student", args.student, "--data", str(data), *args.mix,
+                  "--output", str(student), "--max-steps", str((r + 1) * N),
+                  "--schedule-steps", str(args.rounds * N), "--save-every", str(N),
+                  "--seed", str(args.seed), "--resume",
+                  *(["--continue-from", str(previous)] if r else []), *train_flags, *remote],
+                 f"round {r}: training")
+        t2 = time.time()
+        history = json.loads(train_log.read_text())["history"]
+        rec.update(checkpoint=str(student / "checkpoints" / f"step-{(r + 1) * N}"),
+                   train_wall_s=t2 - t1,
+                   train_steps_s=sum(h.get("step_s", 0.0) for h in history[r * N:]),
+                   final_loss=history[-1]["loss"])
+        if args.eval_prompts:
+            rec["eval"] = _eval(args, student)
+        evals = json.loads(train_log.read_text())["evals"]  # --eval-data's, at the round's end
+        rec["eval_data"] = evals[-1] if evals else None
+        rec["wall_s"] = time.time() - t0
+        # what the round spent on other than writing, scoring, training steps and eval
+        rec["overhead_s"] = (t2 - t0) - rec["writing_s"] - rec["scoring_s"] - \
+            rec["train_steps_s"]
+        rec["done"] = True
+        log["rounds"] = [x for x in log["rounds"] if x["round"] != r] + [rec]
+        write_text(log_path, json.dumps(log, indent=1) + "\n")
+        print(f"round {r}: {m.tokens} teacher tokens, {rec['wall_s']:.0f} s (overhead "
+              f"{rec['overhead_s']:.0f} s)" + (
+                  f", reverse KL {rec['eval']['reverse_kl']:.4f}" if "eval" in rec else ""),
+              file=sys.stderr)
+    print(json.dumps(log["rounds"][-1] if log["rounds"] else {}))
+    return 0

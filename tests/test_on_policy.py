@@ -1,0 +1,117 @@
+"""`softlabels on-policy`: rounds of rollouts by the student, the teacher's scores in a batch job,
+and training continued from the previous round; real vLLM, Dask, Parquet and Accelerate."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from softlabels.data.manifest import Manifest
+from softlabels.data.verify import verify
+from tests.helpers import corpus_texts, read_dataset, reference_targets, softlabels
+
+STEPS, ROUNDS = 2, 2
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_teacher):
+    """The tiny teacher, a weaker student with its tokenizer, and prompts (held-out text)."""
+    from transformers import AutoTokenizer
+
+    from softlabels.demo import make_model
+
+    d = tmp_path_factory.mktemp("onpolicy")
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    make_model(d / "student", vocab_size=len(tok), hidden=64, layers=1, heads=2, seed=1)
+    tok.save_pretrained(d / "student")
+    with open(d / "prompts.jsonl", "w") as f:
+        for t in corpus_texts(6, offset=300):
+            f.write(json.dumps({"prompt": " ".join(t.split()[:8])}) + "\n")
+    return tiny_teacher, d / "student", d / "prompts.jsonl"
+
+
+def on_policy(models, out, dask, *extra, check=True):
+    teacher, student, prompts = models
+    return softlabels("on-policy", "--teacher", teacher, "--student", student, "--prompts",
+                      prompts, "--rounds", ROUNDS, "--steps-per-round", STEPS, "--output", out,
+                      "--max-new-tokens", 8, "--n", 2, "--top-k", 8, "--max-length", 64,
+                      "--batch-tokens", 128, "--loss", "token_reverse_kl", "--ce-weight", 0,
+                      "--warmup", 1, "--lr", 1e-3, "--scheduler", dask, "--eval-prompts",
+                      prompts, "--eval-max-prompts", 2, *extra, check=check)
+
+
+def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
+    """Round 1's responses are written by round 0's student (its log-probs, its checkpoint's
+    hash in the manifest), scored by the teacher; training continues round 0's run (its steps,
+    one learning-rate schedule); rounds.json records each round. Rerun: nothing is redone;
+    with round 1's training lost, it is redone from round 0's checkpoint, to the same numbers."""
+    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.train import lr_at
+
+    teacher, student, _ = models
+    out = tmp_path / "run"
+    on_policy(models, out, dask_cluster)
+    log = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert [r["round"] for r in log] == list(range(ROUNDS)) and all(r["done"] for r in log)
+    writers = [student, out / "round-0" / "student"]
+    hashes = []
+    for r, writer in enumerate(writers):
+        data = out / f"round-{r}" / "data"
+        assert verify(data) == []
+        m = Manifest.load(data)
+        assert m.provenance["response_model"] == str(writer.resolve())
+        hashes.append(m.provenance["response_model_sha256"])
+        assert log[r]["teacher_tokens"] == m.tokens > 0
+        rows = list(read_dataset(data).values())
+        assert len(rows) == 6 * 2
+        windows = [x.input_ids.tolist() for x in rows]
+        # the writer's log-probs are the writer's: round 1's are round 0's student's
+        for x, (_, _, _, label) in zip(rows, reference_targets(writer, windows, 4)):
+            at = np.flatnonzero(x.target_mask)
+            np.testing.assert_allclose(x.writer_logprob[at], label[at], atol=2e-4)
+        assert "reverse_kl" in log[r]["eval"] and log[r]["eval"]["continuations"] == 2
+    assert hashes[0] != hashes[1]
+    h0 = json.loads((out / "round-0" / "student" / "train_log.json").read_text())["history"]
+    h1 = json.loads((out / "round-1" / "student" / "train_log.json").read_text())["history"]
+    assert [h["step"] for h in h1] == list(range(1, ROUNDS * STEPS + 1))
+    assert h1[:STEPS] == h0  # round 1 carries round 0's run on
+    cfg = TrainConfig(student="s", data=("d",), output="o", lr=1e-3, warmup=1,
+                      schedule_steps=ROUNDS * STEPS)
+    for h in h1:  # one schedule over both rounds
+        assert math.isclose(h["lr"], lr_at(h["step"] - 1, cfg, STEPS), rel_tol=1e-9)
+    assert log[1]["checkpoint"].endswith(f"step-{ROUNDS * STEPS}")
+
+    before = (out / "rounds.json").read_text()
+    p = on_policy(models, out, dask_cluster)
+    assert "rollouts" not in p.stderr and "training" not in p.stderr
+    assert (out / "rounds.json").read_text() == before
+
+    shutil.rmtree(out / "round-1" / "student")  # a kill during round 1's training
+    rounds = json.loads(before)
+    rounds["rounds"][1]["done"] = False
+    (out / "rounds.json").write_text(json.dumps(rounds))
+    p = on_policy(models, out, dask_cluster)
+    assert "round 1: training" in p.stderr and "rollouts" not in p.stderr
+    again = json.loads((out / "round-1" / "student" / "train_log.json").read_text())["history"]
+    assert [h["loss"] for h in again] == pytest.approx([h["loss"] for h in h1], rel=1e-5)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--rounds", 0], "--rounds and --steps-per-round"),
+    (["--lr", -1, "--batch-tokens", 0], "--batch-tokens"),
+    (["--student", "/nonexistent"], "--student /nonexistent does not exist"),
+    (["--data-weights", 1, 2], "--data-weights"),
+])
+def test_bad_flags_are_one_line_before_any_round(tmp_path, models, flags, needle):
+    teacher, student, prompts = models
+    p = softlabels("on-policy", "--teacher", teacher, "--student", student, "--prompts",
+                   prompts, "--rounds", 1, "--steps-per-round", 1, "--output", tmp_path / "o",
+                   *flags, check=False)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert needle in p.stderr, p.stderr
+    assert not (tmp_path / "o" / "round-0").exists()
