@@ -137,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     from softlabels.on_policy import add_arguments as on_policy_args
 
     op = sub.add_parser("on-policy", help="on-policy distillation in rounds: the student writes, "
-                        "the teacher scores in a batch job, the student trains; repeat")
+                        "the teacher scores in a batch job, the student trains; repeat",
+                        description="On-policy distillation in rounds, the teacher only in "
+                        "batch jobs. Train's objective defaults here to --loss reverse_kl "
+                        "--ce-weight 0 (the best measured on student-written data).")
     on_policy_args(op)
     op.set_defaults(func=_on_policy)
 

@@ -45,6 +45,10 @@ TRAIN_OWN = {"--config", "--student", "--data", "--output", "--max-steps",
 # round r's rollouts use seed + r * ROUND_SEED (prompt i: that + i): rounds of up to a million
 # prompts share no draws, and the seed stays within what vLLM takes (2**32)
 ROUND_SEED = 1_000_003
+# The objective unless --loss / --ce-weight say otherwise: the best measured on student-written
+# data (BENCHMARKS.md, "On-policy distillation in batch rounds"): reverse KL over the teacher's
+# top-k and its exact tail; CE on the student's own tokens would teach it what it wrote.
+DEFAULT_OBJECTIVE = {"loss": ["--loss", "reverse_kl"], "ce_weight": ["--ce-weight", "0"]}
 
 
 class _Flags:
@@ -153,7 +157,8 @@ def _check(args) -> None:
                         "it writes round 0's responses")
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    cfg = TrainConfig(**{**values, "student": args.student, "data": ("round",) + tuple(args.mix),
+    cfg = TrainConfig(**{"loss": "reverse_kl", "ce_weight": (0.0,), **values,
+                         "student": args.student, "data": ("round",) + tuple(args.mix),
                          "output": args.output, "max_steps": args.steps_per_round})
     check_weights(cfg.data_weights, len(cfg.data))
 
@@ -203,7 +208,8 @@ def main(args) -> int:
     log = json.loads(log_path.read_text()) if log_path.is_file() else {"rounds": []}
     done = {r["round"]: r for r in log["rounds"] if r.get("done")}
     generate_flags = argv_of(args, _GENERATE)
-    train_flags = argv_of(args, _TRAIN)
+    train_flags = argv_of(args, _TRAIN) + [
+        x for dest, flags in DEFAULT_OBJECTIVE.items() if not hasattr(args, dest) for x in flags]
     remote = ["--trust-remote-code"] * args.trust_remote_code
     N = args.steps_per_round
     for r in range(args.rounds):

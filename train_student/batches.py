@@ -126,7 +126,8 @@ def collate(rows: list[Row], student_vocab: int, targets: str | list[str] = "top
                          np.full(len(t), np.nan, np.float32))
         nxt = np.append(r.input_ids[1:], -1).astype(np.int64)
         labels.append(nxt[t])
-        writer_lps.append(_writer_lp(r, t))
+        w = writer_logprobs(r)
+        writer_lps.append(np.full(len(t), np.nan, np.float32) if w is None else w[t])
     width = max(x.shape[1] for x in ids)  # rows decoded apart can hold fewer distinct draws
     ids = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-1)
                           for x in ids])
@@ -161,15 +162,15 @@ def collate(rows: list[Row], student_vocab: int, targets: str | list[str] = "top
     )
 
 
-def _writer_lp(row: Row, t: np.ndarray) -> np.ndarray:
-    """The log-prob of each written token under the model that wrote it: the response model's
-    own (--response-model), or, for responses the teacher wrote, the teacher's (its label
-    log-prob); NaN for text no model wrote."""
+def writer_logprobs(row: Row) -> np.ndarray | None:
+    """(T,) the log-prob of each written token under the model that wrote it: the response
+    model's own (--response-model), or, for responses the teacher wrote, the teacher's (its
+    label log-prob); None for text no model wrote."""
     if row.writer_logprob is not None:
-        return row.writer_logprob[t]
-    if row.response is not None and row.label_logprob is not None:
-        return row.label_logprob[t]
-    return np.full(len(t), np.nan, np.float32)
+        return row.writer_logprob
+    if row.response is not None:
+        return row.label_logprob
+    return None
 
 
 def token_batches(stream: Iterator[tuple[int, Row]], batch_tokens: int

@@ -38,6 +38,7 @@ _MARK = "softlabels"  # key of the dataset's description that names its folder
 
 
 def _rows(paths: list[str], weights, shuffle: bool, seed: int):
+    from softlabels.train_student.batches import writer_logprobs
     from softlabels.train_student.mixture import Mixture
 
     mix = Mixture(paths, weights, seed=seed, shuffle=shuffle)
@@ -47,6 +48,7 @@ def _rows(paths: list[str], weights, shuffle: bool, seed: int):
         for a in range(0, n, 256):
             rows, sources = mix.read(epoch, np.arange(a, min(a + 256, n)))
             for r, d in zip(rows, sources.tolist()):
+                r.writer_logprob = writer_logprobs(r)  # (the response text is not passed on)
                 yield {**{k: v for k, v in vars(r).items() if v is not None and k != "response"},
                        "source": d}
         epoch += 1

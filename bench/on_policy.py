@@ -1,0 +1,224 @@
+"""On-policy distillation in batch rounds against off-policy KD at equal teacher tokens (issue 32).
+
+The confident teacher is bench/granularity.py's (a random Llama over 1,500 words, its head scaled
+so its mean top-1 is 0.60 on its samples; the corpus sampled from it: the truth), not
+bench/confident.py's, whose 600-step teacher and sampled corpus take an hour to make here.
+Prompts are the first 8 words of its samples (training: the train split; eval: held-out). Every
+row starts from the same warm student (the granularity bench's body, 150 steps of KD on the
+corpus: on-policy starts from a student that writes something) and trains the same steps on the
+same number of teacher-scored tokens:
+
+  CE on the teacher's responses       SFT: `generate --generate-responses` by the teacher, n = 4
+  KD on the teacher's responses       the same dataset, the default recipe (top-64, label, 0.5 CE)
+  KD on the corpus                    corpus records of as many tokens, the default recipe
+  on-policy R=r <loss>                `softlabels on-policy`, r rounds of 4/r responses per prompt
+
+Columns: the exact reverse KL to the teacher on the student's own continuations of held-out
+prompts and the teacher's NLL of them (`softlabels eval --teacher --prompts`), held-out
+bits/byte of the corpus, the teacher tokens scored, wall time; for on-policy rows the share of
+each round spent on anything but writing, scoring and training steps (engine and process
+starts, planning, bookkeeping).
+
+    python bench/on_policy.py [--seeds 0 1 2] [--only ROW ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+PROMPTS, N, NEW, WORDS_IN_PROMPT = 256, 4, 32, 8
+STEPS, WARM_STEPS, BATCH = 120, 150, 2048
+TRAIN = ["--lr", "1e-3", "--warmup", 10, "--batch-tokens", BATCH]
+ROWS = {  # name: (kind, rounds, extra train flags)
+    "CE on the teacher's responses": ("teacher", 0, ["--ce-weight", 1]),
+    "KD on the teacher's responses": ("teacher", 0, []),
+    "KD on the corpus": ("corpus", 0, []),
+    "on-policy R=1, token reverse KL": ("on-policy", 1, ["--loss", "token_reverse_kl",
+                                                         "--ce-weight", 0]),
+    "on-policy R=2, token reverse KL": ("on-policy", 2, ["--loss", "token_reverse_kl",
+                                                         "--ce-weight", 0]),
+    "on-policy R=4, token reverse KL": ("on-policy", 4, ["--loss", "token_reverse_kl",
+                                                         "--ce-weight", 0]),
+    "on-policy R=2, forward KL (top-64)": ("on-policy", 2, ["--loss", "forward_kl",
+                                                            "--ce-weight", 0]),
+    "on-policy R=2, reverse KL (top-64 + tail)": ("on-policy", 2, ["--loss", "reverse_kl",
+                                                                   "--ce-weight", 0]),
+    "on-policy R=1, reverse KL (top-64 + tail)": ("on-policy", 1, ["--loss", "reverse_kl",
+                                                                   "--ce-weight", 0]),
+    "on-policy R=4, reverse KL (top-64 + tail)": ("on-policy", 4, ["--loss", "reverse_kl",
+                                                                   "--ce-weight", 0]),
+    # half the teacher tokens on the student's responses (n = 1 a round), half on the
+    # teacher's own (n = 2): equal teacher tokens again
+    "on-policy R=2, reverse KL, + the teacher's responses 1:1": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF",
+                         "--data-weights", 1, 1, "--n", 1]),
+    "on-policy R=2, token reverse KL at lr 1e-4": ("on-policy", 2, [
+        "--loss", "token_reverse_kl", "--ce-weight", 0, "--lr", "1e-4"]),
+}
+
+
+def run(args: list, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "softlabels", *map(str, args)], check=True,
+                          cwd=REPO, **kw)
+
+
+def prompts(texts: list[str], path: Path, n: int) -> Path:
+    if not path.is_file():
+        with open(path, "w") as f:
+            for t in texts[:n]:
+                f.write(json.dumps({"prompt": " ".join(t.split()[:WORDS_IN_PROMPT])}) + "\n")
+    return path
+
+
+def evaluate(model: Path, teacher: Path, held_prompts: Path, held: list[str]) -> dict:
+    from granularity import held_bits
+
+    p = run(["eval", "--model", model, "--teacher", teacher, "--prompts", held_prompts,
+             "--max-prompts", 128, "--max-new-tokens", NEW, "--seed", 0, "--json"],
+            stdout=subprocess.PIPE, text=True)
+    e = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"reverse_kl": e["reverse_kl"], "teacher_nll": e["teacher_nll"],
+            **held_bits(model, held[:100])}
+
+
+def main() -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from granularity import sample, student, teacher
+
+    from softlabels.data.manifest import Manifest
+    from tests.helpers import start_dask, stop_dask
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench-on-policy")
+    ap.add_argument("--granularity-cache", type=Path,
+                    default=REPO / ".cache" / "bench-granularity")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", nargs="*", default=None, help="row names to run")
+    a = ap.parse_args()
+    cache, gcache = a.cache.resolve(), a.granularity_cache.resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    gcache.mkdir(parents=True, exist_ok=True)
+    t = teacher(gcache)
+    train_texts = pq.read_table(sample(gcache, t, "train", 3000, 1)).column("text").to_pylist()
+    held = pq.read_table(sample(gcache, t, "held", 200, 2)).column("text").to_pylist()
+    train_prompts = prompts(train_texts, cache / "prompts.jsonl", PROMPTS)
+    held_prompts = prompts(held, cache / "held-prompts.jsonl", len(held))
+    d = cache / "dask"
+    d.mkdir(exist_ok=True)
+    (d / "scheduler.json").unlink(missing_ok=True)  # a stale one names a dead scheduler
+    procs = start_dask(d, n_workers=1)
+    addr = procs["address"]
+    res_file = cache / "results.json"
+    res = json.loads(res_file.read_text()) if res_file.is_file() else {}
+    try:
+        timings = res.setdefault("datasets", {})
+
+        def dataset(name: str, args: list) -> Path:
+            out = cache / name
+            if not (out / "manifest.json").is_file():
+                t0 = time.time()
+                run(["generate", "--teacher", t, "--output", out, "--top-k", 64,
+                     "--max-length", 64, "--scheduler", addr, *args])
+                timings[name] = time.time() - t0
+            return out
+
+        responses = dataset("teacher-responses", [
+            "--input", train_prompts, "--prompt-column", "prompt", "--generate-responses",
+            "--n", N, "--max-new-tokens", NEW])
+        tokens = Manifest.load(responses).tokens
+        half = dataset("teacher-responses-n2", [
+            "--input", train_prompts, "--prompt-column", "prompt", "--generate-responses",
+            "--n", N // 2, "--max-new-tokens", NEW, "--seed", 1])
+        per_record = np.mean([len(x.split()) for x in train_texts])
+        corpus_src = cache / "corpus.parquet"
+        if not corpus_src.is_file():
+            pq.write_table(pa.table({"text": train_texts[1000:1000 + math.ceil(
+                tokens / per_record)]}), corpus_src)
+        corpus = dataset("corpus", ["--input", corpus_src])
+        warm = cache / "warm"
+        if not (warm / "model.safetensors").is_file():  # 150 steps of KD on the corpus
+            run(["train", "--student", student(gcache), "--data", gcache / "k64", "--output",
+                 warm, "--max-steps", WARM_STEPS, "--batch-tokens", BATCH, "--lr", "3e-3",
+                 "--warmup", 10, "--seed", 0])
+        if "warm" not in res:
+            res["warm"] = evaluate(warm, t, held_prompts, held)
+            res["teacher tokens"] = {"teacher-responses": tokens,
+                                     "corpus": Manifest.load(corpus).tokens}
+        res_file.write_text(json.dumps(res, indent=1))
+        for seed in a.seeds:
+            for name, (kind, rounds, extra) in ROWS.items():
+                key = f"{name} | seed {seed}"
+                if key in res or (a.only and name not in a.only):
+                    continue
+                out = cache / "runs" / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
+                t0 = time.time()
+                row = {}
+                if kind == "on-policy":
+                    if not (out / "rounds.json").is_file() or len(json.loads(
+                            (out / "rounds.json").read_text())["rounds"]) < rounds:
+                        run(["on-policy", "--teacher", t, "--student", warm, "--prompts",
+                             train_prompts, "--rounds", rounds, "--steps-per-round",
+                             STEPS // rounds, "--output", out, "--n", N // rounds,
+                             "--max-new-tokens", NEW, "--top-k", 64, "--max-length", 64,
+                             "--scheduler", addr, "--seed", seed, *TRAIN,
+                             *[half if x == "HALF" else x for x in extra]],
+                            capture_output=True)
+                    log = json.loads((out / "rounds.json").read_text())["rounds"]
+                    model = Path(log[-1]["checkpoint"]).parents[1]
+                    row["teacher_tokens"] = sum(r["teacher_tokens"] for r in log) + (
+                        Manifest.load(half).tokens if "HALF" in extra else 0)
+                    row["overhead"] = [r["overhead_s"] / r["wall_s"] for r in log]
+                    row["round_wall_s"] = [r["wall_s"] for r in log]
+                else:
+                    data = responses if kind == "teacher" else corpus
+                    run(["train", "--student", warm, "--data", data, "--output", out,
+                         "--max-steps", STEPS, "--seed", seed, *TRAIN, *extra],
+                        capture_output=True)
+                    model = out
+                    row["teacher_tokens"] = Manifest.load(data).tokens
+                    row["generate_s"] = timings.get(data.name)
+                row["wall_s"] = time.time() - t0 + (row.get("generate_s") or 0.0)
+                row.update(evaluate(model, t, held_prompts, held))
+                res[key] = row
+                res_file.write_text(json.dumps(res, indent=1))
+                print(key, json.dumps(row), file=sys.stderr, flush=True)
+    finally:
+        stop_dask(procs)
+    table(res, a.seeds)
+
+
+def table(res: dict, seeds: list[int]) -> None:
+    w = res["warm"]
+    print(f"\nwarm student (the start of every row): reverse KL {w['reverse_kl']:.4f}, teacher "
+          f"NLL {w['teacher_nll']:.4f}, held-out {w['bpb']:.4f} bits/byte; seeds {seeds}\n")
+    print("| row | reverse KL on own continuations | per seed | teacher NLL of them | "
+          "held-out bits/byte | teacher tokens | wall s | round overhead |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ROWS:
+        rs = [res[f"{name} | seed {s}"] for s in seeds if f"{name} | seed {s}" in res]
+        if not rs:
+            continue
+
+        m = {k: np.mean([r[k] for r in rs]) for k in
+             ("reverse_kl", "teacher_nll", "bpb", "teacher_tokens", "wall_s")}
+        per = ", ".join(f"{r['reverse_kl']:.4f}" for r in rs)
+        over = [o for r in rs for o in r.get("overhead", [])]
+        print(f"| {name} | {m['reverse_kl']:.4f} | {per} | {m['teacher_nll']:.4f} | "
+              f"{m['bpb']:.4f} | {m['teacher_tokens']:,.0f} | {m['wall_s']:.0f} | "
+              + (f"{np.mean(over):.0%} (max {max(over):.0%})" if over else "") + " |")
+
+
+if __name__ == "__main__":
+    main()
