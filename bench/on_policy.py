@@ -63,6 +63,10 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     "on-policy R=2, reverse KL, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF",
                          "--data-weights", 1, 1, "--n", 1]),
+    "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
+    "on-policy R=2, JSD, + the teacher's responses 1:1": (
+        "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
+                         "--data-weights", 1, 1, "--n", 1]),
     "on-policy R=2, token reverse KL at lr 1e-4": ("on-policy", 2, [
         "--loss", "token_reverse_kl", "--ce-weight", 0, "--lr", "1e-4"]),
 }
