@@ -110,6 +110,8 @@ def main() -> None:
                     default=REPO / ".cache" / "bench-granularity")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", nargs="*", default=None, help="row names to run")
+    ap.add_argument("--warm-steps", type=int, default=WARM_STEPS,
+                    help="steps of KD on the corpus that make the warm student")
     a = ap.parse_args()
     cache, gcache = a.cache.resolve(), a.granularity_cache.resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -154,7 +156,7 @@ def main() -> None:
         warm = cache / "warm"
         if not (warm / "model.safetensors").is_file():  # 150 steps of KD on the corpus
             run(["train", "--student", student(gcache), "--data", gcache / "k64", "--output",
-                 warm, "--max-steps", WARM_STEPS, "--batch-tokens", BATCH, "--lr", "3e-3",
+                 warm, "--max-steps", a.warm_steps, "--batch-tokens", BATCH, "--lr", "3e-3",
                  "--warmup", 10, "--seed", 0])
         if "warm" not in res:
             res["warm"] = evaluate(warm, t, held_prompts, held)

@@ -65,12 +65,20 @@ def unit_path(out: Path, unit) -> Path:
     return out / STATE_DIR / "units" / unit.name
 
 
+def done_dir(out: Path) -> Path:
+    return out / STATE_DIR / "done"
+
+
 def done_path(out: Path, unit) -> Path:
-    return out / STATE_DIR / "done" / f"{unit.name}.json"
+    return done_dir(out) / f"{unit.name}.json"
+
+
+def written_dir(out: Path) -> Path:
+    return out / STATE_DIR / "written"
 
 
 def written_path(out: Path, unit, suffix: str = "") -> Path:
-    return out / STATE_DIR / "written" / f"{unit.name}{suffix}"
+    return written_dir(out) / f"{unit.name}{suffix}"
 
 
 def shard_record_path(out: Path, shard) -> Path:

@@ -188,10 +188,11 @@ def _eval(args, model: Path) -> dict:
 def _stage_seconds(data: Path) -> dict:
     """What the round's job spent in its workers (summed over units, from their commit
     records): the response model writing, the teacher scoring, and engine starts."""
-    state = data / ".softlabels"
+    from softlabels.generate.state import done_dir, written_dir
+
     out = {"writing_s": 0.0, "scoring_s": 0.0, "engine_starts_s": 0.0}
-    for key, folder in (("writing_s", "written"), ("scoring_s", "done")):
-        for f in (state / folder).glob("*.json"):
+    for key, folder in (("writing_s", written_dir(data)), ("scoring_s", done_dir(data))):
+        for f in folder.glob("*.json"):
             rec = json.loads(f.read_text())
             out[key] += rec["teacher_s"] + rec["write_s"]
             out["engine_starts_s"] += rec["engine_start_s"]

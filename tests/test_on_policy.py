@@ -66,6 +66,7 @@ def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
         assert m.provenance["response_model"] == str(writer.resolve())
         hashes.append(m.provenance["response_model_sha256"])
         assert log[r]["teacher_tokens"] == m.tokens > 0
+        assert log[r]["writing_s"] > 0 and log[r]["scoring_s"] > 0  # from the commit records
         rows = list(read_dataset(data).values())
         assert len(rows) == 6 * 2
         windows = [x.input_ids.tolist() for x in rows]
