@@ -63,6 +63,25 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     "on-policy R=2, reverse KL, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF",
                          "--data-weights", 1, 1, "--n", 1]),
+    # the same tokens, sampled 2:1 and 1:2 (student's : teacher's) in training
+    "on-policy R=2, reverse KL, + the teacher's responses, weights 2:1": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF",
+                         "--data-weights", 2, 1, "--n", 1]),
+    "on-policy R=2, reverse KL, + the teacher's responses, weights 1:2": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF",
+                         "--data-weights", 1, 2, "--n", 1]),
+    # CE on the teacher's tokens (SFT on its responses), none on the student's own
+    "on-policy R=2, reverse KL, + the teacher's responses 1:1 with CE 0.5 on them": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, 0.5, "--mix", "HALF",
+                         "--data-weights", 1, 1, "--n", 1]),
+    # four fresher rollouts of half the prompts (n = 1 a round), the same tokens as R=2's
+    "on-policy R=4 on 128 prompts, reverse KL, + the teacher's responses, weights 2:1": (
+        "on-policy", 4, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF",
+                         "--data-weights", 2, 1, "--n", 1, "--prompts", "HALF_PROMPTS"]),
+    "on-policy R=4 on 128 prompts, earlier rounds mixed in, + the teacher's responses 2:1": (
+        "on-policy", 4, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF",
+                         "--data-weights", 2, 1, "--n", 1, "--prompts", "HALF_PROMPTS",
+                         "--mix-earlier-rounds", 3]),
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
@@ -121,6 +140,7 @@ def main() -> None:
     held = pq.read_table(sample(gcache, t, "held", 200, 2)).column("text").to_pylist()
     train_prompts = prompts(train_texts, cache / "prompts.jsonl", PROMPTS)
     held_prompts = prompts(held, cache / "held-prompts.jsonl", len(held))
+    half_prompts = prompts(train_texts, cache / "prompts-half.jsonl", PROMPTS // 2)
     d = cache / "dask"
     d.mkdir(exist_ok=True)
     (d / "scheduler.json").unlink(missing_ok=True)  # a stale one names a dead scheduler
@@ -179,7 +199,8 @@ def main() -> None:
                              STEPS // rounds, "--output", out, "--n", N // rounds,
                              "--max-new-tokens", NEW, "--top-k", 64, "--max-length", 64,
                              "--scheduler", addr, "--seed", seed, *TRAIN,
-                             *[half if x == "HALF" else x for x in extra]],
+                             *[{"HALF": half, "HALF_PROMPTS": half_prompts}.get(x, x)
+                               for x in extra]],
                             capture_output=True)
                     log = json.loads((out / "rounds.json").read_text())["rounds"]
                     model = Path(log[-1]["checkpoint"]).parents[1]

@@ -62,9 +62,15 @@ def check_row(row: Row, k: int, draws: int = 0, label: bool = True) -> None:
             row.label_logprob[:-1][row.target_mask[:-1].astype(bool)]).any():
         problems.append("label_logprob missing (NaN) at a position with a target and a next "
                         "token")
-    if row.writer_logprob is not None and (row.writer_logprob.shape != (T,) or (
-            row.writer_logprob[:-1][row.target_mask[:-1].astype(bool)] > 0).any()):
-        problems.append(f"writer_logprob not shaped ({T},) or above 0")
+    if row.writer_logprob is not None:
+        # where a written token follows: a finite log-prob (encode would store NaN as 0 and
+        # -inf as the float32 minimum, both of which pass as log-probs once written)
+        w = row.writer_logprob
+        if w.shape != (T,) or row.target_mask.shape != (T,):
+            problems.append(f"writer_logprob not shaped ({T},)")
+        elif not (np.isfinite(w[:-1]) & (w[:-1] <= 0))[row.target_mask[:-1].astype(bool)].all():
+            problems.append("writer_logprob not a finite number <= 0 where a written token "
+                            "follows")
     if T == 0:
         problems.append("empty row")
     if problems:
@@ -192,10 +198,9 @@ def _check_exact(f: Flat, enc: Encoding, mark) -> None:
 def _check_writer(col: pa.ListArray, f: Flat, mark) -> None:
     """The writer's log-probs: one per position, a finite log-prob where a written token follows
     (`has_label`), 0 elsewhere."""
-    lens = np.diff(col.offsets.to_numpy())
-    if (lens != np.bincount(f.row_of, minlength=len(lens))).any():
-        mark(np.flatnonzero(lens != np.bincount(f.row_of, minlength=len(lens))),
-             "writer_logprob's length differs from input_ids'")
+    off = np.diff(col.offsets.to_numpy()) != np.bincount(f.row_of, minlength=len(col))
+    if off.any():
+        mark(np.flatnonzero(off), "writer_logprob's length differs from input_ids'")
         return
     w = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
     bad = np.where(f.has_label, ~np.isfinite(w) | (w > 0), w != 0)

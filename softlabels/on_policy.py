@@ -3,6 +3,7 @@
 Each round: the current student writes responses to the prompts and the teacher scores every
 token it wrote (`softlabels generate --generate-responses --response-model`, one scheduled job:
 the embedded cluster, TLS workers or Slurm); then the student trains on that round's dataset
+(with --mix-earlier-rounds K also the K rounds' before it, with --mix off-policy datasets)
 (`softlabels train --continue-from` the previous round's last checkpoint: weights, optimizer
 state and step count go on, one learning-rate schedule over all rounds); then, with
 --eval-prompts, `softlabels eval` measures the reverse KL to the teacher on the student's own
@@ -52,12 +53,13 @@ DEFAULT_OBJECTIVE = {"loss": ["--loss", "reverse_kl"], "ce_weight": ["--ce-weigh
 
 
 class _Flags:
-    """Adds another command's flags to a parser, but `skip`, and remembers them (`kept`) to hand
-    the values given back to that command."""
+    """Adds another command's flags to a group of `root`'s, but `skip`, and remembers them
+    (`kept`) to hand the values given back to that command. The command's own groups become
+    groups of `root` (argparse deprecates nesting them)."""
 
-    def __init__(self, parser, skip: set[str], kept: list | None = None):
-        self.p, self.skip = parser, skip
-        self.kept = [] if kept is None else kept
+    def __init__(self, root, title: str, skip: set[str], kept: list):
+        self.root, self.skip, self.kept = root, skip, kept
+        self.p = root.add_argument_group(title)
 
     def add_argument(self, *names, **kw):
         if names[0] in self.skip:
@@ -66,8 +68,8 @@ class _Flags:
         self.kept.append(action)
         return action
 
-    def add_argument_group(self, *args, **kw):
-        return _Flags(self.p.add_argument_group(*args, **kw), self.skip, self.kept)
+    def add_argument_group(self, title: str, *args, **kw):
+        return _Flags(self.root, title, self.skip, self.kept)
 
 
 def argv_of(args: argparse.Namespace, actions: list) -> list[str]:
@@ -117,6 +119,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="other soft-label datasets (off-policy: a corpus, teacher-written "
                    "responses) mixed into every round's training, in --data-weights' "
                    "proportions (this round's data first)")
+    p.add_argument("--mix-earlier-rounds", type=int, default=0, metavar="K",
+                   help="also train each round on the K rounds' datasets before it (older "
+                   "rollouts of the same prompts); they share the round's --data-weights share "
+                   "equally and take its other per-dataset values (--ce-weight, --targets)")
     p.add_argument("--eval-prompts", default=None,
                    help="held-out prompts: after each round the student writes continuations "
                    "and `softlabels eval` gives the exact reverse KL to the teacher on them")
@@ -129,10 +135,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let the model folders run their own Python (auto_map)")
     _GENERATE.clear()
     _TRAIN.clear()
-    g = _Flags(p.add_argument_group("rollouts and scoring (softlabels generate's flags)"),
-               GENERATE_OWN, _GENERATE)
-    generate_arguments(g)
-    t = _Flags(p.add_argument_group("training (softlabels train's flags)"), TRAIN_OWN, _TRAIN)
+    generate_arguments(_Flags(p, "rollouts and scoring (softlabels generate's flags)",
+                              GENERATE_OWN, _GENERATE))
+    t = _Flags(p, "training (softlabels train's flags)", TRAIN_OWN, _TRAIN)
     train_arguments(t)
 
 
@@ -146,6 +151,8 @@ def _check(args) -> None:
 
     if args.rounds < 1 or args.steps_per_round < 1:
         raise UserError("--rounds and --steps-per-round must be >= 1")
+    if args.mix_earlier_rounds < 0:
+        raise UserError("--mix-earlier-rounds must be >= 0")
     if args.eval_max_prompts < 1:
         raise UserError("--eval-max-prompts must be >= 1")
     for flag, path in (("--student", args.student), ("--prompts", args.prompts),
@@ -161,6 +168,23 @@ def _check(args) -> None:
                          "student": args.student, "data": ("round",) + tuple(args.mix),
                          "output": args.output, "max_steps": args.steps_per_round})
     check_weights(cfg.data_weights, len(cfg.data))
+
+
+def round_train_flags(args: argparse.Namespace, earlier: int) -> list[str]:
+    """train's flags for a round whose dataset is followed by `earlier` earlier rounds' (then
+    --mix's): a per-dataset value given for (round, *mix) is repeated for each earlier round,
+    and the round's --data-weights share is split among them equally, so the on-policy share of
+    every round's tokens stays what the user gave."""
+    ns = argparse.Namespace(**vars(args))
+    n = 1 + len(args.mix)
+    for dest in ("ce_weight", "targets"):
+        v = getattr(ns, dest, None)
+        if earlier and v is not None and len(v) == n > 1:
+            setattr(ns, dest, [v[0]] * (1 + earlier) + list(v[1:]))
+    w = getattr(ns, "data_weights", None)
+    if earlier and w is not None and len(w) == n:
+        ns.data_weights = [w[0] / (1 + earlier)] * (1 + earlier) + list(w[1:])
+    return argv_of(ns, _TRAIN)
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -209,7 +233,7 @@ def main(args) -> int:
     log = json.loads(log_path.read_text()) if log_path.is_file() else {"rounds": []}
     done = {r["round"]: r for r in log["rounds"] if r.get("done")}
     generate_flags = argv_of(args, _GENERATE)
-    train_flags = argv_of(args, _TRAIN) + [
+    default_objective = [
         x for dest, flags in DEFAULT_OBJECTIVE.items() if not hasattr(args, dest) for x in flags]
     remote = ["--trust-remote-code"] * args.trust_remote_code
     N = args.steps_per_round
@@ -219,8 +243,11 @@ def main(args) -> int:
         t0 = time.time()
         writer = Path(args.student) if r == 0 else out / f"round-{r - 1}" / "student"
         data, student = out / f"round-{r}" / "data", out / f"round-{r}" / "student"
-        rec = {"round": r, "writer": str(writer), "data": str(data)}
-        if not (data / "manifest.json").is_file():
+        earlier = [str(out / f"round-{j}" / "data")
+                   for j in range(max(0, r - args.mix_earlier_rounds), r)][::-1]
+        rec = {"round": r, "writer": str(writer), "data": str(data), "earlier_data": earlier}
+        generated = not (data / "manifest.json").is_file()
+        if generated:
             columns = (["--messages-column", args.messages_column] if args.messages_column
                        else ["--prompt-column", args.prompt_column])
             _run(["generate", "--teacher", args.teacher, "--input", args.prompts, "--output",
@@ -233,12 +260,15 @@ def main(args) -> int:
                    **_stage_seconds(data))
         previous = out / f"round-{r - 1}" / "student" / "checkpoints" / f"step-{r * N}"
         train_log = student / "train_log.json"
-        if not (train_log.is_file() and json.loads(train_log.read_text())["steps"] >= (r + 1) * N):
-            _run(["train", "--student", args.student, "--data", str(data), *args.mix,
+        trained = not (train_log.is_file()
+                       and json.loads(train_log.read_text())["steps"] >= (r + 1) * N)
+        if trained:
+            _run(["train", "--student", args.student, "--data", str(data), *earlier, *args.mix,
                   "--output", str(student), "--max-steps", str((r + 1) * N),
                   "--schedule-steps", str(args.rounds * N), "--save-every", str(N),
                   "--seed", str(args.seed), "--resume",
-                  *(["--continue-from", str(previous)] if r else []), *train_flags, *remote],
+                  *(["--continue-from", str(previous)] if r else []),
+                  *round_train_flags(args, len(earlier)), *default_objective, *remote],
                  f"round {r}: training")
         t2 = time.time()
         history = json.loads(train_log.read_text())["history"]
@@ -251,9 +281,11 @@ def main(args) -> int:
         evals = json.loads(train_log.read_text())["evals"]  # --eval-data's, at the round's end
         rec["eval_data"] = evals[-1] if evals else None
         rec["wall_s"] = time.time() - t0
-        # what the round spent on other than writing, scoring, training steps and eval
-        rec["overhead_s"] = (t2 - t0) - rec["writing_s"] - rec["scoring_s"] - \
-            rec["train_steps_s"]
+        # what the round spent on other than writing, scoring, training steps and eval; a
+        # stage an earlier run finished took no time in this one
+        rec["overhead_s"] = (t2 - t0) - generated * (rec["writing_s"] + rec["scoring_s"]) - \
+            trained * rec["train_steps_s"]
+        rec["resumed"] = not (generated and trained)
         rec["done"] = True
         log["rounds"] = [x for x in log["rounds"] if x["round"] != r] + [rec]
         write_text(log_path, json.dumps(log, indent=1) + "\n")

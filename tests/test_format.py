@@ -431,6 +431,15 @@ def test_bad_rows_flags_each_rule(real_rows):
     for rid, row in cases.items():
         one = dict(bad_rows(encode([row], enc), enc, vocab))
         assert bool(one) == (row.row_id in got), rid
+    # the writer refuses what encode would hide: NaN is stored as 0, -inf as float32's minimum
+    t = int(np.flatnonzero(r.target_mask[:-1])[0])
+    for bad in [np.nan, -np.inf, np.inf, 0.5]:
+        w = np.where(np.arange(T) == t, bad, -1.0).astype(np.float32)
+        with pytest.raises(FormatError, match="writer_logprob not a finite number"):
+            check_rows([replace(r, writer_logprob=w)], enc)
+    # ... but not where no written token follows (the last position, masked-out ones)
+    w = np.where(~r.target_mask.astype(bool) | (np.arange(T) == T - 1), np.nan, -1.0)
+    check_rows([replace(r, writer_logprob=w.astype(np.float32))], enc)
 
 
 def test_footer_counts_that_lie_are_caught(tmp_path, real_rows):

@@ -54,7 +54,7 @@ def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
 
     teacher, student, _ = models
     out = tmp_path / "run"
-    on_policy(models, out, dask_cluster)
+    on_policy(models, out, dask_cluster, "--mix-earlier-rounds", 1, "--data-weights", 2)
     log = json.loads((out / "rounds.json").read_text())["rounds"]
     assert [r["round"] for r in log] == list(range(ROUNDS)) and all(r["done"] for r in log)
     writers = [student, out / "round-0" / "student"]
@@ -85,9 +85,19 @@ def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
     for h in h1:  # one schedule over both rounds
         assert math.isclose(h["lr"], lr_at(h["step"] - 1, cfg, STEPS), rel_tol=1e-9)
     assert log[1]["checkpoint"].endswith(f"step-{ROUNDS * STEPS}")
+    # round 1 also trains on round 0's rollouts, the round's weight shared equally
+    used = json.loads((out / "round-1" / "student" / "train_log.json").read_text())["datasets"]
+    assert [(d["path"], d["weight"]) for d in used] == [
+        (str(out / "round-1" / "data"), 0.5), (str(out / "round-0" / "data"), 0.5)]
+    assert all(d["target_tokens"] > 0 for d in used)
+    for r in log:  # overhead: the round's stages less the work they did
+        assert not r["resumed"]
+        assert r["overhead_s"] == pytest.approx(r["generate_wall_s"] + r["train_wall_s"] - (
+            r["writing_s"] + r["scoring_s"] + r["train_steps_s"]))
 
     before = (out / "rounds.json").read_text()
-    p = on_policy(models, out, dask_cluster)
+    again_flags = ("--mix-earlier-rounds", 1, "--data-weights", 2)
+    p = on_policy(models, out, dask_cluster, *again_flags)
     assert "rollouts" not in p.stderr and "training" not in p.stderr
     assert (out / "rounds.json").read_text() == before
 
@@ -95,10 +105,42 @@ def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
     rounds = json.loads(before)
     rounds["rounds"][1]["done"] = False
     (out / "rounds.json").write_text(json.dumps(rounds))
-    p = on_policy(models, out, dask_cluster)
+    p = on_policy(models, out, dask_cluster, *again_flags)
     assert "round 1: training" in p.stderr and "rollouts" not in p.stderr
     again = json.loads((out / "round-1" / "student" / "train_log.json").read_text())["history"]
     assert [h["loss"] for h in again] == pytest.approx([h["loss"] for h in h1], rel=1e-5)
+    r1 = json.loads((out / "rounds.json").read_text())["rounds"][1]
+    assert r1["resumed"]  # its rollouts took no time in this run: not subtracted
+    assert r1["overhead_s"] == pytest.approx(r1["generate_wall_s"] + r1["train_wall_s"]
+                                             - r1["train_steps_s"])
+
+
+def test_earlier_rounds_take_the_rounds_per_dataset_values():
+    """Round r's datasets are (round r, the earlier rounds, --mix): per-dataset values given for
+    (round, --mix) are repeated for the earlier rounds, the round's weight split among them."""
+    import argparse
+
+    from softlabels.on_policy import add_arguments, round_train_flags
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["--teacher", "t", "--student", "s", "--prompts", "p", "--rounds", "3",
+            "--steps-per-round", "1", "--output", "o", "--mix", "m1", "m2"]
+    args = p.parse_args(base + ["--data-weights", "3", "1", "1", "--ce-weight", "0", "0.5",
+                                "0.25", "--targets", "topk", "auto", "both", "--lr", "1e-4"])
+    flags = round_train_flags(args, 2)
+    assert flags[flags.index("--data-weights") + 1:][:5] == ["1.0", "1.0", "1.0", "1.0", "1.0"]
+    assert flags[flags.index("--ce-weight") + 1:][:5] == ["0.0", "0.0", "0.0", "0.5", "0.25"]
+    assert flags[flags.index("--targets") + 1:][:5] == ["topk", "topk", "topk", "auto", "both"]
+    assert flags[flags.index("--lr") + 1] == "0.0001"
+    plain = round_train_flags(args, 0)
+    assert plain[plain.index("--data-weights") + 1:][:3] == ["3.0", "1.0", "1.0"]
+    # one value for every dataset stays one value
+    args = p.parse_args(base + ["--ce-weight", "0.5"])
+    flags = round_train_flags(args, 2)
+    i = flags.index("--ce-weight")
+    assert flags[i + 1] == "0.5" and (i + 2 == len(flags) or flags[i + 2].startswith("--"))
+    assert "--data-weights" not in flags  # by target tokens: earlier rounds join by theirs
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -106,6 +148,7 @@ def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
     (["--lr", -1, "--batch-tokens", 0], "--batch-tokens"),
     (["--student", "/nonexistent"], "--student /nonexistent does not exist"),
     (["--data-weights", 1, 2], "--data-weights"),
+    (["--mix-earlier-rounds", -1], "--mix-earlier-rounds must be >= 0"),
 ])
 def test_bad_flags_are_one_line_before_any_round(tmp_path, models, flags, needle):
     teacher, student, prompts = models
