@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="row names to run")
     ap.add_argument("--warm-steps", type=int, default=WARM_STEPS,
                     help="steps of KD on the corpus that make the warm student")
+    ap.add_argument("--overhead", type=int, nargs=3, metavar=("PROMPTS", "N", "STEPS"),
+                    help="instead of the rows: one 2-round run of PROMPTS prompts x N responses "
+                    "and STEPS steps a round, for the round overhead at that size")
     a = ap.parse_args()
     cache, gcache = a.cache.resolve(), a.granularity_cache.resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -183,6 +186,8 @@ def main() -> None:
             res["teacher tokens"] = {"teacher-responses": tokens,
                                      "corpus": Manifest.load(corpus).tokens}
         res_file.write_text(json.dumps(res, indent=1))
+        if a.overhead:
+            return overhead(a, cache, t, warm, train_texts, addr)
         for seed in a.seeds:
             for name, (kind, rounds, extra) in ROWS.items():
                 key = f"{name} | seed {seed}"
@@ -224,6 +229,23 @@ def main() -> None:
     finally:
         stop_dask(procs)
     table(res, a.seeds)
+
+
+def overhead(a, cache: Path, t: Path, warm: Path, texts: list[str], addr: str) -> None:
+    n_prompts, n, steps = a.overhead
+    out = cache / "runs" / f"overhead-{n_prompts}x{n}-{steps}"
+    run(["on-policy", "--teacher", t, "--student", warm, "--prompts",
+         prompts(texts, cache / f"prompts-{n_prompts}.jsonl", n_prompts), "--rounds", 2,
+         "--steps-per-round", steps, "--output", out, "--n", n, "--max-new-tokens", NEW,
+         "--top-k", 64, "--max-length", 64, "--scheduler", addr, "--seed", a.seeds[0], *TRAIN],
+        capture_output=True)
+    print("| round | teacher tokens | wall s | writing s | scoring s | engine starts s | "
+          "training steps s | overhead s | overhead share |\n|---|---|---|---|---|---|---|---|---|")
+    for r in json.loads((out / "rounds.json").read_text())["rounds"]:
+        print(f"| {r['round']} | {r['teacher_tokens']:,} | {r['wall_s']:.1f} | "
+              f"{r['writing_s']:.1f} | {r['scoring_s']:.1f} | {r['engine_starts_s']:.1f} | "
+              f"{r['train_steps_s']:.1f} | {r['overhead_s']:.1f} | "
+              f"{r['overhead_s'] / r['wall_s']:.0%} |")
 
 
 def table(res: dict, seeds: list[int]) -> None:
