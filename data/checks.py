@@ -66,9 +66,10 @@ def check_row(row: Row, k: int, draws: int = 0, label: bool = True) -> None:
         # where a written token follows: a finite log-prob (encode would store NaN as 0 and
         # -inf as the float32 minimum, both of which pass as log-probs once written)
         w = row.writer_logprob
-        if w.shape != (T,) or row.target_mask.shape != (T,):
+        if w.shape != (T,):
             problems.append(f"writer_logprob not shaped ({T},)")
-        elif not (np.isfinite(w[:-1]) & (w[:-1] <= 0))[row.target_mask[:-1].astype(bool)].all():
+        elif row.target_mask.shape == (T,) and not (
+                np.isfinite(w[:-1]) & (w[:-1] <= 0))[row.target_mask[:-1].astype(bool)].all():
             problems.append("writer_logprob not a finite number <= 0 where a written token "
                             "follows")
     if T == 0:
