@@ -177,7 +177,7 @@ def main() -> None:
                 tokens / per_record)]}), corpus_src)
         corpus = dataset("corpus", ["--input", corpus_src])
         warm = cache / "warm"
-        if not (warm / "model.safetensors").is_file():  # 150 steps of KD on the corpus
+        if not (warm / "model.safetensors").is_file():  # --warm-steps of KD on the corpus
             run(["train", "--student", student(gcache), "--data", gcache / "k64", "--output",
                  warm, "--max-steps", a.warm_steps, "--batch-tokens", BATCH, "--lr", "3e-3",
                  "--warmup", 10, "--seed", 0])
