@@ -3,15 +3,17 @@
 The confident teacher is bench/granularity.py's (a random Llama over 1,500 words, its head scaled
 so its mean top-1 is 0.60 on its samples; the corpus sampled from it: the truth), not
 bench/confident.py's, whose 600-step teacher and sampled corpus take an hour to make here.
-Prompts are the first 8 words of its samples (training: the train split; eval: held-out). Every
-row starts from the same warm student (the granularity bench's body, 150 steps of KD on the
-corpus: on-policy starts from a student that writes something) and trains the same steps on the
-same number of teacher-scored tokens:
+Prompts are the first 8 words of its samples (training: the train split; eval: held-out),
+rendered as their own text: the teacher's copy here has a content-only chat template, since the
+plain render's newline is no word of its tokenizer. Every row starts from the same warm student
+(the granularity bench's body, 600 steps of KD on the corpus: on-policy starts from a student
+that writes something) and trains the same steps on the same number of teacher-scored tokens:
 
   CE on the teacher's responses       SFT: `generate --generate-responses` by the teacher, n = 4
   KD on the teacher's responses       the same dataset, the default recipe (top-64, label, 0.5 CE)
   KD on the corpus                    corpus records of as many tokens, the default recipe
   on-policy R=r <loss>                `softlabels on-policy`, r rounds of 4/r responses per prompt
+                                      (the teacher's top-64 unless the row says otherwise)
 
 Columns: the exact reverse KL to the teacher on the student's own continuations of held-out
 prompts and the teacher's NLL of them (`softlabels eval --teacher --prompts`), held-out
@@ -38,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 PROMPTS, N, NEW, WORDS_IN_PROMPT = 256, 4, 32, 8
-STEPS, WARM_STEPS, BATCH = 120, 150, 2048
+STEPS, WARM_STEPS, BATCH = 120, 600, 2048
+CONTENT_ONLY = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 TRAIN = ["--lr", "1e-3", "--warmup", 10, "--batch-tokens", BATCH]
 ROWS = {  # name: (kind, rounds, extra train flags)
     "CE on the teacher's responses": ("teacher", 0, ["--ce-weight", 1]),
@@ -82,6 +85,41 @@ ROWS = {  # name: (kind, rounds, extra train flags)
         "on-policy", 4, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF",
                          "--data-weights", 2, 1, "--n", 1, "--prompts", "HALF_PROMPTS",
                          "--mix-earlier-rounds", 3]),
+    # the learning rate of both sides (the others train at 1e-3)
+    "KD on the teacher's responses, lr 2e-3": ("teacher", 0, ["--lr", "2e-3"]),
+    "KD on the teacher's responses, lr 3e-3": ("teacher", 0, ["--lr", "3e-3"]),
+    "on-policy R=2, reverse KL, + the teacher's responses 1:2, lr 2e-3": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF",
+                         "--data-weights", 1, 2, "--n", 1, "--lr", "2e-3"]),
+    "on-policy R=2, reverse KL, + the teacher's responses 1:2, lr 3e-3": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF",
+                         "--data-weights", 1, 2, "--n", 1, "--lr", "3e-3"]),
+    # a quarter of the teacher tokens each on the teacher's responses and on the corpus (n = 1
+    # a round of the student's: half)
+    "on-policy R=2, reverse KL, + the teacher's responses + the corpus 2:1:1, CE 0.5 on both": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, 0.5, 0.5, "--mix", "QUARTER",
+                         "CORPUS_QUARTER", "--data-weights", 2, 1, 1, "--n", 1]),
+    # each dataset its own loss: reverse KL on the student's responses, the default KD
+    # (forward KL + 0.5 CE) on the teacher's and the corpus
+    "on-policy R=2, reverse KL, + KD on the teacher's responses 1:2": (
+        "on-policy", 2, ["--loss", "reverse_kl", "forward_kl", "--ce-weight", 0, 0.5, "--mix",
+                         "HALF", "--data-weights", 1, 2, "--n", 1]),
+    "on-policy R=2, reverse KL, + KD on the teacher's responses + the corpus 2:1:1": (
+        "on-policy", 2, ["--loss", "reverse_kl", "forward_kl", "forward_kl", "--ce-weight", 0,
+                         0.5, 0.5, "--mix", "QUARTER", "CORPUS_QUARTER", "--data-weights", 2,
+                         1, 1, "--n", 1]),
+    # the teacher's top-256 stored instead of its top-64, on both sides
+    "KD on the teacher's responses, top-256": ("teacher-k256", 0, []),
+    "KD on the teacher's responses, top-256, lr 3e-3": ("teacher-k256", 0, ["--lr", "3e-3"]),
+    "on-policy R=2, reverse KL (top-256 + tail)": ("on-policy", 2, [
+        "--loss", "reverse_kl", "--ce-weight", 0, "--top-k", 256]),
+    "on-policy R=2, reverse KL (top-256 + tail), + the teacher's responses 1:2": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256]),
+    # nearly the whole vocabulary (1,500 words): the exact reverse KL's ceiling
+    "on-policy R=2, reverse KL (top-1024 + tail), + the teacher's responses 1:2": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 2, "--n", 1, "--top-k", 1024]),
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
@@ -91,16 +129,36 @@ ROWS = {  # name: (kind, rounds, extra train flags)
 }
 
 
+def with_template(src: Path, dst: Path) -> Path:
+    """`src`'s model at `dst` with a chat template that renders a prompt as its own text: the
+    plain-text render adds a newline, which this tokenizer has no word for (every prompt would
+    end in an unknown word the corpus never has)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    if tok.chat_template != CONTENT_ONLY:
+        if dst != src:
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        tok.chat_template = CONTENT_ONLY
+        tok.save_pretrained(dst)
+    return dst
+
+
 def run(args: list, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "softlabels", *map(str, args)], check=True,
                           cwd=REPO, **kw)
 
 
 def prompts(texts: list[str], path: Path, n: int) -> Path:
+    """The first words of each text, with the corpus's leading space (the tokenizer's words are
+    "Ġword": without it the first word is unknown)."""
     if not path.is_file():
         with open(path, "w") as f:
             for t in texts[:n]:
-                f.write(json.dumps({"prompt": " ".join(t.split()[:WORDS_IN_PROMPT])}) + "\n")
+                f.write(json.dumps({"prompt": " " + " ".join(t.split()[:WORDS_IN_PROMPT])})
+                        + "\n")
     return path
 
 
@@ -124,7 +182,7 @@ def main() -> None:
     from tests.helpers import start_dask, stop_dask
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench-on-policy")
+    ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench-on-policy-clean")
     ap.add_argument("--granularity-cache", type=Path,
                     default=REPO / ".cache" / "bench-granularity")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -138,7 +196,7 @@ def main() -> None:
     cache, gcache = a.cache.resolve(), a.granularity_cache.resolve()
     cache.mkdir(parents=True, exist_ok=True)
     gcache.mkdir(parents=True, exist_ok=True)
-    t = teacher(gcache)
+    t = with_template(teacher(gcache), cache / "teacher")
     train_texts = pq.read_table(sample(gcache, t, "train", 3000, 1)).column("text").to_pylist()
     held = pq.read_table(sample(gcache, t, "held", 200, 2)).column("text").to_pylist()
     train_prompts = prompts(train_texts, cache / "prompts.jsonl", PROMPTS)
@@ -176,11 +234,31 @@ def main() -> None:
             pq.write_table(pa.table({"text": train_texts[1000:1000 + math.ceil(
                 tokens / per_record)]}), corpus_src)
         corpus = dataset("corpus", ["--input", corpus_src])
+        quarter_src = cache / "corpus-quarter.parquet"  # a quarter of the teacher tokens
+        if not quarter_src.is_file():
+            pq.write_table(pa.table({"text": train_texts[2000:2000 + math.ceil(
+                tokens / 4 / per_record)]}), quarter_src)
+        quarter = dataset("corpus-quarter", ["--input", quarter_src])
+        quarter_responses = dataset("teacher-responses-n1", [
+            "--input", train_prompts, "--prompt-column", "prompt", "--generate-responses",
+            "--n", 1, "--max-new-tokens", NEW, "--seed", 2])
+        # the same responses with the teacher's top-256 (its top-64 leaves a third to half of
+        # the student's mass on its own continuations outside the stored ids)
+        wide = dataset("teacher-responses-k256", [
+            "--input", train_prompts, "--prompt-column", "prompt", "--generate-responses",
+            "--n", N, "--max-new-tokens", NEW, "--top-k", 256])
+        half_wide = dataset("teacher-responses-n2-k256", [
+            "--input", train_prompts, "--prompt-column", "prompt", "--generate-responses",
+            "--n", N // 2, "--max-new-tokens", NEW, "--seed", 1, "--top-k", 256])
+        named = {"HALF": half, "HALF_PROMPTS": half_prompts, "QUARTER": quarter_responses,
+                 "CORPUS_QUARTER": quarter, "HALF_K256": half_wide}
+        offline = {"teacher": responses, "teacher-k256": wide, "corpus": corpus}
         warm = cache / "warm"
         if not (warm / "model.safetensors").is_file():  # --warm-steps of KD on the corpus
             run(["train", "--student", student(gcache), "--data", gcache / "k64", "--output",
                  warm, "--max-steps", a.warm_steps, "--batch-tokens", BATCH, "--lr", "3e-3",
                  "--warmup", 10, "--seed", 0])
+        with_template(warm, warm)
         if "warm" not in res:
             res["warm"] = evaluate(warm, t, held_prompts, held)
             res["teacher tokens"] = {"teacher-responses": tokens,
@@ -204,17 +282,17 @@ def main() -> None:
                              STEPS // rounds, "--output", out, "--n", N // rounds,
                              "--max-new-tokens", NEW, "--top-k", 64, "--max-length", 64,
                              "--scheduler", addr, "--seed", seed, *TRAIN,
-                             *[{"HALF": half, "HALF_PROMPTS": half_prompts}.get(x, x)
-                               for x in extra]],
+                             *[named.get(x, x) for x in extra]],
                             capture_output=True)
                     log = json.loads((out / "rounds.json").read_text())["rounds"]
                     model = Path(log[-1]["checkpoint"]).parents[1]
-                    row["teacher_tokens"] = sum(r["teacher_tokens"] for r in log) + (
-                        Manifest.load(half).tokens if "HALF" in extra else 0)
+                    row["teacher_tokens"] = sum(r["teacher_tokens"] for r in log) + sum(
+                        Manifest.load(named[x]).tokens for x in extra
+                        if x in named and x != "HALF_PROMPTS")
                     row["overhead"] = [r["overhead_s"] / r["wall_s"] for r in log]
                     row["round_wall_s"] = [r["wall_s"] for r in log]
                 else:
-                    data = responses if kind == "teacher" else corpus
+                    data = offline[kind]
                     run(["train", "--student", warm, "--data", data, "--output", out,
                          "--max-steps", STEPS, "--seed", seed, *TRAIN, *extra],
                         capture_output=True)

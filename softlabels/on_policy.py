@@ -50,6 +50,11 @@ ROUND_SEED = 1_000_003
 # data (BENCHMARKS.md, "On-policy distillation in batch rounds"): reverse KL over the teacher's
 # top-k and its exact tail; CE on the student's own tokens would teach it what it wrote.
 DEFAULT_OBJECTIVE = {"loss": ["--loss", "reverse_kl"], "ce_weight": ["--ce-weight", "0"]}
+# The rounds' --top-k unless given: on its own continuations a student far from the teacher puts
+# a third to half of its mass outside the teacher's top-64, where the stored tail sees about half
+# of that part's reverse KL; the top-256 lowered on-policy's reverse KL by 4-6 % on every seed
+# (off-policy KD: no change), for 4x the bytes per round token (BENCHMARKS.md).
+ROUND_TOP_K = 256
 
 
 class _Flags:
@@ -122,7 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix-earlier-rounds", type=int, default=0, metavar="K",
                    help="also train each round on the K rounds' datasets before it (older "
                    "rollouts of the same prompts); they share the round's --data-weights share "
-                   "equally and take its other per-dataset values (--ce-weight, --targets)")
+                   "equally and take its other per-dataset values (--loss, --ce-weight, "
+                   "--targets)")
     p.add_argument("--eval-prompts", default=None,
                    help="held-out prompts: after each round the student writes continuations "
                    "and `softlabels eval` gives the exact reverse KL to the teacher on them")
@@ -137,6 +143,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _TRAIN.clear()
     generate_arguments(_Flags(p, "rollouts and scoring (softlabels generate's flags)",
                               GENERATE_OWN, _GENERATE))
+    for a in _GENERATE:
+        if a.dest == "top_k":
+            a.help = f"the teacher's top-k stored per token (default here: {ROUND_TOP_K})"
     t = _Flags(p, "training (softlabels train's flags)", TRAIN_OWN, _TRAIN)
     train_arguments(t)
 
@@ -177,7 +186,7 @@ def round_train_flags(args: argparse.Namespace, earlier: int) -> list[str]:
     every round's tokens stays what the user gave."""
     ns = argparse.Namespace(**vars(args))
     n = 1 + len(args.mix)
-    for dest in ("ce_weight", "targets"):
+    for dest in ("loss", "ce_weight", "targets"):
         v = getattr(ns, dest, None)
         if earlier and v is not None and len(v) == n > 1:
             setattr(ns, dest, [v[0]] * (1 + earlier) + list(v[1:]))
@@ -185,6 +194,12 @@ def round_train_flags(args: argparse.Namespace, earlier: int) -> list[str]:
     if earlier and w is not None and len(w) == n:
         ns.data_weights = [w[0] / (1 + earlier)] * (1 + earlier) + list(w[1:])
     return argv_of(ns, _TRAIN)
+
+
+def round_generate_flags(args: argparse.Namespace) -> list[str]:
+    """generate's flags for every round: the ones given, and --top-k ROUND_TOP_K if not."""
+    flags = argv_of(args, _GENERATE)
+    return flags if args.top_k is not None else [*flags, "--top-k", str(ROUND_TOP_K)]
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -232,7 +247,7 @@ def main(args) -> int:
     log_path = out / "rounds.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {"rounds": []}
     done = {r["round"]: r for r in log["rounds"] if r.get("done")}
-    generate_flags = argv_of(args, _GENERATE)
+    generate_flags = round_generate_flags(args)
     default_objective = [
         x for dest, flags in DEFAULT_OBJECTIVE.items() if not hasattr(args, dest) for x in flags]
     remote = ["--trust-remote-code"] * args.trust_remote_code

@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from softlabels.data.errors import UserError
 from softlabels.train_student.batches import EpochPlan, collate
 from softlabels.train_student.mixture import Mixture
 from tests.helpers import REPO, dask_env, softlabels, synthetic_rows, write_dataset
@@ -116,6 +118,39 @@ def test_a_mixed_batch_is_each_dataset_with_its_recipe(sets):
         kd_d, ce_d = Distiller(model, [recipes[d]])(collate(mine, VOCAB, targets[d]))
         torch.testing.assert_close(kd[d], kd_d[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ce[d], ce_d[0], rtol=1e-5, atol=1e-6)
+
+
+def test_each_dataset_trains_with_its_own_loss(sets):
+    """`--loss reverse_kl forward_kl`: the first dataset's positions take reverse KL, the
+    second's forward KL (on-policy rollouts beside a corpus), each equal to its rows' sums
+    computed apart with that loss alone, and the first's differs from its forward KL."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from softlabels.data.manifest import Manifest
+    from softlabels.train_student.config import TrainConfig
+    from softlabels.train_student.train import Distiller
+
+    mix = Mixture([sets["a"], sets["b"]])
+    cfg = TrainConfig(student="-", data=tuple(map(str, mix.folders)), output="-",
+                      loss=("reverse_kl", "forward_kl"))
+    recipes = [cfg.recipe(i).for_dataset(Manifest.load(f), f) for i, f in enumerate(mix.folders)]
+    assert [r.loss for r in recipes] == ["reverse_kl", "forward_kl"]
+    rows, src = mix.read(0, np.arange(16))
+    assert set(src.tolist()) == {0, 1}
+    c = dict(STUDENT, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(c.pop("model_type"), **c))
+    targets = [r.targets for r in recipes]
+    kd, _ = Distiller(model, recipes, chunk=7)(collate(rows, VOCAB, targets, src))
+    for d, other in ((0, "forward_kl"), (1, "reverse_kl")):
+        mine = [r for r, s in zip(rows, src) if s == d]
+        kd_d, _ = Distiller(model, [recipes[d]])(collate(mine, VOCAB, targets[d]))
+        torch.testing.assert_close(kd[d], kd_d[0], rtol=1e-5, atol=1e-6)
+        swapped = replace(recipes[d], loss=other)
+        kd_o, _ = Distiller(model, [swapped])(collate(mine, VOCAB, targets[d]))
+        assert abs(kd_o[0].item() - kd[d].item()) > 1e-3 * abs(kd[d].item())
+    with pytest.raises(UserError, match="--loss takes one value, or one per --data"):
+        TrainConfig(student="-", data=("a", "b"), output="-", loss=("reverse_kl",) * 3)
 
 
 def train(sets, out, *extra, check=True):

@@ -127,11 +127,13 @@ def test_earlier_rounds_take_the_rounds_per_dataset_values():
     base = ["--teacher", "t", "--student", "s", "--prompts", "p", "--rounds", "3",
             "--steps-per-round", "1", "--output", "o", "--mix", "m1", "m2"]
     args = p.parse_args(base + ["--data-weights", "3", "1", "1", "--ce-weight", "0", "0.5",
-                                "0.25", "--targets", "topk", "auto", "both", "--lr", "1e-4"])
+                                "0.25", "--targets", "topk", "auto", "both", "--loss",
+                                "reverse_kl", "forward_kl", "jsd", "--lr", "1e-4"])
     flags = round_train_flags(args, 2)
     assert flags[flags.index("--data-weights") + 1:][:5] == ["1.0", "1.0", "1.0", "1.0", "1.0"]
     assert flags[flags.index("--ce-weight") + 1:][:5] == ["0.0", "0.0", "0.0", "0.5", "0.25"]
     assert flags[flags.index("--targets") + 1:][:5] == ["topk", "topk", "topk", "auto", "both"]
+    assert flags[flags.index("--loss") + 1:][:5] == ["reverse_kl"] * 3 + ["forward_kl", "jsd"]
     assert flags[flags.index("--lr") + 1] == "0.0001"
     plain = round_train_flags(args, 0)
     assert plain[plain.index("--data-weights") + 1:][:3] == ["3.0", "1.0", "1.0"]
@@ -141,6 +143,24 @@ def test_earlier_rounds_take_the_rounds_per_dataset_values():
     i = flags.index("--ce-weight")
     assert flags[i + 1] == "0.5" and (i + 2 == len(flags) or flags[i + 2].startswith("--"))
     assert "--data-weights" not in flags  # by target tokens: earlier rounds join by theirs
+
+
+def test_rounds_store_the_top_256_unless_told():
+    """The rounds' --top-k is 256 unless given (a student's own continuations spread past the
+    teacher's top-64); a given one is passed on alone."""
+    import argparse
+
+    from softlabels.on_policy import add_arguments, round_generate_flags
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["--teacher", "t", "--student", "s", "--prompts", "p", "--rounds", "1",
+            "--steps-per-round", "1", "--output", "o"]
+    flags = round_generate_flags(p.parse_args(base))
+    assert flags[flags.index("--top-k") + 1] == "256" and flags.count("--top-k") == 1
+    flags = round_generate_flags(p.parse_args(base + ["--top-k", "8", "--n", "2"]))
+    assert flags.count("--top-k") == 1 and flags[flags.index("--top-k") + 1] == "8"
+    assert flags[flags.index("--n") + 1] == "2"
 
 
 @pytest.mark.parametrize("flags, needle", [

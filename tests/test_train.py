@@ -803,7 +803,7 @@ def test_config_file_then_flags(tmp_path, dataset):
     softlabels("train", "--config", cfg, "--output", out, "--lr", "0.005")
     used = json.loads((out / "train_config.json").read_text())
     assert (used["lr"], used["loss"], used["residual"], used["max_steps"]) == (
-        0.005, "reverse_kl", "none", 2)
+        0.005, ["reverse_kl"], "none", 2)
     assert log(out)["steps"] == 2
     for bad, needle in (({"lerning_rate": 1}, "unknown option(s) lerning_rate"),
                         ({"max_steps": "two"}, "max_steps should be int"),

@@ -178,10 +178,15 @@ class TrainConfig:
                                               "tokens, in order (normalised); default: "
                                               "proportional to their target tokens")
     output: str = opt(None, "where the trained student goes")
-    loss: str = opt("forward_kl", "divergence on the teacher's top-k + tail; token_reverse_kl: "
-                                  "on-policy distillation's per-token reverse KL of written "
-                                  "responses (the teacher's log-prob of each token the student "
-                                  "wrote, as a policy-gradient advantage)", choices=LOSSES)
+    loss: tuple[str, ...] = opt(("forward_kl",), "divergence on the teacher's top-k + tail, "
+                                                 "for every --data or one per --data (reverse "
+                                                 "KL on the student's own responses, forward "
+                                                 "KL on a corpus); token_reverse_kl: "
+                                                 "on-policy distillation's per-token reverse "
+                                                 "KL of written responses (the teacher's "
+                                                 "log-prob of each token the student wrote, "
+                                                 "as a policy-gradient advantage)",
+                                choices=LOSSES)
     beta: float = opt(0.5, "JSD's mixing weight / skew KL's alpha")
     targets: tuple[str, ...] = opt(("auto",), "stored targets to train on, for every --data "
                                               "or one per --data: topk, samples (the draws, an "
@@ -258,8 +263,8 @@ class TrainConfig:
     trust_remote_code: bool = opt(False, "let the student folder run its own Python (auto_map)")
 
     def __post_init__(self):
-        for name in ("data", "data_weights", "targets", "ce_weight", "eval_data"):  # a scalar is
-            v = getattr(self, name)                                        # one value for all
+        for name in ("data", "data_weights", "targets", "loss", "ce_weight", "eval_data"):
+            v = getattr(self, name)  # a scalar is one value for all
             if v is not None and not isinstance(v, (tuple, list)):
                 object.__setattr__(self, name, (v,))
             elif isinstance(v, list):
@@ -267,7 +272,7 @@ class TrainConfig:
         errors = [f"--{n.replace('_', '-')} is required" for n in ("student", "data", "output")
                   if not getattr(self, n)]
         lengths = [f"--{n.replace('_', '-')} takes one value, or one per --data "
-                   f"({len(self.data)})" for n in ("targets", "ce_weight")
+                   f"({len(self.data)})" for n in ("targets", "loss", "ce_weight")
                    if len(getattr(self, n)) not in (0, 1, len(self.data))]
         errors += lengths
         if not lengths:
@@ -308,7 +313,8 @@ class TrainConfig:
         def at(v: tuple):
             return v[i] if len(v) > 1 else v[0] if v else None
 
-        return Recipe(targets=at(self.targets) or "auto", loss=self.loss, beta=self.beta,
+        return Recipe(targets=at(self.targets) or "auto", loss=at(self.loss) or "forward_kl",
+                      beta=self.beta,
                       ce_weight=at(self.ce_weight), temperature=self.temperature,
                       residual=self.residual)
 

@@ -109,8 +109,9 @@ class DistillationTrainer(Trainer):
     """A `transformers.Trainer` whose collator and loss are `softlabels train`'s.
 
     Extra keyword arguments are the CLI's recipe options, with its defaults: `targets` (auto:
-    what each dataset carries; one for all or a list, one per dataset), `loss`, `ce_weight`
-    (None: the default for the targets; one or a list), `beta`, `temperature`, `residual`; and
+    what each dataset carries; one for all or a list, one per dataset), `loss` (one or a list),
+    `ce_weight` (None: the default for the targets; one or a list), `beta`, `temperature`,
+    `residual`; and
     `chunk`. `train_dataset` must come from `soft_label_dataset`: the manifests decide the
     defaults and what is refused, as for the CLI. A `processing_class` tokenizer other than the
     datasets' trains the student on its own tokens (`--student-tokenizer`), with `cross_loss`
@@ -119,7 +120,7 @@ class DistillationTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's token counts
 
-    def __init__(self, *args, targets="auto", loss: str = "forward_kl", ce_weight=None,
+    def __init__(self, *args, targets="auto", loss="forward_kl", ce_weight=None,
                  temperature: float = 1.0, beta: float = 0.5, residual: str = "auto",
                  chunk: int = 0, cross_loss: str = "auto", **kwargs):
         from softlabels.data.dataset import load_tokenizer

@@ -102,6 +102,7 @@ class SameTokenizer:
         """What train_config.json records beside the flags: the recipes as resolved."""
         residuals = {r.residual for r in self.recipes}  # one flag: "auto" where they differ
         return {"targets": [r.targets for r in self.recipes],
+                "loss": [r.loss for r in self.recipes],
                 "ce_weight": [r.ce_weight for r in self.recipes],
                 "residual": residuals.pop() if len(residuals) == 1 else "auto"}
 
