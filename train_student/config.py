@@ -178,15 +178,12 @@ class TrainConfig:
                                               "tokens, in order (normalised); default: "
                                               "proportional to their target tokens")
     output: str = opt(None, "where the trained student goes")
-    loss: tuple[str, ...] = opt(("forward_kl",), "divergence on the teacher's top-k + tail, "
-                                                 "for every --data or one per --data (reverse "
-                                                 "KL on the student's own responses, forward "
-                                                 "KL on a corpus); token_reverse_kl: "
-                                                 "on-policy distillation's per-token reverse "
-                                                 "KL of written responses (the teacher's "
-                                                 "log-prob of each token the student wrote, "
-                                                 "as a policy-gradient advantage)",
-                                choices=LOSSES)
+    loss: tuple[str, ...] = opt(
+        ("forward_kl",), "divergence on the teacher's top-k + tail, for every --data or one per "
+        "--data (reverse KL on the student's own responses, forward KL on a corpus); "
+        "token_reverse_kl: on-policy distillation's per-token reverse KL of written responses "
+        "(the teacher's log-prob of each token the student wrote, as a policy-gradient "
+        "advantage)", choices=LOSSES)
     beta: float = opt(0.5, "JSD's mixing weight / skew KL's alpha")
     targets: tuple[str, ...] = opt(("auto",), "stored targets to train on, for every --data "
                                               "or one per --data: topk, samples (the draws, an "
@@ -314,9 +311,8 @@ class TrainConfig:
             return v[i] if len(v) > 1 else v[0] if v else None
 
         return Recipe(targets=at(self.targets) or "auto", loss=at(self.loss) or "forward_kl",
-                      beta=self.beta,
-                      ce_weight=at(self.ce_weight), temperature=self.temperature,
-                      residual=self.residual)
+                      beta=self.beta, ce_weight=at(self.ce_weight),
+                      temperature=self.temperature, residual=self.residual)
 
     def to_json(self, resolved: dict | None = None) -> str:
         """The config as given, with `resolved` (what the objective made of `auto` and the

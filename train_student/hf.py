@@ -111,11 +111,10 @@ class DistillationTrainer(Trainer):
     Extra keyword arguments are the CLI's recipe options, with its defaults: `targets` (auto:
     what each dataset carries; one for all or a list, one per dataset), `loss` (one or a list),
     `ce_weight` (None: the default for the targets; one or a list), `beta`, `temperature`,
-    `residual`; and
-    `chunk`. `train_dataset` must come from `soft_label_dataset`: the manifests decide the
-    defaults and what is refused, as for the CLI. A `processing_class` tokenizer other than the
-    datasets' trains the student on its own tokens (`--student-tokenizer`), with `cross_loss`
-    (auto, dist, alm or both) and one `ce_weight` (None: the CLI's default for it).
+    `residual`; and `chunk`. `train_dataset` must come from `soft_label_dataset`: the manifests
+    decide the defaults and what is refused, as for the CLI. A `processing_class` tokenizer other
+    than the datasets' trains the student on its own tokens (`--student-tokenizer`), with
+    `cross_loss` (auto, dist, alm or both) and one `ce_weight` (None: the CLI's default for it).
     """
 
     loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's token counts
