@@ -93,6 +93,15 @@ def test_order_is_the_seeds_and_one_dataset_is_its_reader(sets):
             assert np.array_equal(getattr(alone.index(e), f), getattr(reader.index(e), f))
 
 
+def tiny_student():
+    """STUDENT over the tiny teacher's vocabulary, seeded (the same weights in every test)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(STUDENT, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+
+
 def test_a_mixed_batch_is_each_dataset_with_its_recipe(sets):
     """A top-k dataset and a draws dataset in one batch: each position trains with its own
     dataset's recipe (label residual + 0.5 CE on the top-k, the draws with no CE), and the sums
@@ -106,11 +115,7 @@ def test_a_mixed_batch_is_each_dataset_with_its_recipe(sets):
     assert [(r.targets, r.ce_weight) for r in recipes] == [("topk", 0.5), ("samples", 0.0)]
     rows, src = mix.read(0, np.arange(12))
     assert set(src.tolist()) == {0, 1}
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(STUDENT, vocab_size=VOCAB)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    model = tiny_student()
     targets = [r.targets for r in recipes]
     kd, ce = Distiller(model, recipes, chunk=7)(collate(rows, VOCAB, targets, src))
     for d in (0, 1):
@@ -124,8 +129,6 @@ def test_each_dataset_trains_with_its_own_loss(sets):
     """`--loss reverse_kl forward_kl`: the first dataset's positions take reverse KL, the
     second's forward KL (on-policy rollouts beside a corpus), each equal to its rows' sums
     computed apart with that loss alone, and the first's differs from its forward KL."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from softlabels.data.manifest import Manifest
     from softlabels.train_student.config import TrainConfig
     from softlabels.train_student.train import Distiller
@@ -137,9 +140,7 @@ def test_each_dataset_trains_with_its_own_loss(sets):
     assert [r.loss for r in recipes] == ["reverse_kl", "forward_kl"]
     rows, src = mix.read(0, np.arange(16))
     assert set(src.tolist()) == {0, 1}
-    c = dict(STUDENT, vocab_size=VOCAB)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(c.pop("model_type"), **c))
+    model = tiny_student()
     targets = [r.targets for r in recipes]
     kd, _ = Distiller(model, recipes, chunk=7)(collate(rows, VOCAB, targets, src))
     for d, other in ((0, "forward_kl"), (1, "reverse_kl")):
@@ -257,14 +258,12 @@ def test_a_recipe_a_dataset_cannot_serve_names_it(tmp_path, sets):
 def test_the_trainer_adapter_mixes_as_the_cli_does(tmp_path, sets):
     """soft_label_dataset([a, c], weights) + DistillationTrainer: each dataset's recipe as the
     CLI resolves it, and the stream follows the mixture's order."""
-    from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+    from transformers import TrainingArguments
 
     from softlabels.train_student.config import TrainConfig
     from softlabels.train_student.hf import DistillationTrainer, soft_label_dataset
 
-    cfg = dict(STUDENT, vocab_size=VOCAB)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    model = tiny_student()
     ds = soft_label_dataset([sets["a"], sets["c"]], weights=[3, 1], seed=4)
     trainer = DistillationTrainer(
         model=model, train_dataset=ds, args=TrainingArguments(
