@@ -221,13 +221,14 @@ def main() -> None:
                 timings[name] = time.time() - t0
             return out
 
-        responses = dataset("teacher-responses", [
-            "--input", train_prompts, "--prompt-column", "prompt", "--generate-responses",
-            "--n", N, "--max-new-tokens", NEW])
+        def by_teacher(name: str, n: int, *args) -> Path:  # its responses to the prompts
+            return dataset(name, ["--input", train_prompts, "--prompt-column", "prompt",
+                                  "--generate-responses", "--n", n, "--max-new-tokens", NEW,
+                                  *args])
+
+        responses = by_teacher("teacher-responses", N)
         tokens = Manifest.load(responses).tokens
-        half = dataset("teacher-responses-n2", [
-            "--input", train_prompts, "--prompt-column", "prompt", "--generate-responses",
-            "--n", N // 2, "--max-new-tokens", NEW, "--seed", 1])
+        half = by_teacher("teacher-responses-n2", N // 2, "--seed", 1)
         per_record = np.mean([len(x.split()) for x in train_texts])
         corpus_src = cache / "corpus.parquet"
         if not corpus_src.is_file():
@@ -239,19 +240,14 @@ def main() -> None:
             pq.write_table(pa.table({"text": train_texts[2000:2000 + math.ceil(
                 tokens / 4 / per_record)]}), quarter_src)
         quarter = dataset("corpus-quarter", ["--input", quarter_src])
-        quarter_responses = dataset("teacher-responses-n1", [
-            "--input", train_prompts, "--prompt-column", "prompt", "--generate-responses",
-            "--n", 1, "--max-new-tokens", NEW, "--seed", 2])
+        quarter_responses = by_teacher("teacher-responses-n1", 1, "--seed", 2)
         # the same responses with the teacher's top-256 (its top-64 leaves a third to half of
         # the student's mass on its own continuations outside the stored ids)
-        wide = dataset("teacher-responses-k256", [
-            "--input", train_prompts, "--prompt-column", "prompt", "--generate-responses",
-            "--n", N, "--max-new-tokens", NEW, "--top-k", 256])
-        half_wide = dataset("teacher-responses-n2-k256", [
-            "--input", train_prompts, "--prompt-column", "prompt", "--generate-responses",
-            "--n", N // 2, "--max-new-tokens", NEW, "--seed", 1, "--top-k", 256])
-        named = {"HALF": half, "HALF_PROMPTS": half_prompts, "QUARTER": quarter_responses,
-                 "CORPUS_QUARTER": quarter, "HALF_K256": half_wide}
+        wide = by_teacher("teacher-responses-k256", N, "--top-k", 256)
+        half_wide = by_teacher("teacher-responses-n2-k256", N // 2, "--seed", 1, "--top-k", 256)
+        mixed = {"HALF": half, "QUARTER": quarter_responses, "CORPUS_QUARTER": quarter,
+                 "HALF_K256": half_wide}  # the datasets a row's extra flags may name
+        named = {**mixed, "HALF_PROMPTS": half_prompts}
         offline = {"teacher": responses, "teacher-k256": wide, "corpus": corpus}
         warm = cache / "warm"
         if not (warm / "model.safetensors").is_file():  # --warm-steps of KD on the corpus
@@ -287,8 +283,7 @@ def main() -> None:
                     log = json.loads((out / "rounds.json").read_text())["rounds"]
                     model = Path(log[-1]["checkpoint"]).parents[1]
                     row["teacher_tokens"] = sum(r["teacher_tokens"] for r in log) + sum(
-                        Manifest.load(named[x]).tokens for x in extra
-                        if x in named and x != "HALF_PROMPTS")
+                        Manifest.load(mixed[x]).tokens for x in extra if x in mixed)
                     row["overhead"] = [r["overhead_s"] / r["wall_s"] for r in log]
                     row["round_wall_s"] = [r["wall_s"] for r in log]
                 else:
