@@ -13,6 +13,7 @@ ordinary soft-label dataset and each stage resumes as that command does.
 
 OUTPUT/
     rounds.json            per round: checkpoint, teacher tokens scored, wall time per stage, eval
+    round-R/prompts.jsonl  with --prompts-per-round K: the round's K prompts (the next K, wrapping)
     round-R/data/          the round's dataset (written by the student of round R - 1)
     round-R/student/       the student after round R (model, tokenizer, checkpoints/, logs)
 
@@ -117,6 +118,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--messages-column", default=None,
                    help="or a chat column (the last assistant turn, if any, is answered anew)")
     p.add_argument("--rounds", type=int, required=True, help="rollout -> score -> train rounds")
+    p.add_argument("--prompts-per-round", type=int, default=0, metavar="K",
+                   help="each round the next K prompts, wrapping around (default 0: all of "
+                   "them every round); fewer prompts a round buys more rounds on the same "
+                   "teacher tokens, each on fresher rollouts")
     p.add_argument("--steps-per-round", type=int, required=True,
                    help="optimiser steps each round trains")
     p.add_argument("--output", required=True, help="folder of the rounds (resumable)")
@@ -126,7 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "proportions (this round's data first)")
     p.add_argument("--mix-earlier-rounds", type=int, default=0, metavar="K",
                    help="also train each round on the K rounds' datasets before it (older "
-                   "rollouts of the same prompts); they share the round's --data-weights share "
+                   "rollouts); they share the round's --data-weights share "
                    "equally and take its other per-dataset values (--loss, --ce-weight, "
                    "--targets)")
     p.add_argument("--eval-prompts", default=None,
@@ -162,6 +167,8 @@ def _check(args) -> None:
         raise UserError("--rounds and --steps-per-round must be >= 1")
     if args.mix_earlier_rounds < 0:
         raise UserError("--mix-earlier-rounds must be >= 0")
+    if args.prompts_per_round < 0:
+        raise UserError("--prompts-per-round must be >= 0 (0: every prompt every round)")
     if args.eval_max_prompts < 1:
         raise UserError("--eval-max-prompts must be >= 1")
     for flag, path in (("--student", args.student), ("--prompts", args.prompts),
@@ -200,6 +207,30 @@ def round_generate_flags(args: argparse.Namespace) -> list[str]:
     """generate's flags for every round: the ones given, and --top-k ROUND_TOP_K if not."""
     flags = argv_of(args, _GENERATE)
     return flags if args.top_k is not None else [*flags, "--top-k", str(ROUND_TOP_K)]
+
+
+def round_prompts(args, r: int, out: Path) -> str:
+    """The prompts of round r: --prompts, or with --prompts-per-round K its records r*K ...
+    r*K + K - 1 (wrapping around; at most each once), written once to round-r/prompts.jsonl
+    so a resumed round reads the same ones. At equal teacher tokens, more rounds of fewer
+    prompts gave a lower reverse KL (BENCHMARKS.md): each round learns from rollouts of a
+    student one round newer."""
+    k = args.prompts_per_round
+    if not k:
+        return args.prompts
+    path = out / f"round-{r}" / "prompts.jsonl"
+    if not path.is_file():
+        from softlabels.generate.inputs import open_corpus
+
+        column = args.messages_column or args.prompt_column
+        corpus = open_corpus(args.prompts, (column,))
+        values = [v for piece in corpus.pieces() for (v,) in corpus.records(piece)]
+        if not values:
+            raise UserError(f"--prompts {args.prompts} holds no prompts")
+        take = [values[(r * k + i) % len(values)] for i in range(min(k, len(values)))]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, "".join(json.dumps({column: v}) + "\n" for v in take))
+    return str(path)
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -260,12 +291,14 @@ def main(args) -> int:
         data, student = out / f"round-{r}" / "data", out / f"round-{r}" / "student"
         earlier = [str(out / f"round-{j}" / "data")
                    for j in range(max(0, r - args.mix_earlier_rounds), r)][::-1]
-        rec = {"round": r, "writer": str(writer), "data": str(data), "earlier_data": earlier}
+        prompts = round_prompts(args, r, out)
+        rec = {"round": r, "writer": str(writer), "prompts": prompts, "data": str(data),
+               "earlier_data": earlier}
         generated = not (data / "manifest.json").is_file()
         if generated:
             columns = (["--messages-column", args.messages_column] if args.messages_column
                        else ["--prompt-column", args.prompt_column])
-            _run(["generate", "--teacher", args.teacher, "--input", args.prompts, "--output",
+            _run(["generate", "--teacher", args.teacher, "--input", prompts, "--output",
                   str(data), *columns, "--generate-responses", "--response-model", str(writer),
                   "--seed", str(args.seed + r * ROUND_SEED), *generate_flags, *remote],
                  f"round {r}: rollouts by {writer.name} and the teacher's scores")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,28 +48,35 @@ def on_policy(models, out, dask, *extra, check=True):
 def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
     """Round 1's responses are written by round 0's student (its log-probs, its checkpoint's
     hash in the manifest), scored by the teacher; training continues round 0's run (its steps,
-    one learning-rate schedule); rounds.json records each round. Rerun: nothing is redone;
-    with round 1's training lost, it is redone from round 0's checkpoint, to the same numbers."""
+    one learning-rate schedule); rounds.json records each round; each round answers its own 4 of
+    the 6 prompts (--prompts-per-round). Rerun: nothing is redone; with round 1's training
+    lost, it is redone from round 0's checkpoint, to the same numbers."""
     from softlabels.train_student.config import TrainConfig
     from softlabels.train_student.train import lr_at
 
-    teacher, student, _ = models
+    teacher, student, prompts = models
     out = tmp_path / "run"
-    on_policy(models, out, dask_cluster, "--mix-earlier-rounds", 1, "--data-weights", 2)
+    again_flags = ("--mix-earlier-rounds", 1, "--data-weights", 2, "--prompts-per-round", 4)
+    on_policy(models, out, dask_cluster, *again_flags)
     log = json.loads((out / "rounds.json").read_text())["rounds"]
     assert [r["round"] for r in log] == list(range(ROUNDS)) and all(r["done"] for r in log)
     writers = [student, out / "round-0" / "student"]
+    every = prompts.read_text().splitlines()
     hashes = []
     for r, writer in enumerate(writers):
         data = out / f"round-{r}" / "data"
         assert verify(data) == []
         m = Manifest.load(data)
+        took = out / f"round-{r}" / "prompts.jsonl"  # 0-3, then 4, 5, 0, 1
+        assert [json.loads(x) for x in took.read_text().splitlines()] == [
+            json.loads(every[(4 * r + i) % 6]) for i in range(4)]
+        assert Path(m.provenance["input"]) == took.resolve() == Path(log[r]["prompts"]).resolve()
         assert m.provenance["response_model"] == str(writer.resolve())
         hashes.append(m.provenance["response_model_sha256"])
         assert log[r]["teacher_tokens"] == m.tokens > 0
         assert log[r]["writing_s"] > 0 and log[r]["scoring_s"] > 0  # from the commit records
         rows = list(read_dataset(data).values())
-        assert len(rows) == 6 * 2
+        assert len(rows) == 4 * 2
         windows = [x.input_ids.tolist() for x in rows]
         # the writer's log-probs are the writer's: round 1's are round 0's student's
         for x, (_, _, _, label) in zip(rows, reference_targets(writer, windows, 4)):
@@ -96,7 +104,6 @@ def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
             r["writing_s"] + r["scoring_s"] + r["train_steps_s"]))
 
     before = (out / "rounds.json").read_text()
-    again_flags = ("--mix-earlier-rounds", 1, "--data-weights", 2)
     p = on_policy(models, out, dask_cluster, *again_flags)
     assert "rollouts" not in p.stderr and "training" not in p.stderr
     assert (out / "rounds.json").read_text() == before
@@ -163,12 +170,45 @@ def test_rounds_store_the_top_256_unless_told():
     assert flags[flags.index("--n") + 1] == "2"
 
 
+def test_a_round_takes_the_next_prompts_each_once(tmp_path):
+    """--prompts-per-round K: round r answers records r*K ... r*K + K - 1 of any input generate
+    reads (here Parquet chat messages), wrapping around, never one twice in a round; the file is
+    written once (a resumed round reads the same); 0 passes --prompts on as it is."""
+    import argparse
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from softlabels.on_policy import add_arguments, round_prompts
+
+    chats = [[{"role": "user", "content": f"question {i}"}] for i in range(5)]
+    pq.write_table(pa.table({"chat": chats}), tmp_path / "p.parquet")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["--teacher", "t", "--student", "s", "--prompts", str(tmp_path / "p.parquet"),
+            "--messages-column", "chat", "--rounds", "3", "--steps-per-round", "1",
+            "--output", str(tmp_path / "o")]
+
+    def took(r, k):
+        args = p.parse_args(base + ["--prompts-per-round", str(k)])
+        path = round_prompts(args, r, tmp_path / f"o{k}")
+        return [json.loads(x)["chat"][0]["content"][-1] for x in open(path)]
+
+    assert [took(r, 2) for r in range(3)] == [["0", "1"], ["2", "3"], ["4", "0"]]
+    assert took(1, 7) == ["2", "3", "4", "0", "1"]  # 7 > 5: each once, from 7 mod 5
+    (tmp_path / "o2" / "round-0" / "prompts.jsonl").write_text('{"chat": "kept"}\n')
+    assert open(round_prompts(p.parse_args(base + ["--prompts-per-round", "2"]), 0,
+                              tmp_path / "o2")).read() == '{"chat": "kept"}\n'
+    assert round_prompts(p.parse_args(base), 0, tmp_path / "o0") == str(tmp_path / "p.parquet")
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--rounds", 0], "--rounds and --steps-per-round"),
     (["--lr", -1, "--batch-tokens", 0], "--batch-tokens"),
     (["--student", "/nonexistent"], "--student /nonexistent does not exist"),
     (["--data-weights", 1, 2], "--data-weights"),
     (["--mix-earlier-rounds", -1], "--mix-earlier-rounds must be >= 0"),
+    (["--prompts-per-round", -2], "--prompts-per-round must be >= 0"),
 ])
 def test_bad_flags_are_one_line_before_any_round(tmp_path, models, flags, needle):
     teacher, student, prompts = models
