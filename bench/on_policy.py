@@ -41,6 +41,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 PROMPTS, N, NEW, WORDS_IN_PROMPT = 256, 4, 32, 8
 STEPS, WARM_STEPS, BATCH = 120, 600, 2048
+# what the last column compares each row with, seed by seed: the off-policy row of the lowest
+# reverse KL (and bits/byte: twice the steps at lr 1e-3 beat lr 3e-3, 80 and 240 steps at 3e-3)
+BEST_OFF_POLICY = "KD on the teacher's responses, top-256, 240 steps"
 CONTENT_ONLY = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 TRAIN = ["--lr", "1e-3", "--warmup", 10, "--batch-tokens", BATCH]
 ROWS = {  # name: (kind, rounds, extra train flags)
@@ -99,6 +102,11 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     "on-policy R=2, reverse KL, + the teacher's responses + the corpus 2:1:1, CE 0.5 on both": (
         "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, 0.5, 0.5, "--mix", "QUARTER",
                          "CORPUS_QUARTER", "--data-weights", 2, 1, 1, "--n", 1]),
+    "on-policy R=4 on 128 prompts, reverse KL (top-256), + the teacher's responses + the corpus "
+    "2:1:1, CE 0.5 on both": (
+        "on-policy", 4, ["--loss", "reverse_kl", "--ce-weight", 0, 0.5, 0.5, "--mix", "QUARTER",
+                         "CORPUS_QUARTER", "--data-weights", 2, 1, 1, "--n", 1, "--top-k", 256,
+                         "--prompts", "HALF_PROMPTS"]),
     # each dataset its own loss: reverse KL on the student's responses, the default KD
     # (forward KL + 0.5 CE) on the teacher's and the corpus
     "on-policy R=2, reverse KL, + KD on the teacher's responses 1:2": (
@@ -120,6 +128,51 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     "on-policy R=2, reverse KL (top-1024 + tail), + the teacher's responses 1:2": (
         "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
                          "--data-weights", 1, 2, "--n", 1, "--top-k", 1024]),
+    # fresher rollouts, a higher rate, an even mix: around the best row
+    "on-policy R=4, reverse KL (top-256 + tail)": ("on-policy", 4, [
+        "--loss", "reverse_kl", "--ce-weight", 0, "--top-k", 256]),
+    "on-policy R=4 on 128 prompts, reverse KL (top-256), + the teacher's responses 1:2": (
+        "on-policy", 4, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256, "--prompts",
+                         "HALF_PROMPTS"]),
+    "on-policy R=8 on 64 prompts, reverse KL (top-256), + the teacher's responses 1:2": (
+        "on-policy", 8, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256, "--prompts",
+                         "QUARTER_PROMPTS"]),
+    # the same student tokens, each round on the next prompts (--prompts-per-round)
+    "on-policy R=4, 128 prompts a round, reverse KL (top-256), + the teacher's responses 1:2": (
+        "on-policy", 4, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256,
+                         "--prompts-per-round", 128]),
+    "on-policy R=8, 64 prompts a round, reverse KL (top-256), + the teacher's responses 1:2": (
+        "on-policy", 8, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256,
+                         "--prompts-per-round", 64]),
+    "on-policy R=2, reverse KL (top-256), + the teacher's responses 1:2, lr 2e-3": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256, "--lr", "2e-3"]),
+    "on-policy R=2, reverse KL (top-256), + the teacher's responses 1:1": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 1, "--n", 1, "--top-k", 256]),
+    "on-policy R=4 on 128 prompts, reverse KL (top-256), + the teacher's responses 1:1": (
+        "on-policy", 4, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 1, "--n", 1, "--top-k", 256, "--prompts",
+                         "HALF_PROMPTS"]),
+    # twice the steps on the same teacher tokens, both sides
+    "KD on the teacher's responses, top-256, 240 steps": ("teacher-k256", 0, [
+        "--max-steps", 240]),
+    "KD on the teacher's responses, top-256, lr 3e-3, 240 steps": ("teacher-k256", 0, [
+        "--lr", "3e-3", "--max-steps", 240]),
+    "on-policy R=2, reverse KL (top-256), + the teacher's responses 1:1, 240 steps": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 1, "--n", 1, "--top-k", 256,
+                         "--steps-per-round", 120]),
+    "KD on the teacher's responses, top-256, lr 3e-3, 80 steps": ("teacher-k256", 0, [
+        "--lr", "3e-3", "--max-steps", 80]),
+    "on-policy R=2, reverse KL (top-256), + the teacher's responses 1:1, 80 steps": (
+        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
+                         "--data-weights", 1, 1, "--n", 1, "--top-k", 256,
+                         "--steps-per-round", 40]),
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
@@ -202,6 +255,7 @@ def main() -> None:
     train_prompts = prompts(train_texts, cache / "prompts.jsonl", PROMPTS)
     held_prompts = prompts(held, cache / "held-prompts.jsonl", len(held))
     half_prompts = prompts(train_texts, cache / "prompts-half.jsonl", PROMPTS // 2)
+    quarter_prompts = prompts(train_texts, cache / "prompts-quarter.jsonl", PROMPTS // 4)
     d = cache / "dask"
     d.mkdir(exist_ok=True)
     (d / "scheduler.json").unlink(missing_ok=True)  # a stale one names a dead scheduler
@@ -247,7 +301,7 @@ def main() -> None:
         half_wide = by_teacher("teacher-responses-n2-k256", N // 2, "--seed", 1, "--top-k", 256)
         mixed = {"HALF": half, "QUARTER": quarter_responses, "CORPUS_QUARTER": quarter,
                  "HALF_K256": half_wide}  # the datasets a row's extra flags may name
-        named = {**mixed, "HALF_PROMPTS": half_prompts}
+        named = {**mixed, "HALF_PROMPTS": half_prompts, "QUARTER_PROMPTS": quarter_prompts}
         offline = {"teacher": responses, "teacher-k256": wide, "corpus": corpus}
         warm = cache / "warm"
         if not (warm / "model.safetensors").is_file():  # --warm-steps of KD on the corpus
@@ -326,20 +380,24 @@ def table(res: dict, seeds: list[int]) -> None:
     print(f"\nwarm student (the start of every row): reverse KL {w['reverse_kl']:.4f}, teacher "
           f"NLL {w['teacher_nll']:.4f}, held-out {w['bpb']:.4f} bits/byte; seeds {seeds}\n")
     print("| row | reverse KL on own continuations | per seed | teacher NLL of them | "
-          "held-out bits/byte | teacher tokens | wall s | round overhead |")
-    print("|---|---|---|---|---|---|---|---|")
+          "held-out bits/byte | teacher tokens | wall s | round overhead | vs the best "
+          "off-policy row, per seed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    best = {s: res.get(f"{BEST_OFF_POLICY} | seed {s}") for s in seeds}
     for name in ROWS:
-        rs = [res[f"{name} | seed {s}"] for s in seeds if f"{name} | seed {s}" in res]
-        if not rs:
+        got = {s: res[f"{name} | seed {s}"] for s in seeds if f"{name} | seed {s}" in res}
+        if not got:
             continue
-
+        rs = list(got.values())
         m = {k: np.mean([r[k] for r in rs]) for k in
              ("reverse_kl", "teacher_nll", "bpb", "teacher_tokens", "wall_s")}
         per = ", ".join(f"{r['reverse_kl']:.4f}" for r in rs)
         over = [o for r in rs for o in r.get("overhead", [])]
+        vs = ", ".join(f"{r['reverse_kl'] / best[s]['reverse_kl'] - 1:+.1%}"
+                       for s, r in got.items() if best[s])
         print(f"| {name} | {m['reverse_kl']:.4f} | {per} | {m['teacher_nll']:.4f} | "
               f"{m['bpb']:.4f} | {m['teacher_tokens']:,.0f} | {m['wall_s']:.0f} | "
-              + (f"{np.mean(over):.0%} (max {max(over):.0%})" if over else "") + " |")
+              + (f"{np.mean(over):.0%} (max {max(over):.0%})" if over else "") + f" | {vs} |")
 
 
 if __name__ == "__main__":
