@@ -46,6 +46,10 @@ STEPS, WARM_STEPS, BATCH = 120, 600, 2048
 BEST_OFF_POLICY = "KD on the teacher's responses, top-256, 240 steps"
 CONTENT_ONLY = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 TRAIN = ["--lr", "1e-3", "--warmup", 10, "--batch-tokens", BATCH]
+# reverse KL over the top-256 on the student's rollouts (n = 1 a round) and on the teacher's
+# responses (n = 2, top-256): half the teacher tokens each, sampled by --data-weights
+MIXED_256 = ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256", "--n", 1,
+             "--top-k", 256]
 ROWS = {  # name: (kind, rounds, extra train flags)
     "CE on the teacher's responses": ("teacher", 0, ["--ce-weight", 1]),
     "KD on the teacher's responses": ("teacher", 0, []),
@@ -122,8 +126,7 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     "on-policy R=2, reverse KL (top-256 + tail)": ("on-policy", 2, [
         "--loss", "reverse_kl", "--ce-weight", 0, "--top-k", 256]),
     "on-policy R=2, reverse KL (top-256 + tail), + the teacher's responses 1:2": (
-        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
-                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256]),
+        "on-policy", 2, [*MIXED_256, "--data-weights", 1, 2]),
     # nearly the whole vocabulary (1,500 words): the exact reverse KL's ceiling
     "on-policy R=2, reverse KL (top-1024 + tail), + the teacher's responses 1:2": (
         "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
@@ -132,47 +135,31 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     "on-policy R=4, reverse KL (top-256 + tail)": ("on-policy", 4, [
         "--loss", "reverse_kl", "--ce-weight", 0, "--top-k", 256]),
     "on-policy R=4 on 128 prompts, reverse KL (top-256), + the teacher's responses 1:2": (
-        "on-policy", 4, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
-                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256, "--prompts",
-                         "HALF_PROMPTS"]),
+        "on-policy", 4, [*MIXED_256, "--data-weights", 1, 2, "--prompts", "HALF_PROMPTS"]),
     "on-policy R=8 on 64 prompts, reverse KL (top-256), + the teacher's responses 1:2": (
-        "on-policy", 8, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
-                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256, "--prompts",
-                         "QUARTER_PROMPTS"]),
+        "on-policy", 8, [*MIXED_256, "--data-weights", 1, 2, "--prompts", "QUARTER_PROMPTS"]),
     # the same student tokens, each round on the next prompts (--prompts-per-round)
     "on-policy R=4, 128 prompts a round, reverse KL (top-256), + the teacher's responses 1:2": (
-        "on-policy", 4, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
-                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256,
-                         "--prompts-per-round", 128]),
+        "on-policy", 4, [*MIXED_256, "--data-weights", 1, 2, "--prompts-per-round", 128]),
     "on-policy R=8, 64 prompts a round, reverse KL (top-256), + the teacher's responses 1:2": (
-        "on-policy", 8, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
-                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256,
-                         "--prompts-per-round", 64]),
+        "on-policy", 8, [*MIXED_256, "--data-weights", 1, 2, "--prompts-per-round", 64]),
     "on-policy R=2, reverse KL (top-256), + the teacher's responses 1:2, lr 2e-3": (
-        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
-                         "--data-weights", 1, 2, "--n", 1, "--top-k", 256, "--lr", "2e-3"]),
+        "on-policy", 2, [*MIXED_256, "--data-weights", 1, 2, "--lr", "2e-3"]),
     "on-policy R=2, reverse KL (top-256), + the teacher's responses 1:1": (
-        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
-                         "--data-weights", 1, 1, "--n", 1, "--top-k", 256]),
+        "on-policy", 2, [*MIXED_256, "--data-weights", 1, 1]),
     "on-policy R=4 on 128 prompts, reverse KL (top-256), + the teacher's responses 1:1": (
-        "on-policy", 4, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
-                         "--data-weights", 1, 1, "--n", 1, "--top-k", 256, "--prompts",
-                         "HALF_PROMPTS"]),
+        "on-policy", 4, [*MIXED_256, "--data-weights", 1, 1, "--prompts", "HALF_PROMPTS"]),
     # twice the steps on the same teacher tokens, both sides
     "KD on the teacher's responses, top-256, 240 steps": ("teacher-k256", 0, [
         "--max-steps", 240]),
     "KD on the teacher's responses, top-256, lr 3e-3, 240 steps": ("teacher-k256", 0, [
         "--lr", "3e-3", "--max-steps", 240]),
     "on-policy R=2, reverse KL (top-256), + the teacher's responses 1:1, 240 steps": (
-        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
-                         "--data-weights", 1, 1, "--n", 1, "--top-k", 256,
-                         "--steps-per-round", 120]),
+        "on-policy", 2, [*MIXED_256, "--data-weights", 1, 1, "--steps-per-round", 120]),
     "KD on the teacher's responses, top-256, lr 3e-3, 80 steps": ("teacher-k256", 0, [
         "--lr", "3e-3", "--max-steps", 80]),
     "on-policy R=2, reverse KL (top-256), + the teacher's responses 1:1, 80 steps": (
-        "on-policy", 2, ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256",
-                         "--data-weights", 1, 1, "--n", 1, "--top-k", 256,
-                         "--steps-per-round", 40]),
+        "on-policy", 2, [*MIXED_256, "--data-weights", 1, 1, "--steps-per-round", 40]),
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
