@@ -120,6 +120,11 @@ ROWS = {  # name: (kind, rounds, extra train flags)
         "on-policy", 2, ["--loss", "reverse_kl", "forward_kl", "forward_kl", "--ce-weight", 0,
                          0.5, 0.5, "--mix", "QUARTER", "CORPUS_QUARTER", "--data-weights", 2,
                          1, 1, "--n", 1]),
+    "on-policy R=4 on 128 prompts, reverse KL (top-256), + KD on the teacher's responses + the "
+    "corpus 2:1:1": (
+        "on-policy", 4, ["--loss", "reverse_kl", "forward_kl", "forward_kl", "--ce-weight", 0,
+                         0.5, 0.5, "--mix", "QUARTER", "CORPUS_QUARTER", "--data-weights", 2,
+                         1, 1, "--n", 1, "--top-k", 256, "--prompts", "HALF_PROMPTS"]),
     # the teacher's top-256 stored instead of its top-64, on both sides
     "KD on the teacher's responses, top-256": ("teacher-k256", 0, []),
     "KD on the teacher's responses, top-256, lr 3e-3": ("teacher-k256", 0, ["--lr", "3e-3"]),
@@ -138,6 +143,9 @@ ROWS = {  # name: (kind, rounds, extra train flags)
         "on-policy", 4, [*MIXED_256, "--data-weights", 1, 2, "--prompts", "HALF_PROMPTS"]),
     "on-policy R=8 on 64 prompts, reverse KL (top-256), + the teacher's responses 1:2": (
         "on-policy", 8, [*MIXED_256, "--data-weights", 1, 2, "--prompts", "QUARTER_PROMPTS"]),
+    "on-policy R=4 on 128 prompts, reverse KL (top-256), + the teacher's responses 1:2 with CE "
+    "0.5 on them": ("on-policy", 4, [*MIXED_256, "--data-weights", 1, 2, "--prompts",
+                                     "HALF_PROMPTS", "--ce-weight", 0, 0.5]),
     # the same student tokens, each round on the next prompts (--prompts-per-round)
     "on-policy R=4, 128 prompts a round, reverse KL (top-256), + the teacher's responses 1:2": (
         "on-policy", 4, [*MIXED_256, "--data-weights", 1, 2, "--prompts-per-round", 128]),
