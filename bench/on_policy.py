@@ -185,8 +185,9 @@ ROWS = {  # name: (kind, rounds, extra train flags)
         "--lr", "3e-3", "--max-steps", 80]),
     "on-policy R=2, reverse KL (top-256), + the teacher's responses 1:1, 80 steps": (
         "on-policy", 2, [*MIXED_256, "--data-weights", 1, 1, "--steps-per-round", 40]),
-    # the warm student's own corpus dataset (its steps of KD) replayed a quarter of the
-    # steps with its recipe: teacher tokens scored before every row, spent again by none
+    # the warm student's own corpus dataset replayed with its recipe, at the share the weights
+    # give: teacher tokens scored before every row, so not counted in a row's (a row's own
+    # --data replaces the default one; a later --loss replaces REPLAY_256's)
     **{f"KD on the teacher's responses, top-256, 240 steps, + the warm student's corpus {w}:1": (
         "teacher-k256", 0, ["--data", "K256", "WARM", "--data-weights", w, 1, "--max-steps",
                             240]) for w in (3, 1)},
