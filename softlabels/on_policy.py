@@ -54,7 +54,8 @@ DEFAULT_OBJECTIVE = {"loss": ["--loss", "reverse_kl"], "ce_weight": ["--ce-weigh
 # The rounds' --top-k unless given: on its own continuations a student far from the teacher puts
 # a third to half of its mass outside the teacher's top-64, where the stored tail sees about half
 # of that part's reverse KL; the top-256 lowered on-policy's reverse KL by 4-6 % on every seed
-# (off-policy KD: no change), for 4x the bytes per round token (BENCHMARKS.md).
+# (off-policy KD: no change), for 4x the bytes per round token (BENCHMARKS.md; measured from the
+# bench's 600-step student, before it was trained to convergence: not rechecked since).
 ROUND_TOP_K = 256
 
 
@@ -212,9 +213,10 @@ def round_generate_flags(args: argparse.Namespace) -> list[str]:
 def round_prompts(args, r: int, out: Path) -> str:
     """The prompts of round r: --prompts, or with --prompts-per-round K its records r*K ...
     r*K + K - 1 (wrapping around; at most each once), written once to round-r/prompts.jsonl
-    so a resumed round reads the same ones. At equal teacher tokens, more rounds of fewer
-    prompts gave a lower reverse KL (BENCHMARKS.md): each round learns from rollouts of a
-    student one round newer."""
+    so a resumed round reads the same ones. More rounds of fewer prompts each learn from the
+    rollouts of a student one round newer; whether that lowers the reverse KL at equal teacher
+    tokens depends on the student (BENCHMARKS.md: yes from the bench's unfinished student, not
+    clearly from its converged one)."""
     k = args.prompts_per_round
     if not k:
         return args.prompts
