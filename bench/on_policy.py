@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 PROMPTS, N, NEW, WORDS_IN_PROMPT = 256, 4, 32, 8
 STEPS, WARM_STEPS, BATCH = 120, 2400, 2048
+ROUNDS_OVERHEAD = 3  # --overhead: round 0 builds the engines, the others show a steady round
 CONTENT_ONLY = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 TRAIN = ["--lr", "1e-3", "--warmup", 10, "--batch-tokens", BATCH]
 # reverse KL over the top-256 on the student's rollouts (n = 1 a round) and on the teacher's
@@ -211,6 +212,13 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     "KD on the teacher's responses, top-256, 240 steps, + the warm student's corpus 3:1, lr 2e-3": (
         "teacher-k256", 0, ["--data", "K256", "WARM", "--data-weights", 3, 1, "--max-steps", 240,
                             "--lr", "2e-3"]),
+    # replay at the converged student's best rate: does it keep the held-out bits/byte?
+    "KD on the teacher's responses, top-256, + the warm student's corpus 3:1, lr 3e-4": (
+        "teacher-k256", 0, ["--data", "K256", "WARM", "--data-weights", 3, 1, "--lr", "3e-4"]),
+    **{"on-policy R=4 on 128 prompts, reverse KL (top-256), + the teacher's responses + the warm "
+       f"student's corpus 1:2:{w} (KD on it), lr 3e-4": (
+           "on-policy", 4, [*REPLAY_256, "--data-weights", 1, 2, w, "--prompts", "HALF_PROMPTS",
+                            "--lr", "3e-4"]) for w in (1, 3)},
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
@@ -281,8 +289,9 @@ def main() -> None:
     ap.add_argument("--warm-steps", type=int, default=WARM_STEPS,
                     help="steps of KD on the corpus that make the warm student")
     ap.add_argument("--overhead", type=int, nargs=3, metavar=("PROMPTS", "N", "STEPS"),
-                    help="instead of the rows: one 2-round run of PROMPTS prompts x N responses "
-                    "and STEPS steps a round, for the round overhead at that size")
+                    help="instead of the rows: a 3-round run of PROMPTS prompts x N responses "
+                    "and STEPS steps a round, on the long-lived worker and on an embedded "
+                    "cluster, for the round overhead at that size")
     a = ap.parse_args()
     cache, gcache = a.cache.resolve(), a.granularity_cache.resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -400,20 +409,27 @@ def main() -> None:
 
 
 def overhead(a, cache: Path, t: Path, warm: Path, texts: list[str], addr: str) -> None:
+    """ROUNDS_OVERHEAD rounds of PROMPTS x N rollouts and STEPS steps each, on the bench's
+    long-lived Dask worker (--scheduler) and on on-policy's own embedded cluster; per round
+    where the time went and how each side's engine came (built, kept, reloaded in place)."""
     n_prompts, n, steps = a.overhead
-    out = cache / "runs" / f"overhead-{n_prompts}x{n}-{steps}"
-    run(["on-policy", "--teacher", t, "--student", warm, "--prompts",
-         prompts(texts, cache / f"prompts-{n_prompts}.jsonl", n_prompts), "--rounds", 2,
-         "--steps-per-round", steps, "--output", out, "--n", n, "--max-new-tokens", NEW,
-         "--top-k", 64, "--max-length", 64, "--scheduler", addr, "--seed", a.seeds[0], *TRAIN],
-        capture_output=True)
-    print("| round | teacher tokens | wall s | writing s | scoring s | engine starts s | "
-          "training steps s | overhead s | overhead share |\n|---|---|---|---|---|---|---|---|---|")
-    for r in json.loads((out / "rounds.json").read_text())["rounds"]:
-        print(f"| {r['round']} | {r['teacher_tokens']:,} | {r['wall_s']:.1f} | "
-              f"{r['writing_s']:.1f} | {r['scoring_s']:.1f} | {r['engine_starts_s']:.1f} | "
-              f"{r['train_steps_s']:.1f} | {r['overhead_s']:.1f} | "
-              f"{r['overhead_s'] / r['wall_s']:.0%} |")
+    for where, flags in (("scheduler", ["--scheduler", addr]), ("embedded", [])):
+        out = cache / "runs" / f"overhead-{n_prompts}x{n}-{steps}-{where}"
+        run(["on-policy", "--teacher", t, "--student", warm, "--prompts",
+             prompts(texts, cache / f"prompts-{n_prompts}.jsonl", n_prompts), "--rounds",
+             ROUNDS_OVERHEAD, "--steps-per-round", steps, "--output", out, "--n", n,
+             "--max-new-tokens", NEW, "--top-k", 256, "--max-length", 64, *flags, "--seed",
+             a.seeds[0], *TRAIN], capture_output=True)
+        print(f"\n{where}:\n\n| round | teacher tokens | wall s | writing s | scoring s | "
+              "engine starts s | engines (writer; teacher) | training steps s | train stage s | "
+              "overhead s | overhead share |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in json.loads((out / "rounds.json").read_text())["rounds"]:
+            how = "; ".join(", ".join(f"{k} {v}" for k, v in sorted(r["engines"][side].items()))
+                            for side in ("writer", "teacher"))
+            print(f"| {r['round']} | {r['teacher_tokens']:,} | {r['wall_s']:.1f} | "
+                  f"{r['writing_s']:.1f} | {r['scoring_s']:.1f} | {r['engine_starts_s']:.1f} | "
+                  f"{how} | {r['train_steps_s']:.1f} | {r['train_wall_s']:.1f} | "
+                  f"{r['overhead_s']:.1f} | {r['overhead_s'] / r['wall_s']:.0%} |")
 
 
 def table(res: dict, seeds: list[int]) -> None:

@@ -313,7 +313,11 @@ def check_response_model(args, teacher_tok, teacher_config, max_length: int) -> 
     return path
 
 
-def main(args) -> int:
+def main(args, client=None) -> int:
+    """`softlabels generate`. `client`: an embedded cluster's client that outlives this job
+    (`softlabels on-policy` keeps one across its rounds, and with it the workers' engines)."""
+    from contextlib import nullcontext
+
     from softlabels.data.store import is_url
     from softlabels.generate.cluster import (
         BatchOptions,
@@ -364,7 +368,7 @@ def main(args) -> int:
             raise UserError("--print-job-script shows a --cluster's worker job script")
         print(job_script(batch, args.resource, client_dir(out)))
         return 0
-    n_workers = args.workers or _default_workers(cpu, args.tensor_parallel_size)
+    n_workers = embedded_workers(args)
 
     def run(client, workers, supervisor=None):
         job = _job(args, teacher, corpus, fields, sampling, k, max_length, response_model)
@@ -398,7 +402,8 @@ def main(args) -> int:
             lock.release()
     else:
         # Connect first: a refused client (TLS, address) writes nothing.
-        with connect(args.scheduler, n_workers, args.resource, security) as client:
+        with (nullcontext(client) if client is not None else
+              connect(args.scheduler, n_workers, args.resource, security)) as client:
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
             lock = OutputLock(out)
             try:
@@ -495,6 +500,13 @@ def _run(args, client, out, job, engine, corpus, fields, sampling, tok, vocab_si
     m = publish_dataset(out, job, plan, tok, vocab_size, Path(args.teacher), args.input,
                         Path(args.response_model) if args.response_model else None)
     return m, plan, driver.times
+
+
+def embedded_workers(args) -> int:
+    """The embedded cluster's workers: --workers, or one per GPU (per TP group), 1 on a CPU."""
+    from softlabels.generate.engine import on_cpu
+
+    return args.workers or _default_workers(on_cpu(), args.tensor_parallel_size)
 
 
 def _default_workers(cpu: bool, tensor_parallel: int) -> int:

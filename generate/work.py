@@ -6,7 +6,10 @@ committed under written/), then the teacher scores them (`run_unit`, phase "scor
 The engine is built in the first task a worker process runs and cached for the process's life
 (WorkerPlugin.setup would block the worker's event loop for the minute an engine takes to start).
 It runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so standard, daemonic `dask worker`
-processes can host it with no extra configuration.
+processes can host it with no extra configuration. A worker keeps a scorer and a writer side by
+side where both fit, and a writer given another checkpoint of its own shape takes the new weights
+in place: `softlabels on-policy` alternates them every round, and on long-lived workers a round
+then starts no engine at all.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,8 @@ from softlabels.generate.state import (
     written_path,
 )
 
-_TEACHER: list[Teacher | Responder] = []  # this worker process's engine (one at a time)
+# this worker process's engines: at most one scorer (Teacher) and one writer (Responder)
+_ENGINES: dict[type, Teacher | Responder] = {}
 _TOKENIZER: dict = {}  # this worker process's tokenizer, by teacher path
 
 
@@ -182,23 +186,75 @@ def merge_shard(task: MergeTask) -> dict:
     return asdict(info)
 
 
-def _drop_teacher() -> None:
-    if _TEACHER:
-        import gc
+def drop_engines() -> None:
+    import gc
 
-        _TEACHER.clear()
-        gc.collect()
+    _ENGINES.clear()
+    gc.collect()
 
 
-def _teacher(task: UnitTask) -> Teacher | Responder:
-    """The process's engine for this task's config; a different config replaces the old engine
-    (two engines would hold two KV caches, and a long-lived worker serves one job at a time)."""
+def _same_build(a: EngineConfig, b: EngineConfig) -> bool:
+    """Whether one engine serves both configs: the seed only seeds what the job draws itself
+    (every request carries its own seed, and `cfg.seed` is read per call), not the engine."""
+    return replace(a, seed=0) == replace(b, seed=0)
+
+
+def _shape(model: str) -> list | None:
+    """What an engine reads of a checkpoint besides its weights: config.json and
+    generation_config.json, less their bookkeeping; None if unreadable."""
+    out = []
+    for name in ("config.json", "generation_config.json"):
+        try:
+            c = json.loads((Path(model) / name).read_text())
+        except FileNotFoundError:
+            c = None
+        except (OSError, ValueError):
+            return None
+        out.append(c and {k: v for k, v in c.items()
+                          if k not in ("_name_or_path", "transformers_version")})
+    return out
+
+
+def _reloadable(have: EngineConfig, want: EngineConfig) -> bool:
+    """Another checkpoint of the same shape, under the same engine settings: vLLM loads its
+    weights into the running engine (`reload_weights`) as they would load into a new one."""
+    shape = _shape(have.teacher)
+    return (have.teacher != want.teacher and shape is not None and shape == _shape(want.teacher)
+            and _same_build(replace(have, teacher=want.teacher), want))
+
+
+def _fits_beside(other: EngineConfig, new: EngineConfig) -> bool:
+    """Whether a second engine fits beside `other`. On a CPU each holds its KV cache
+    (`kv_cache_gib`) and weights in RAM. On a GPU vLLM gives each engine its
+    `gpu_memory_utilization` of the device (0.9 unless given), so two fit only when the user
+    split it (--engine-arg gpu_memory_utilization=0.45)."""
+    if not on_cpu():
+        share = [dict(c.extra).get("gpu_memory_utilization") for c in (other, new)]
+        return None not in share and sum(share) <= 0.9
+    import psutil
+
+    weights = sum(f.stat().st_size for f in Path(new.teacher).glob("*.safetensors"))
+    return psutil.virtual_memory().available > 2 * (new.kv_cache_gib * 2**30 + weights)
+
+
+def _teacher(task: UnitTask) -> tuple[Teacher | Responder, str]:
+    """The process's engine for this task, and how it came: "kept" (built for an earlier task),
+    "reloaded" (a writer given its new checkpoint's weights in place) or "built"."""
     kind = Responder if task.sampling else Teacher
-    if _TEACHER and _TEACHER[0].cfg == task.engine and isinstance(_TEACHER[0], kind):
-        return _TEACHER[0]
+    have = _ENGINES.get(kind)
+    if have is not None and _same_build(have.cfg, task.engine):
+        have.cfg = task.engine
+        return have, "kept"
+    if have is not None and kind is Responder and _reloadable(have.cfg, task.engine):
+        have.llm.collective_rpc("reload_weights", kwargs={"weights_path": task.engine.teacher})
+        have.cfg = task.engine
+        return have, "reloaded"
     if task.engine.tensor_parallel_size > 1:  # refuse before dropping a working engine
         _check_tensor_parallel(task.engine.tensor_parallel_size)
-    _drop_teacher()
+    # vLLM keeps some engine state per process: an engine is never dropped beside another
+    # (measured safe: building one beside another, reloading one, using both)
+    if kind in _ENGINES or any(not _fits_beside(e.cfg, task.engine) for e in _ENGINES.values()):
+        drop_engines()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if task.gpu_binds:  # before anything initialises CUDA in this process
         from distributed import get_worker
@@ -216,8 +272,8 @@ def _teacher(task: UnitTask) -> Teacher | Responder:
         torch.set_num_threads(len(cpus))
     if task.engine.tensor_parallel_size > 1:
         _bind_ranks(task.engine.tensor_parallel_size)
-    _TEACHER.append(kind(task.engine))
-    return _TEACHER[0]
+    _ENGINES[kind] = kind(task.engine)
+    return _ENGINES[kind], "built"
 
 
 def _check_tensor_parallel(tp: int) -> None:
@@ -285,14 +341,14 @@ def write_responses(task: UnitTask) -> dict:
     teacher scores exactly the tokens the model sampled."""
     out = Path(task.out)
     t0 = time.perf_counter()
-    writer = _teacher(task)
+    writer, how = _teacher(task)
     t1 = time.perf_counter()
     row_ids, prompts, _ = read_unit(out, task.unit)
     records = [int(r.split(":")[0]) for r in row_ids]
     try:
         answers = writer.respond(prompts, records, task.sampling)
     except BaseException:
-        _drop_teacher()
+        drop_engines()
         raise
     t2 = time.perf_counter()
     ids, resps, lps = [], [], []
@@ -305,7 +361,7 @@ def write_responses(task: UnitTask) -> dict:
     with atomic_path(path) as tmp:
         pq.write_table(pa.table([ids, resps, lps], schema=WRITTEN_SCHEMA), tmp)
     summary = {"rows": len(ids), "tokens": int(sum(map(len, resps))),
-               "unit_tokens": task.unit.tokens, "engine_start_s": t1 - t0,
+               "unit_tokens": task.unit.tokens, "engine_start_s": t1 - t0, "engine": how,
                "teacher_s": t2 - t1, "write_s": time.perf_counter() - t2, "pid": os.getpid()}
     write_text(written_path(out, task.unit, ".json"), json.dumps(
         {**summary, "sha256": sha256_file(path), "identity": _identity(path)}))
@@ -357,7 +413,7 @@ def run_unit(task: UnitTask) -> dict:
 
     out = Path(task.out)
     t0 = time.perf_counter()
-    teacher = _teacher(task)
+    teacher, how = _teacher(task)
     t1 = time.perf_counter()
     if task.commit:
         objects.log_attempt(task.out, task.unit)
@@ -384,17 +440,19 @@ def run_unit(task: UnitTask) -> dict:
     except BaseException:
         # An engine that raised may still hold this unit's requests, whose results would come
         # back paired with the next unit's windows: never reuse it.
-        _drop_teacher()
+        drop_engines()
         raise
     t2 = time.perf_counter()
     if task.commit:
         return objects.commit_unit(task.out, task.commit, task.unit, rows, task.encoding, {
-            "engine_start_s": t1 - t0, "teacher_s": t2 - t1, "pid": os.getpid()})
+            "engine_start_s": t1 - t0, "engine": how, "teacher_s": t2 - t1,
+            "pid": os.getpid()})
     path = unit_path(out, task.unit)
     info = write_shard(path, rows, task.encoding)
     summary = {
         **asdict(info),
         "engine_start_s": t1 - t0,
+        "engine": how,  # built, kept or reloaded
         "teacher_s": t2 - t1,  # reading the unit + vLLM + arrays
         "write_s": time.perf_counter() - t2,  # encoding, compression, hashing, commit
         "pid": os.getpid(),

@@ -7,9 +7,15 @@ the embedded cluster, TLS workers or Slurm); then the student trains on that rou
 (`softlabels train --continue-from` the previous round's last checkpoint: weights, optimizer
 state and step count go on, one learning-rate schedule over all rounds); then, with
 --eval-prompts, `softlabels eval` measures the reverse KL to the teacher on the student's own
-continuations. Each stage is the ordinary command, run as a subprocess (a training process
-never holds the GPU memory the next round's engines need), so every round's dataset is an
-ordinary soft-label dataset and each stage resumes as that command does.
+continuations. Each stage is the ordinary command, so every round's dataset is an ordinary
+soft-label dataset and each stage resumes as that command does. Training and eval run as
+subprocesses (a training process never holds the GPU memory the next round's engines need);
+generate runs in this process, so that on the embedded cluster one cluster serves every round:
+its workers keep the teacher's engine and load each round's student into the writer's engine in
+place (vLLM's reload_weights), where both engines fit. On GPUs the embedded workers drop their
+engines after each job (training here needs the memory). Long-lived workers (--scheduler) keep
+both where they fit (on GPUs: when --engine-arg gpu_memory_utilization splits the device);
+--cluster's worker jobs end with each round's job.
 
 OUTPUT/
     rounds.json            per round: checkpoint, teacher tokens scored, wall time per stage, eval
@@ -29,6 +35,7 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from softlabels.data.atomic import write_text
@@ -235,6 +242,33 @@ def round_prompts(args, r: int, out: Path) -> str:
     return str(path)
 
 
+def _generate(cmd: list[str], client, what: str) -> None:
+    """A round's `softlabels generate` job, in this process: with `client` on the embedded
+    cluster kept across rounds, else on the cluster its flags name. On a GPU the embedded
+    workers' engines are dropped after the job: training and eval here need that memory."""
+    from softlabels.generate.cli import add_arguments
+    from softlabels.generate.cli import main as generate
+    from softlabels.generate.engine import on_cpu
+    from softlabels.generate.work import drop_engines
+
+    p = argparse.ArgumentParser(prog="softlabels generate")
+    add_arguments(p)
+    print(f"{what}: softlabels {' '.join(cmd)}", file=sys.stderr, flush=True)
+    generate(p.parse_args(cmd), client=client)
+    if client is not None and not on_cpu():
+        client.run(drop_engines)
+
+
+def _cluster(args):
+    """The embedded cluster of every round (the engines in its workers outlive each round:
+    the teacher's is kept, the writer's takes the next student's weights in place)."""
+    from softlabels.generate.cli import embedded_workers
+    from softlabels.generate.cluster import connect, tls_security
+
+    security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
+    return connect(None, embedded_workers(args), args.resource, security)
+
+
 def _run(cmd: list[str], what: str) -> None:
     print(f"{what}: softlabels {' '.join(cmd)}", file=sys.stderr, flush=True)
     p = subprocess.run([sys.executable, "-m", "softlabels", *cmd])
@@ -259,21 +293,24 @@ def _eval(args, model: Path) -> dict:
 
 def _stage_seconds(data: Path) -> dict:
     """What the round's job spent in its workers (summed over units, from their commit
-    records): the response model writing, the teacher scoring, and engine starts."""
+    records): the response model writing, the teacher scoring, and engine starts; and per unit
+    how its engine came ("built", "kept" from an earlier task, "reloaded" with new weights)."""
     from softlabels.generate.state import done_dir, written_dir
 
-    out = {"writing_s": 0.0, "scoring_s": 0.0, "engine_starts_s": 0.0}
-    for key, folder in (("writing_s", written_dir(data)), ("scoring_s", done_dir(data))):
+    out = {"writing_s": 0.0, "scoring_s": 0.0, "engine_starts_s": 0.0,
+           "engines": {"writer": {}, "teacher": {}}}
+    for key, side, folder in (("writing_s", "writer", written_dir(data)),
+                              ("scoring_s", "teacher", done_dir(data))):
         for f in folder.glob("*.json"):
             rec = json.loads(f.read_text())
             out[key] += rec["teacher_s"] + rec["write_s"]
             out["engine_starts_s"] += rec["engine_start_s"]
+            how, e = out["engines"][side], rec.get("engine", "unrecorded")  # older records
+            how[e] = how.get(e, 0) + 1
     return out
 
 
 def main(args) -> int:
-    from softlabels.data.manifest import Manifest
-
     _check(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,64 +321,83 @@ def main(args) -> int:
     default_objective = [
         x for dest, flags in DEFAULT_OBJECTIVE.items() if not hasattr(args, dest) for x in flags]
     remote = ["--trust-remote-code"] * args.trust_remote_code
-    N = args.steps_per_round
-    for r in range(args.rounds):
-        if r in done:
-            continue
-        t0 = time.time()
-        writer = Path(args.student) if r == 0 else out / f"round-{r - 1}" / "student"
-        data, student = out / f"round-{r}" / "data", out / f"round-{r}" / "student"
-        earlier = [str(out / f"round-{j}" / "data")
-                   for j in range(max(0, r - args.mix_earlier_rounds), r)][::-1]
-        prompts = round_prompts(args, r, out)
-        rec = {"round": r, "writer": str(writer), "prompts": prompts, "data": str(data),
-               "earlier_data": earlier}
-        generated = not (data / "manifest.json").is_file()
-        if generated:
-            columns = (["--messages-column", args.messages_column] if args.messages_column
-                       else ["--prompt-column", args.prompt_column])
-            _run(["generate", "--teacher", args.teacher, "--input", prompts, "--output",
-                  str(data), *columns, "--generate-responses", "--response-model", str(writer),
-                  "--seed", str(args.seed + r * ROUND_SEED), *generate_flags, *remote],
-                 f"round {r}: rollouts by {writer.name} and the teacher's scores")
-        t1 = time.time()
-        m = Manifest.load(data)
-        rec.update(teacher_tokens=m.tokens, rows=m.rows, generate_wall_s=t1 - t0,
-                   **_stage_seconds(data))
-        previous = out / f"round-{r - 1}" / "student" / "checkpoints" / f"step-{r * N}"
-        train_log = student / "train_log.json"
-        trained = not (train_log.is_file()
-                       and json.loads(train_log.read_text())["steps"] >= (r + 1) * N)
-        if trained:
-            _run(["train", "--student", args.student, "--data", str(data), *earlier, *args.mix,
-                  "--output", str(student), "--max-steps", str((r + 1) * N),
-                  "--schedule-steps", str(args.rounds * N), "--save-every", str(N),
-                  "--seed", str(args.seed), "--resume",
-                  *(["--continue-from", str(previous)] if r else []),
-                  *round_train_flags(args, len(earlier)), *default_objective, *remote],
-                 f"round {r}: training")
-        t2 = time.time()
-        history = json.loads(train_log.read_text())["history"]
-        rec.update(checkpoint=str(student / "checkpoints" / f"step-{(r + 1) * N}"),
-                   train_wall_s=t2 - t1,
-                   train_steps_s=sum(h.get("step_s", 0.0) for h in history[r * N:]),
-                   final_loss=history[-1]["loss"])
-        if args.eval_prompts:
-            rec["eval"] = _eval(args, student)
-        evals = json.loads(train_log.read_text())["evals"]  # --eval-data's, at the round's end
-        rec["eval_data"] = evals[-1] if evals else None
-        rec["wall_s"] = time.time() - t0
-        # what the round spent on other than writing, scoring, training steps and eval; a
-        # stage an earlier run finished took no time in this one
-        rec["overhead_s"] = (t2 - t0) - generated * (rec["writing_s"] + rec["scoring_s"]) - \
-            trained * rec["train_steps_s"]
-        rec["resumed"] = not (generated and trained)
-        rec["done"] = True
-        log["rounds"] = [x for x in log["rounds"] if x["round"] != r] + [rec]
-        write_text(log_path, json.dumps(log, indent=1) + "\n")
-        print(f"round {r}: {m.tokens} teacher tokens, {rec['wall_s']:.0f} s (overhead "
-              f"{rec['overhead_s']:.0f} s)" + (
-                  f", reverse KL {rec['eval']['reverse_kl']:.4f}" if "eval" in rec else ""),
-              file=sys.stderr)
+    with ExitStack() as stack:
+        held = []
+
+        def client():  # the embedded cluster, started by the first round that needs it
+            if args.scheduler or args.cluster:
+                return None
+            if not held:
+                held.append(stack.enter_context(_cluster(args)))
+            return held[0]
+
+        for r in range(args.rounds):
+            if r not in done:
+                _round(args, r, out, client, log, generate_flags, default_objective, remote)
     print(json.dumps(log["rounds"][-1] if log["rounds"] else {}))
     return 0
+
+
+def _round(args, r: int, out: Path, client, log: dict, generate_flags: list[str],
+           default_objective: list[str], remote: list[str]) -> None:
+    """Round r: rollouts and scores, training, eval; then its record in rounds.json.
+    `client()`: the embedded cluster's client (None: generate's flags name a cluster)."""
+    from softlabels.data.manifest import Manifest
+
+    log_path = out / "rounds.json"
+    N = args.steps_per_round
+    t0 = time.time()
+    writer = Path(args.student) if r == 0 else out / f"round-{r - 1}" / "student"
+    data, student = out / f"round-{r}" / "data", out / f"round-{r}" / "student"
+    earlier = [str(out / f"round-{j}" / "data")
+               for j in range(max(0, r - args.mix_earlier_rounds), r)][::-1]
+    prompts = round_prompts(args, r, out)
+    rec = {"round": r, "writer": str(writer), "prompts": prompts, "data": str(data),
+           "earlier_data": earlier}
+    generated = not (data / "manifest.json").is_file()
+    if generated:
+        columns = (["--messages-column", args.messages_column] if args.messages_column
+                   else ["--prompt-column", args.prompt_column])
+        _generate(["--teacher", args.teacher, "--input", prompts, "--output", str(data),
+                   *columns, "--generate-responses", "--response-model", str(writer),
+                   "--seed", str(args.seed + r * ROUND_SEED), *generate_flags, *remote],
+                  client(), f"round {r}: rollouts by {writer.name} and the teacher's scores")
+    t1 = time.time()
+    m = Manifest.load(data)
+    rec.update(teacher_tokens=m.tokens, rows=m.rows, generate_wall_s=t1 - t0,
+               **_stage_seconds(data))
+    previous = out / f"round-{r - 1}" / "student" / "checkpoints" / f"step-{r * N}"
+    train_log = student / "train_log.json"
+    trained = not (train_log.is_file()
+                   and json.loads(train_log.read_text())["steps"] >= (r + 1) * N)
+    if trained:
+        _run(["train", "--student", args.student, "--data", str(data), *earlier, *args.mix,
+              "--output", str(student), "--max-steps", str((r + 1) * N),
+              "--schedule-steps", str(args.rounds * N), "--save-every", str(N),
+              "--seed", str(args.seed), "--resume",
+              *(["--continue-from", str(previous)] if r else []),
+              *round_train_flags(args, len(earlier)), *default_objective, *remote],
+             f"round {r}: training")
+    t2 = time.time()
+    history = json.loads(train_log.read_text())["history"]
+    rec.update(checkpoint=str(student / "checkpoints" / f"step-{(r + 1) * N}"),
+               train_wall_s=t2 - t1,
+               train_steps_s=sum(h.get("step_s", 0.0) for h in history[r * N:]),
+               final_loss=history[-1]["loss"])
+    if args.eval_prompts:
+        rec["eval"] = _eval(args, student)
+    evals = json.loads(train_log.read_text())["evals"]  # --eval-data's, at the round's end
+    rec["eval_data"] = evals[-1] if evals else None
+    rec["wall_s"] = time.time() - t0
+    # what the round spent on other than writing, scoring, training steps and eval; a
+    # stage an earlier run finished took no time in this one
+    rec["overhead_s"] = (t2 - t0) - generated * (rec["writing_s"] + rec["scoring_s"]) - \
+        trained * rec["train_steps_s"]
+    rec["resumed"] = not (generated and trained)
+    rec["done"] = True
+    log["rounds"] = [x for x in log["rounds"] if x["round"] != r] + [rec]
+    write_text(log_path, json.dumps(log, indent=1) + "\n")
+    print(f"round {r}: {m.tokens} teacher tokens, {rec['wall_s']:.0f} s (overhead "
+          f"{rec['overhead_s']:.0f} s)" + (
+              f", reverse KL {rec['eval']['reverse_kl']:.4f}" if "eval" in rec else ""),
+          file=sys.stderr)

@@ -345,14 +345,14 @@ def _leave_a_stale_request_then_run(task):
 
     from softlabels.generate import work
 
-    teacher = work._teacher(task)
+    teacher, _ = work._teacher(task)
     teacher.llm.llm_engine.add_request("-1", TokensPrompt(prompt_token_ids=[5, 6, 7]),
                                        PoolingParams(task="token_embed"))
     try:
         work.run_unit(task)
-        return "no error", len(work._TEACHER)
+        return "no error", len(work._ENGINES)
     except Exception as e:
-        return f"{type(e).__name__}: {e}", len(work._TEACHER)
+        return f"{type(e).__name__}: {e}", len(work._ENGINES)
 
 
 def test_stale_engine_results_are_refused_and_the_engine_dropped(tmp_path, tiny_teacher, corpus,

@@ -82,8 +82,17 @@ def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
         for x, (_, _, _, label) in zip(rows, reference_targets(writer, windows, 4)):
             at = np.flatnonzero(x.target_mask)
             np.testing.assert_allclose(x.writer_logprob[at], label[at], atol=2e-4)
+        if r:  # and not the first student's, which the worker's writer engine held before
+            first = reference_targets(student, windows, 4)
+            assert max(np.abs(x.writer_logprob[x.target_mask] - label[x.target_mask]).max()
+                       for x, (_, _, _, label) in zip(rows, first)) > 1e-2
         assert "reverse_kl" in log[r]["eval"] and log[r]["eval"]["continuations"] == 2
     assert hashes[0] != hashes[1]
+    # on the one long-lived worker round 1 starts no engine: the writer takes round 0's
+    # student's weights in place, the teacher's engine is still there
+    writer, scorer = log[1]["engines"]["writer"], log[1]["engines"]["teacher"]
+    assert writer["reloaded"] == 1 and set(writer) <= {"reloaded", "kept"}
+    assert list(scorer) == ["kept"]
     h0 = json.loads((out / "round-0" / "student" / "train_log.json").read_text())["history"]
     h1 = json.loads((out / "round-1" / "student" / "train_log.json").read_text())["history"]
     assert [h["step"] for h in h1] == list(range(1, ROUNDS * STEPS + 1))
@@ -120,6 +129,34 @@ def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
     assert r1["resumed"]  # its rollouts took no time in this run: not subtracted
     assert r1["overhead_s"] == pytest.approx(r1["generate_wall_s"] + r1["train_wall_s"]
                                              - r1["train_steps_s"])
+
+
+def test_embedded_rounds_share_one_cluster_and_its_engines(tmp_path, models):
+    """Without --scheduler one embedded cluster serves every round: round 1 starts no engine (the
+    teacher's is kept, the writer's takes round 0's student's weights in place), and the
+    reloaded writer's log-probs are that student's, not the first one's."""
+    import re
+
+    teacher, student, prompts = models
+    out = tmp_path / "run"
+    p = softlabels("on-policy", "--teacher", teacher, "--student", student, "--prompts",
+                   prompts, "--rounds", 2, "--steps-per-round", STEPS, "--output", out,
+                   "--max-new-tokens", 8, "--n", 2, "--top-k", 8, "--max-length", 64,
+                   "--batch-tokens", 128, "--warmup", 1, "--lr", 1e-3)
+    dashboards = re.findall(r"Dask dashboard: (\S+)", p.stderr)
+    assert len(dashboards) == 2 and len(set(dashboards)) == 1, p.stderr[-2000:]
+    log = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert set(log[0]["engines"]["writer"]) <= {"built", "kept"}
+    writer, scorer = log[1]["engines"]["writer"], log[1]["engines"]["teacher"]
+    assert writer["reloaded"] == 1 and set(writer) <= {"reloaded", "kept"}
+    assert list(scorer) == ["kept"]
+    assert log[1]["engine_starts_s"] < log[0]["engine_starts_s"] / 5
+    rows = list(read_dataset(out / "round-1" / "data").values())
+    windows = [x.input_ids.tolist() for x in rows]
+    for who, near in ((out / "round-0" / "student", True), (student, False)):
+        gap = max(np.abs(x.writer_logprob[x.target_mask] - label[x.target_mask]).max()
+                  for x, (_, _, _, label) in zip(rows, reference_targets(who, windows, 4)))
+        assert (gap < 2e-4) == near, (who, gap)
 
 
 def test_earlier_rounds_take_the_rounds_per_dataset_values():
