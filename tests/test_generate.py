@@ -337,6 +337,30 @@ def test_trained_student_loads_in_vllm(tmp_path, generated, corpus, dask_cluster
                         row.topk_logprobs[clear], DEFAULT_LOGPROB_STEP / 2 + 1e-4)
 
 
+def test_a_writer_takes_new_weights_only_from_a_checkpoint_of_its_shape(tmp_path):
+    """In place (vLLM's reload_weights) only another checkpoint with the same config and
+    generation config under the same engine settings; anything else builds a new engine. A
+    second engine is kept beside the first only where both fit."""
+    import dataclasses
+
+    from softlabels.demo import make_model
+    from softlabels.generate.engine import EngineConfig
+    from softlabels.generate.work import _fits_beside, _reloadable, _same_build
+
+    for name, hidden in (("a", 64), ("b", 64), ("wide", 128)):
+        make_model(tmp_path / name, vocab_size=300, hidden=hidden, layers=1, heads=2, seed=1)
+    a = EngineConfig(teacher=str(tmp_path / "a"), k=0, max_length=64, seed=1)
+    b = dataclasses.replace(a, teacher=str(tmp_path / "b"), seed=2)
+    assert _reloadable(a, b) and _same_build(a, dataclasses.replace(a, seed=5))
+    assert not _reloadable(a, a)  # the same checkpoint: kept as it is
+    assert not _reloadable(a, dataclasses.replace(b, teacher=str(tmp_path / "wide")))
+    assert not _reloadable(a, dataclasses.replace(b, max_length=32))
+    assert not _reloadable(a, dataclasses.replace(b, teacher=str(tmp_path / "missing")))
+    (tmp_path / "b" / "generation_config.json").write_text('{"temperature": 0.5}')
+    assert not _reloadable(a, b)
+    assert _fits_beside(a, b) and not _fits_beside(a, dataclasses.replace(b, kv_cache_gib=10**6))
+
+
 def _leave_a_stale_request_then_run(task):
     """Runs on the Dask worker: a request left queued in the engine, as after an exception in
     the middle of a generate call, then the unit."""
