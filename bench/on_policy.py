@@ -219,6 +219,17 @@ ROWS = {  # name: (kind, rounds, extra train flags)
        f"student's corpus 1:2:{w} (KD on it), lr 3e-4": (
            "on-policy", 4, [*REPLAY_256, "--data-weights", 1, 2, w, "--prompts", "HALF_PROMPTS",
                             "--lr", "3e-4"]) for w in (1, 3)},
+    "KD on the teacher's responses, top-256, 240 steps, + the warm student's corpus 3:1, lr 3e-4": (
+        "teacher-k256", 0, ["--data", "K256", "WARM", "--data-weights", 3, 1, "--max-steps", 240,
+                            "--lr", "3e-4"]),
+    "on-policy R=4 on 128 prompts, reverse KL (top-256), + the teacher's responses + the warm "
+    "student's corpus 1:2:1 (KD on it), lr 3e-4, 240 steps": (
+        "on-policy", 4, [*REPLAY_256, "--data-weights", 1, 2, 1, "--prompts", "HALF_PROMPTS",
+                         "--lr", "3e-4", "--steps-per-round", 60]),
+    "on-policy R=4 on 128 prompts, reverse KL (top-256), + the teacher's responses + the warm "
+    "student's corpus 2:1:1 (KD on it), lr 3e-4": (
+        "on-policy", 4, [*REPLAY_256, "--data-weights", 2, 1, 1, "--prompts", "HALF_PROMPTS",
+                         "--lr", "3e-4"]),
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",

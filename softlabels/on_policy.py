@@ -269,12 +269,61 @@ def _cluster(args):
     return connect(None, embedded_workers(args), args.resource, security)
 
 
-def _run(cmd: list[str], what: str) -> None:
-    print(f"{what}: softlabels {' '.join(cmd)}", file=sys.stderr, flush=True)
-    p = subprocess.run([sys.executable, "-m", "softlabels", *cmd])
-    if p.returncode:
-        raise UserError(f"{what} failed (exit {p.returncode}, its message is above); fix the "
-                        "cause and rerun the same command: finished rounds are kept")
+def _train_loop(conn) -> None:
+    """The trainer process: `softlabels` commands from `conn` until None, each one's exit code
+    back. Between rounds it holds no model: each round loads the previous one's checkpoint, and
+    a GPU's cached blocks go back to the device for the next round's engines."""
+    import gc
+
+    from softlabels.cli import main
+
+    while (argv := conn.recv()) is not None:
+        code = main(argv)
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        conn.send(code)
+
+
+class Trainer:
+    """`softlabels train` for every round, in one child process kept across rounds: its imports
+    (torch, transformers, accelerate: ~4 s here) would otherwise be paid each round, and at a
+    small round they cost more than its steps. A child, not this process: what training
+    allocates is never in the process that runs the next round's job."""
+
+    def __init__(self):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_train_loop, args=(child,), name="softlabels-train")
+        self.proc.start()
+        child.close()
+
+    def run(self, cmd: list[str], what: str) -> None:
+        print(f"{what}: softlabels {' '.join(cmd)}", file=sys.stderr, flush=True)
+        try:
+            self.conn.send(cmd)
+            code = self.conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            self.proc.join(5)
+            code = self.proc.exitcode if self.proc.exitcode is not None else -1
+        if code:
+            raise UserError(f"{what} failed (exit {code}, its message is above); fix the "
+                            "cause and rerun the same command: finished rounds are kept")
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
 
 
 def _eval(args, model: Path) -> dict:
@@ -322,26 +371,34 @@ def main(args) -> int:
         x for dest, flags in DEFAULT_OBJECTIVE.items() if not hasattr(args, dest) for x in flags]
     remote = ["--trust-remote-code"] * args.trust_remote_code
     with ExitStack() as stack:
-        held = []
+        held = {}
 
         def client():  # the embedded cluster, started by the first round that needs it
             if args.scheduler or args.cluster:
                 return None
-            if not held:
-                held.append(stack.enter_context(_cluster(args)))
-            return held[0]
+            if "client" not in held:
+                held["client"] = stack.enter_context(_cluster(args))
+            return held["client"]
+
+        def trainer() -> Trainer:
+            if "trainer" not in held:
+                held["trainer"] = Trainer()
+                stack.callback(held["trainer"].close)
+            return held["trainer"]
 
         for r in range(args.rounds):
             if r not in done:
-                _round(args, r, out, client, log, generate_flags, default_objective, remote)
+                _round(args, r, out, client, trainer, log, generate_flags, default_objective,
+                       remote)
     print(json.dumps(log["rounds"][-1] if log["rounds"] else {}))
     return 0
 
 
-def _round(args, r: int, out: Path, client, log: dict, generate_flags: list[str],
+def _round(args, r: int, out: Path, client, trainer, log: dict, generate_flags: list[str],
            default_objective: list[str], remote: list[str]) -> None:
     """Round r: rollouts and scores, training, eval; then its record in rounds.json.
-    `client()`: the embedded cluster's client (None: generate's flags name a cluster)."""
+    `client()`: the embedded cluster's client (None: generate's flags name a cluster);
+    `trainer()`: the training process kept across rounds."""
     from softlabels.data.manifest import Manifest
 
     log_path = out / "rounds.json"
@@ -371,13 +428,13 @@ def _round(args, r: int, out: Path, client, log: dict, generate_flags: list[str]
     trained = not (train_log.is_file()
                    and json.loads(train_log.read_text())["steps"] >= (r + 1) * N)
     if trained:
-        _run(["train", "--student", args.student, "--data", str(data), *earlier, *args.mix,
-              "--output", str(student), "--max-steps", str((r + 1) * N),
-              "--schedule-steps", str(args.rounds * N), "--save-every", str(N),
-              "--seed", str(args.seed), "--resume",
-              *(["--continue-from", str(previous)] if r else []),
-              *round_train_flags(args, len(earlier)), *default_objective, *remote],
-             f"round {r}: training")
+        trainer().run(["train", "--student", args.student, "--data", str(data), *earlier,
+                       *args.mix, "--output", str(student), "--max-steps", str((r + 1) * N),
+                       "--schedule-steps", str(args.rounds * N), "--save-every", str(N),
+                       "--seed", str(args.seed), "--resume",
+                       *(["--continue-from", str(previous)] if r else []),
+                       *round_train_flags(args, len(earlier)), *default_objective, *remote],
+                      f"round {r}: training")
     t2 = time.time()
     history = json.loads(train_log.read_text())["history"]
     rec.update(checkpoint=str(student / "checkpoints" / f"step-{(r + 1) * N}"),
