@@ -8,14 +8,17 @@ the embedded cluster, TLS workers or Slurm); then the student trains on that rou
 state and step count go on, one learning-rate schedule over all rounds); then, with
 --eval-prompts, `softlabels eval` measures the reverse KL to the teacher on the student's own
 continuations. Each stage is the ordinary command, so every round's dataset is an ordinary
-soft-label dataset and each stage resumes as that command does. Training and eval run as
-subprocesses (a training process never holds the GPU memory the next round's engines need);
-generate runs in this process, so that on the embedded cluster one cluster serves every round:
-its workers keep the teacher's engine and load each round's student into the writer's engine in
-place (vLLM's reload_weights), where both engines fit. On GPUs the embedded workers drop their
-engines after each job (training here needs the memory). Long-lived workers (--scheduler) keep
-both where they fit (on GPUs: when --engine-arg gpu_memory_utilization splits the device);
---cluster's worker jobs end with each round's job.
+soft-label dataset and each stage resumes as that command does.
+
+A round's fixed cost is kept out of the rounds after the first (at the bench's size it was three
+quarters of a round). generate runs in this process, so on the embedded cluster one cluster
+serves every round: its workers keep the teacher's engine and load each round's student into the
+writer's engine in place (vLLM's reload_weights), where both engines fit; on GPUs the embedded
+workers drop their engines after each job (training here needs the memory). Long-lived workers
+(--scheduler) keep both where they fit (on GPUs: when --engine-arg gpu_memory_utilization splits
+the device); --cluster's worker jobs end with each round's job. Training runs in one child
+process kept across rounds (`Trainer`): never in the process that holds a cluster, and holding no
+model between rounds. Eval runs as its own command.
 
 OUTPUT/
     rounds.json            per round: checkpoint, teacher tokens scored, wall time per stage, eval
