@@ -280,7 +280,13 @@ def _train_loop(conn) -> None:
 
     from softlabels.cli import main
 
-    while (argv := conn.recv()) is not None:
+    while True:
+        try:
+            argv = conn.recv()
+        except EOFError:  # on-policy itself is gone
+            return
+        if argv is None:
+            return
         code = main(argv)
         gc.collect()
         import torch
