@@ -278,6 +278,7 @@ def _train_loop(conn) -> None:
     a GPU's cached blocks go back to the device for the next round's engines."""
     import gc
 
+    import softlabels.train_student.train  # noqa: F401  (imported while round 0's job runs)
     from softlabels.cli import main
 
     while True:
@@ -397,6 +398,7 @@ def main(args) -> int:
 
         for r in range(args.rounds):
             if r not in done:
+                trainer()  # started now, it imports what training needs while the job runs
                 _round(args, r, out, client, trainer, log, generate_flags, default_objective,
                        remote)
     print(json.dumps(log["rounds"][-1] if log["rounds"] else {}))
