@@ -251,8 +251,11 @@ def _teacher(task: UnitTask) -> tuple[Teacher | Responder, str]:
         return have, "reloaded"
     if task.engine.tensor_parallel_size > 1:  # refuse before dropping a working engine
         _check_tensor_parallel(task.engine.tensor_parallel_size)
-    # vLLM keeps some engine state per process: an engine is never dropped beside another
-    # (measured safe: building one beside another, reloading one, using both)
+    # vLLM keeps some engine state per process, and an engine's teardown takes it down: an
+    # engine is never dropped beside another, nor finalised after the next one is built (so no
+    # reference to it may outlive drop_engines). Measured safe: building one beside another,
+    # reloading one, using both.
+    have = None
     if kind in _ENGINES or any(not _fits_beside(e.cfg, task.engine) for e in _ENGINES.values()):
         drop_engines()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
