@@ -88,11 +88,10 @@ def test_rounds_write_score_train_and_resume(tmp_path, models, dask_cluster):
                        for x, (_, _, _, label) in zip(rows, first)) > 1e-2
         assert "reverse_kl" in log[r]["eval"] and log[r]["eval"]["continuations"] == 2
     assert hashes[0] != hashes[1]
-    # on the one long-lived worker round 1 starts no engine: the writer takes round 0's
-    # student's weights in place, the teacher's engine is still there
-    writer, scorer = log[1]["engines"]["writer"], log[1]["engines"]["teacher"]
-    assert writer["reloaded"] == 1 and set(writer) <= {"reloaded", "kept"}
-    assert list(scorer) == ["kept"]
+    # on the one long-lived worker round 1 scores with round 0's teacher engine; its writer
+    # was reloaded in place, or built if round 0 replaced an earlier job's teacher engine (a
+    # worker drops both together): the embedded test below starts from no engine
+    assert list(log[1]["engines"]["teacher"]) == ["kept"]
     h0 = json.loads((out / "round-0" / "student" / "train_log.json").read_text())["history"]
     h1 = json.loads((out / "round-1" / "student" / "train_log.json").read_text())["history"]
     assert [h["step"] for h in h1] == list(range(1, ROUNDS * STEPS + 1))
