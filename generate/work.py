@@ -237,10 +237,10 @@ def _fits_beside(other: EngineConfig, new: EngineConfig) -> bool:
     return psutil.virtual_memory().available > 2 * (new.kv_cache_gib * 2**30 + weights)
 
 
-def _teacher(task: UnitTask) -> tuple[Teacher | Responder, str]:
-    """The process's engine for this task, and how it came: "kept" (built for an earlier task),
-    "reloaded" (a writer given its new checkpoint's weights in place) or "built"."""
-    kind = Responder if task.sampling else Teacher
+def _reuse(kind: type, task: UnitTask) -> tuple[Teacher | Responder, str] | None:
+    """This process's engine of `kind`, if it serves the task as it is ("kept") or with the new
+    checkpoint's weights loaded in place ("reloaded", writers only); else None. Apart from
+    _teacher so that no reference to an engine about to be replaced stays in its frame."""
     have = _ENGINES.get(kind)
     if have is not None and _same_build(have.cfg, task.engine):
         have.cfg = task.engine
@@ -249,13 +249,22 @@ def _teacher(task: UnitTask) -> tuple[Teacher | Responder, str]:
         have.llm.collective_rpc("reload_weights", kwargs={"weights_path": task.engine.teacher})
         have.cfg = task.engine
         return have, "reloaded"
+    return None
+
+
+def _teacher(task: UnitTask) -> tuple[Teacher | Responder, str]:
+    """The process's engine for this task, and how it came: "kept" (built for an earlier task),
+    "reloaded" (a writer given its new checkpoint's weights in place) or "built"."""
+    kind = Responder if task.sampling else Teacher
+    reused = _reuse(kind, task)
+    if reused is not None:
+        return reused
     if task.engine.tensor_parallel_size > 1:  # refuse before dropping a working engine
         _check_tensor_parallel(task.engine.tensor_parallel_size)
     # vLLM keeps some engine state per process, and an engine's teardown takes it down: an
     # engine is never dropped beside another, nor finalised after the next one is built (so no
     # reference to it may outlive drop_engines). Measured safe: building one beside another,
     # reloading one, using both.
-    have = None
     if kind in _ENGINES or any(not _fits_beside(e.cfg, task.engine) for e in _ENGINES.values()):
         drop_engines()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -278,6 +278,8 @@ def _train_loop(conn) -> None:
     a GPU's cached blocks go back to the device for the next round's engines."""
     import gc
 
+    import torch
+
     import softlabels.train_student.train  # noqa: F401  (imported while round 0's job runs)
     from softlabels.cli import main
 
@@ -290,8 +292,6 @@ def _train_loop(conn) -> None:
             return
         code = main(argv)
         gc.collect()
-        import torch
-
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         conn.send(code)
@@ -380,27 +380,23 @@ def main(args) -> int:
     default_objective = [
         x for dest, flags in DEFAULT_OBJECTIVE.items() if not hasattr(args, dest) for x in flags]
     remote = ["--trust-remote-code"] * args.trust_remote_code
+    todo = [r for r in range(args.rounds) if r not in done]
     with ExitStack() as stack:
-        held = {}
+        trainer = None
+        if todo:  # started now, it imports what training needs while round 0's job runs
+            trainer = Trainer()
+            stack.callback(trainer.close)
+        held = []
 
-        def client():  # the embedded cluster, started by the first round that needs it
+        def client():  # the embedded cluster, started inside the first round's job (timed)
             if args.scheduler or args.cluster:
                 return None
-            if "client" not in held:
-                held["client"] = stack.enter_context(_cluster(args))
-            return held["client"]
+            if not held:
+                held.append(stack.enter_context(_cluster(args)))
+            return held[0]
 
-        def trainer() -> Trainer:
-            if "trainer" not in held:
-                held["trainer"] = Trainer()
-                stack.callback(held["trainer"].close)
-            return held["trainer"]
-
-        for r in range(args.rounds):
-            if r not in done:
-                trainer()  # started now, it imports what training needs while the job runs
-                _round(args, r, out, client, trainer, log, generate_flags, default_objective,
-                       remote)
+        for r in todo:
+            _round(args, r, out, client, trainer, log, generate_flags, default_objective, remote)
     print(json.dumps(log["rounds"][-1] if log["rounds"] else {}))
     return 0
 
@@ -409,7 +405,7 @@ def _round(args, r: int, out: Path, client, trainer, log: dict, generate_flags: 
            default_objective: list[str], remote: list[str]) -> None:
     """Round r: rollouts and scores, training, eval; then its record in rounds.json.
     `client()`: the embedded cluster's client (None: generate's flags name a cluster);
-    `trainer()`: the training process kept across rounds."""
+    `trainer`: the training process kept across rounds."""
     from softlabels.data.manifest import Manifest
 
     log_path = out / "rounds.json"
@@ -439,7 +435,7 @@ def _round(args, r: int, out: Path, client, trainer, log: dict, generate_flags: 
     trained = not (train_log.is_file()
                    and json.loads(train_log.read_text())["steps"] >= (r + 1) * N)
     if trained:
-        trainer().run(["train", "--student", args.student, "--data", str(data), *earlier,
+        trainer.run(["train", "--student", args.student, "--data", str(data), *earlier,
                        *args.mix, "--output", str(student), "--max-steps", str((r + 1) * N),
                        "--schedule-steps", str(args.rounds * N), "--save-every", str(N),
                        "--seed", str(args.seed), "--resume",
