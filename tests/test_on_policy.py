@@ -238,6 +238,25 @@ def test_a_round_takes_the_next_prompts_each_once(tmp_path):
     assert round_prompts(p.parse_args(base), 0, tmp_path / "o0") == str(tmp_path / "p.parquet")
 
 
+def test_the_trainer_imports_what_the_first_round_loads_and_no_student_stops_it(models, tmp_path):
+    """The training process imports the student's model code, Accelerate, TensorBoard and
+    matplotlib before round 0's training (a fresh interpreter: none of them is there before);
+    a student it cannot read ahead (no folder, a broken config) is left to `train` to report."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text("{not json")
+    code = ("import sys; from softlabels.on_policy import _preload; "
+            "mods = ['transformers.models.llama.modeling_llama', 'accelerate', "
+            "'torch.utils.tensorboard', 'matplotlib.pyplot']; "
+            "before = [m for m in mods if m in sys.modules]; "
+            "[_preload(s) for s in sys.argv[1:]]; "
+            "print(before, [m for m in mods if m not in sys.modules])")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path), "org/no-such-model",
+                        str(models[1])], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "[] []", p.stdout + p.stderr
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--rounds", 0], "--rounds and --steps-per-round"),
     (["--lr", -1, "--batch-tokens", 0], "--batch-tokens"),
