@@ -230,6 +230,57 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     "student's corpus 2:1:1 (KD on it), lr 3e-4": (
         "on-policy", 4, [*REPLAY_256, "--data-weights", 2, 1, 1, "--prompts", "HALF_PROMPTS",
                          "--lr", "3e-4"]),
+    # fresh prompts every round (--prompts-per-round): the best row's rollouts on 512 prompts
+    # instead of 128 four times; and every teacher token on rollouts, 1,024 prompts
+    "on-policy R=4, 128 new prompts a round, reverse KL (top-256), + the teacher's responses + "
+    "the warm student's corpus 2:1:1 (KD on it), lr 3e-4": (
+        "on-policy", 4, [*REPLAY_256, "--data-weights", 2, 1, 1, "--prompts", "PROMPTS_512",
+                         "--prompts-per-round", 128, "--lr", "3e-4"]),
+    "on-policy R=4, 256 new prompts a round, reverse KL (top-256), + the warm student's corpus "
+    "2:1 (KD on it), lr 3e-4": (
+        "on-policy", 4, ["--loss", "reverse_kl", "forward_kl", "--ce-weight", 0, 0.5, "--mix",
+                         "WARM", "--n", 1, "--top-k", 256, "--data-weights", 2, 1, "--prompts",
+                         "PROMPTS_1024", "--prompts-per-round", 256, "--lr", "3e-4"]),
+    # four times the teacher tokens (163k), both sides: off-policy KD on the teacher's responses
+    # to 1,024 prompts (n = 4; does it still overfit?), on-policy on 4 rounds of rollouts of 512
+    # prompts + the teacher's responses to the 1,024 (n = 2); 4x the steps
+    **{f"KD on the teacher's responses to 1,024 prompts, top-256, {s} steps, + the warm "
+       "student's corpus 3:1, lr 3e-4, 4x the teacher tokens": (
+           "teacher-1024-k256", 0, ["--data", "K256_1024", "WARM", "--data-weights", 3, 1,
+                                    "--max-steps", s, "--lr", "3e-4"]) for s in (480, 960)},
+    "on-policy R=4 on 512 prompts, reverse KL (top-256), + the teacher's responses to 1,024 "
+    "prompts + the warm student's corpus 2:1:1 (KD on it), lr 3e-4, 480 steps, 4x the teacher "
+    "tokens": (
+        "on-policy", 4, [*REPLAY_256[:-7], "--mix", "HALF_1024_K256", "WARM", "--n", 1,
+                         "--top-k", 256, "--data-weights", 2, 1, 1, "--prompts", "PROMPTS_512",
+                         "--lr", "3e-4", "--steps-per-round", 120]),
+    **{"on-policy R=4 on 512 prompts, reverse KL (top-256), + the teacher's responses to 1,024 "
+       "prompts + the warm student's corpus 2:1:1 (KD on it), lr 3e-4, 480 steps, 4x the teacher "
+       f"tokens, {what}": (
+           "on-policy", 4, [*REPLAY_256[:-7], "--mix", "HALF_1024_K256", "WARM", "--n", 1,
+                            "--top-k", 256, "--data-weights", 2, 1, 1, "--prompts", "PROMPTS_512",
+                            "--lr", "3e-4", "--steps-per-round", 120, *flags])
+       for what, flags in (("lr 1e-3", ["--lr", "1e-3"]),
+                           ("960 steps", ["--steps-per-round", 240]))},
+    # 16x (654k): the best of each side at 4x, on 2,048 prompts, 4x the steps again
+    "KD on the teacher's responses to 2,048 prompts, top-256, 1,920 steps, + the warm student's "
+    "corpus 3:1, lr 3e-4, 16x the teacher tokens": (
+        "teacher-2048-k256", 0, ["--data", "K256_2048", "WARM", "--data-weights", 3, 1,
+                                 "--max-steps", 1920, "--lr", "3e-4"]),
+    "on-policy R=4 on 2,048 prompts, reverse KL (top-256), + the teacher's responses to 2,048 "
+    "prompts + the warm student's corpus 2:1:1 (KD on it), lr 3e-4, 1,920 steps, 16x the teacher "
+    "tokens": (
+        "on-policy", 4, [*REPLAY_256[:-7], "--mix", "HALF_2048_K256", "WARM", "--n", 1,
+                         "--top-k", 256, "--data-weights", 2, 1, 1, "--prompts", "PROMPTS_2048",
+                         "--lr", "3e-4", "--steps-per-round", 480]),
+    # the same with KD (forward KL + 0.5 CE, off-policy's recipe) on the teacher's responses
+    **{"on-policy R=4 on 512 prompts, reverse KL (top-256), + KD on the teacher's responses to "
+       f"1,024 prompts + the warm student's corpus {w} (KD on it), lr 3e-4, 480 steps, 4x the "
+       "teacher tokens": (
+           "on-policy", 4, ["--loss", "reverse_kl", "forward_kl", "forward_kl", "--ce-weight", 0,
+                            0.5, 0.5, "--mix", "HALF_1024_K256", "WARM", "--n", 1, "--top-k", 256,
+                            "--data-weights", *w.split(":"), "--prompts", "PROMPTS_512", "--lr",
+                            "3e-4", "--steps-per-round", 120]) for w in ("2:1:1", "1:2:1")},
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
@@ -303,6 +354,8 @@ def main() -> None:
                     help="instead of the rows: a 3-round run of PROMPTS prompts x N responses "
                     "and STEPS steps a round, on the long-lived worker and on an embedded "
                     "cluster, for the round overhead at that size")
+    ap.add_argument("--plot", type=Path, help="also a PNG of every row's reverse KL against "
+                    "its held-out bits/byte")
     a = ap.parse_args()
     cache, gcache = a.cache.resolve(), a.granularity_cache.resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -316,6 +369,8 @@ def main() -> None:
     held_prompts = prompts(held, cache / "held-prompts.jsonl", len(held))
     half_prompts = prompts(train_texts, cache / "prompts-half.jsonl", PROMPTS // 2)
     quarter_prompts = prompts(train_texts, cache / "prompts-quarter.jsonl", PROMPTS // 4)
+    more_prompts = {n: prompts(train_texts, cache / f"prompts-{n}.jsonl", n)
+                    for n in (512, 1024, 2048)}
     d = cache / "dask"
     d.mkdir(exist_ok=True)
     (d / "scheduler.json").unlink(missing_ok=True)  # a stale one names a dead scheduler
@@ -359,11 +414,22 @@ def main() -> None:
         # the student's mass on its own continuations outside the stored ids)
         wide = by_teacher("teacher-responses-k256", N, "--top-k", 256)
         half_wide = by_teacher("teacher-responses-n2-k256", N // 2, "--seed", 1, "--top-k", 256)
+        p1024 = ["--input", more_prompts[1024], "--top-k", 256]
+        wide_1024 = by_teacher("teacher-responses-1024-k256", N, "--seed", 3, *p1024)
+        half_wide_1024 = by_teacher("teacher-responses-1024-n2-k256", N // 2, "--seed", 4, *p1024)
+        # the datasets a row's extra flags may name
+        p2048 = ["--input", more_prompts[2048], "--top-k", 256]
+        wide_2048 = by_teacher("teacher-responses-2048-n8-k256", 2 * N, "--seed", 5, *p2048)
+        half_wide_2048 = by_teacher("teacher-responses-2048-k256", N, "--seed", 6, *p2048)
         mixed = {"HALF": half, "QUARTER": quarter_responses, "CORPUS_QUARTER": quarter,
-                 "HALF_K256": half_wide}  # the datasets a row's extra flags may name
-        offline = {"teacher": responses, "teacher-k256": wide, "corpus": corpus}
+                 "HALF_K256": half_wide, "HALF_1024_K256": half_wide_1024,
+                 "HALF_2048_K256": half_wide_2048}
+        offline = {"teacher": responses, "teacher-k256": wide, "corpus": corpus,
+                   "teacher-1024-k256": wide_1024, "teacher-2048-k256": wide_2048}
         named = {**mixed, "HALF_PROMPTS": half_prompts, "QUARTER_PROMPTS": quarter_prompts,
-                 "K256": wide, "WARM": warm_data}
+                 "K256": wide, "K256_1024": wide_1024, "K256_2048": wide_2048,
+                 "WARM": warm_data,
+                 **{f"PROMPTS_{n}": f for n, f in more_prompts.items()}}
         warm = cache / "warm"
         if not (warm / "model.safetensors").is_file():  # --warm-steps of KD on the corpus
             run(["train", "--student", student(gcache), "--data", warm_data, "--output",
@@ -417,6 +483,8 @@ def main() -> None:
     finally:
         stop_dask(procs)
     table(res, a.seeds)
+    if a.plot:
+        plot(res, a.seeds, a.plot)
 
 
 def overhead(a, cache: Path, t: Path, warm: Path, texts: list[str], addr: str) -> None:
@@ -443,36 +511,82 @@ def overhead(a, cache: Path, t: Path, warm: Path, texts: list[str], addr: str) -
                   f"{r['overhead_s']:.1f} | {r['overhead_s'] / r['wall_s']:.0%} |")
 
 
+def rows_run(res: dict, seeds: list[int]) -> dict:
+    """name -> {seed: result} for the rows run on any of `seeds`."""
+    got = {n: {s: res[f"{n} | seed {s}"] for s in seeds if f"{n} | seed {s}" in res} for n in ROWS}
+    return {n: g for n, g in got.items() if g}
+
+
+def mean(g: dict, key: str) -> float:
+    return float(np.mean([r[key] for r in g.values()]))
+
+
+def baseline(name: str, got: dict, seeds: list[int]) -> str | None:
+    """The off-policy row of the lowest mean reverse KL among those run on every seed shown at
+    the same teacher tokens (within 10 %) as `name`: the goal's comparison."""
+    tokens = mean(got[name], "teacher_tokens")
+    full = [n for n, g in got.items() if ROWS[n][0] != "on-policy" and len(g) == len(seeds)
+            and abs(mean(g, "teacher_tokens") / tokens - 1) < 0.1]
+    return min(full, key=lambda n: mean(got[n], "reverse_kl"), default=None)
+
+
 def table(res: dict, seeds: list[int]) -> None:
     w = res["warm"]
     print(f"\nwarm student (the start of every row): reverse KL {w['reverse_kl']:.4f}, teacher "
           f"NLL {w['teacher_nll']:.4f}, held-out {w['bpb']:.4f} bits/byte; seeds {seeds}\n")
-    # the last column compares each row, seed by seed, with the off-policy row of the lowest mean
-    # reverse KL among those run on every seed shown
-    full = [n for n, (kind, _, _) in ROWS.items() if kind != "on-policy"
-            and all(f"{n} | seed {s}" in res for s in seeds)]
-    base = min(full, key=lambda n: np.mean([res[f"{n} | seed {s}"]["reverse_kl"]
-                                            for s in seeds]), default=None)
-    print(f"the best off-policy row: {base}\n")
-    best = {s: res.get(f"{base} | seed {s}") for s in seeds}
+    got = rows_run(res, seeds)
+    bases = sorted({b for n in got if (b := baseline(n, got, seeds))},
+                   key=lambda n: mean(got[n], "teacher_tokens"))
+    print("the best off-policy rows, per teacher-token budget (the last column's baseline): "
+          + "; ".join(f"{b} ({mean(got[b], 'teacher_tokens'):,.0f})" for b in bases) + "\n")
     print("| row | reverse KL on own continuations | per seed | teacher NLL of them | "
           "held-out bits/byte | teacher tokens | wall s | round overhead | vs the best "
-          "off-policy row, per seed |")
+          "off-policy row at its teacher tokens, per seed |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in ROWS:
-        got = {s: res[f"{name} | seed {s}"] for s in seeds if f"{name} | seed {s}" in res}
-        if not got:
-            continue
-        rs = list(got.values())
-        m = {k: np.mean([r[k] for r in rs]) for k in
+    for name, g in got.items():
+        rs = list(g.values())
+        m = {k: mean(g, k) for k in
              ("reverse_kl", "teacher_nll", "bpb", "teacher_tokens", "wall_s")}
         per = ", ".join(f"{r['reverse_kl']:.4f}" for r in rs)
         over = [o for r in rs for o in r.get("overhead", [])]
-        vs = ", ".join(f"{r['reverse_kl'] / best[s]['reverse_kl'] - 1:+.1%}"
-                       for s, r in got.items() if best[s])
+        base = baseline(name, got, seeds)
+        vs = ", ".join(f"{r['reverse_kl'] / got[base][s]['reverse_kl'] - 1:+.1%}"
+                       for s, r in g.items() if base and s in got[base])
         print(f"| {name} | {m['reverse_kl']:.4f} | {per} | {m['teacher_nll']:.4f} | "
               f"{m['bpb']:.4f} | {m['teacher_tokens']:,.0f} | {m['wall_s']:.0f} | "
               + (f"{np.mean(over):.0%} (max {max(over):.0%})" if over else "") + f" | {vs} |")
+
+
+def plot(res: dict, seeds: list[int], path: Path) -> None:
+    """Reverse KL on the student's own continuations against held-out bits/byte, a point per
+    row (its mean over the seeds shown): the two goals trade, and a table hides how."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    got = rows_run(res, seeds)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for policy, marker in (("off-policy", "o"), ("on-policy", "^")):
+        for budget, color in (("1x", "tab:blue"), ("4x", "tab:orange"), ("16x", "tab:green")):
+            pts = [(mean(g, "bpb"), mean(g, "reverse_kl")) for n, g in got.items()
+                   if (ROWS[n][0] == "on-policy") == (policy == "on-policy")
+                   and (n.split(", ")[-1].split()[0] if n.endswith("the teacher tokens")
+                        else "1x") == budget]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, color=color, alpha=0.8,
+                           label=f"{policy}, {budget} teacher tokens")
+    w = res["warm"]
+    ax.scatter([w["bpb"]], [w["reverse_kl"]], marker="*", s=200, color="black",
+               label="the warm student (every row's start)")
+    ax.set_xlabel("held-out bits/byte (lower: better)")
+    ax.set_ylabel("reverse KL to the teacher on its own continuations (nats/token)")
+    ax.set_title(f"bench/on_policy.py: every row, mean over seeds {seeds}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
