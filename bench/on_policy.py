@@ -18,6 +18,11 @@ tokens:
   on-policy R=r <loss>                `softlabels on-policy`, r rounds of 4/r responses per prompt
                                       (the teacher's top-64 unless the row says otherwise)
 
+Rows spend 40.8k teacher tokens unless their names say "4x" or "16x the teacher tokens" (then
+more prompts, responses and steps on both sides); the last column compares each row with the best
+off-policy row at its own budget. `--plot PNG` draws every row's reverse KL against its
+bits/byte, the trade the table hides.
+
 Columns: the exact reverse KL to the teacher on the student's own continuations of held-out
 prompts and the teacher's NLL of them (`softlabels eval --teacher --prompts`), held-out
 bits/byte of the corpus, the teacher tokens scored, wall time; for on-policy rows the share of
@@ -54,6 +59,16 @@ MIXED_256 = ["--loss", "reverse_kl", "--ce-weight", 0, "--mix", "HALF_K256", "--
 # MIXED_256 and the warm student's own dataset replayed with its recipe (KD: forward KL, CE 0.5)
 REPLAY_256 = ["--loss", "reverse_kl", "reverse_kl", "forward_kl", "--ce-weight", 0, 0, 0.5,
               "--mix", "HALF_K256", "WARM", "--n", 1, "--top-k", 256]
+
+
+def scaled(half: str, prompts: str, steps_per_round: int, *flags) -> list:
+    """REPLAY_256's recipe at 2:1:1 and lr 3e-4 (the best at 1x) with a larger budget's teacher
+    responses (`half`), prompts and steps."""
+    return ["--loss", "reverse_kl", "reverse_kl", "forward_kl", "--ce-weight", 0, 0, 0.5, "--mix",
+            half, "WARM", "--n", 1, "--top-k", 256, "--data-weights", 2, 1, 1, "--prompts",
+            prompts, "--lr", "3e-4", "--steps-per-round", steps_per_round, *flags]
+
+
 ROWS = {  # name: (kind, rounds, extra train flags)
     "CE on the teacher's responses": ("teacher", 0, ["--ce-weight", 1]),
     "KD on the teacher's responses": ("teacher", 0, []),
@@ -251,15 +266,11 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     "on-policy R=4 on 512 prompts, reverse KL (top-256), + the teacher's responses to 1,024 "
     "prompts + the warm student's corpus 2:1:1 (KD on it), lr 3e-4, 480 steps, 4x the teacher "
     "tokens": (
-        "on-policy", 4, [*REPLAY_256[:-7], "--mix", "HALF_1024_K256", "WARM", "--n", 1,
-                         "--top-k", 256, "--data-weights", 2, 1, 1, "--prompts", "PROMPTS_512",
-                         "--lr", "3e-4", "--steps-per-round", 120]),
+        "on-policy", 4, scaled("HALF_1024_K256", "PROMPTS_512", 120)),
     **{"on-policy R=4 on 512 prompts, reverse KL (top-256), + the teacher's responses to 1,024 "
        "prompts + the warm student's corpus 2:1:1 (KD on it), lr 3e-4, 480 steps, 4x the teacher "
        f"tokens, {what}": (
-           "on-policy", 4, [*REPLAY_256[:-7], "--mix", "HALF_1024_K256", "WARM", "--n", 1,
-                            "--top-k", 256, "--data-weights", 2, 1, 1, "--prompts", "PROMPTS_512",
-                            "--lr", "3e-4", "--steps-per-round", 120, *flags])
+           "on-policy", 4, scaled("HALF_1024_K256", "PROMPTS_512", 120, *flags))
        for what, flags in (("lr 1e-3", ["--lr", "1e-3"]),
                            ("960 steps", ["--steps-per-round", 240]))},
     # 16x (654k): the best of each side at 4x, on 2,048 prompts, 4x the steps again
@@ -270,9 +281,7 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     "on-policy R=4 on 2,048 prompts, reverse KL (top-256), + the teacher's responses to 2,048 "
     "prompts + the warm student's corpus 2:1:1 (KD on it), lr 3e-4, 1,920 steps, 16x the teacher "
     "tokens": (
-        "on-policy", 4, [*REPLAY_256[:-7], "--mix", "HALF_2048_K256", "WARM", "--n", 1,
-                         "--top-k", 256, "--data-weights", 2, 1, 1, "--prompts", "PROMPTS_2048",
-                         "--lr", "3e-4", "--steps-per-round", 480]),
+        "on-policy", 4, scaled("HALF_2048_K256", "PROMPTS_2048", 480)),
     # the same with KD (forward KL + 0.5 CE, off-policy's recipe) on the teacher's responses
     **{"on-policy R=4 on 512 prompts, reverse KL (top-256), + KD on the teacher's responses to "
        f"1,024 prompts + the warm student's corpus {w} (KD on it), lr 3e-4, 480 steps, 4x the "
