@@ -531,12 +531,15 @@ def mean(g: dict, key: str) -> float:
 
 
 def baseline(name: str, got: dict, seeds: list[int]) -> str | None:
-    """The off-policy row of the lowest mean reverse KL among those run on every seed shown at
-    the same teacher tokens (within 10 %) as `name`: the goal's comparison."""
+    """The off-policy row of the lowest mean reverse KL among those run on every seed shown
+    (on every seed `name` was run on, if fewer) at the same teacher tokens (within 10 %) as
+    `name`: the goal's comparison."""
     tokens = mean(got[name], "teacher_tokens")
-    full = [n for n, g in got.items() if ROWS[n][0] != "on-policy" and len(g) == len(seeds)
+    need = set(seeds) if len(got[name]) == len(seeds) else set(got[name])
+    full = [n for n, g in got.items() if ROWS[n][0] != "on-policy" and need <= set(g)
             and abs(mean(g, "teacher_tokens") / tokens - 1) < 0.1]
-    return min(full, key=lambda n: mean(got[n], "reverse_kl"), default=None)
+    return min(full, key=lambda n: np.mean([got[n][s]["reverse_kl"] for s in need]),
+               default=None)
 
 
 def table(res: dict, seeds: list[int]) -> None:
@@ -580,8 +583,8 @@ def plot(res: dict, seeds: list[int], path: Path) -> None:
         for budget, color in (("1x", "tab:blue"), ("4x", "tab:orange"), ("16x", "tab:green")):
             pts = [(mean(g, "bpb"), mean(g, "reverse_kl")) for n, g in got.items()
                    if (ROWS[n][0] == "on-policy") == (policy == "on-policy")
-                   and (n.split(", ")[-1].split()[0] if n.endswith("the teacher tokens")
-                        else "1x") == budget]
+                   and next((w for w in ("4x", "16x") if f"{w} the teacher tokens" in n),
+                            "1x") == budget]
             if pts:
                 ax.scatter(*zip(*pts), marker=marker, color=color, alpha=0.8,
                            label=f"{policy}, {budget} teacher tokens")
