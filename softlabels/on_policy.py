@@ -273,7 +273,7 @@ def _cluster(args):
 
 
 def _preload(student: str) -> None:
-    """What the first `train` would import on first use (5 s of round 0's training here, against
+    """What the first `train` would import on first use (~4 s of round 0's training here, against
     0.5 s in later rounds), imported instead while round 0's job runs: the trainer, Accelerate,
     TensorBoard's writer, matplotlib for the curves, and a local student's model code."""
     import matplotlib
