@@ -286,10 +286,10 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     **{"on-policy R=4 on 512 prompts, reverse KL (top-256), + KD on the teacher's responses to "
        f"1,024 prompts + the warm student's corpus {w} (KD on it), lr 3e-4, 480 steps, 4x the "
        "teacher tokens": (
-           "on-policy", 4, ["--loss", "reverse_kl", "forward_kl", "forward_kl", "--ce-weight", 0,
-                            0.5, 0.5, "--mix", "HALF_1024_K256", "WARM", "--n", 1, "--top-k", 256,
-                            "--data-weights", *w.split(":"), "--prompts", "PROMPTS_512", "--lr",
-                            "3e-4", "--steps-per-round", 120]) for w in ("2:1:1", "1:2:1")},
+           "on-policy", 4, scaled("HALF_1024_K256", "PROMPTS_512", 120, "--loss", "reverse_kl",
+                                  "forward_kl", "forward_kl", "--ce-weight", 0, 0.5, 0.5,
+                                  "--data-weights", *w.split(":")))
+       for w in ("2:1:1", "1:2:1")},
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
@@ -547,7 +547,8 @@ def table(res: dict, seeds: list[int]) -> None:
     print(f"\nwarm student (the start of every row): reverse KL {w['reverse_kl']:.4f}, teacher "
           f"NLL {w['teacher_nll']:.4f}, held-out {w['bpb']:.4f} bits/byte; seeds {seeds}\n")
     got = rows_run(res, seeds)
-    bases = sorted({b for n in got if (b := baseline(n, got, seeds))},
+    base_of = {n: baseline(n, got, seeds) for n in got}
+    bases = sorted({b for b in base_of.values() if b},
                    key=lambda n: mean(got[n], "teacher_tokens"))
     print("the best off-policy rows, per teacher-token budget (the last column's baseline): "
           + "; ".join(f"{b} ({mean(got[b], 'teacher_tokens'):,.0f})" for b in bases) + "\n")
@@ -561,7 +562,7 @@ def table(res: dict, seeds: list[int]) -> None:
              ("reverse_kl", "teacher_nll", "bpb", "teacher_tokens", "wall_s")}
         per = ", ".join(f"{r['reverse_kl']:.4f}" for r in rs)
         over = [o for r in rs for o in r.get("overhead", [])]
-        base = baseline(name, got, seeds)
+        base = base_of[name]
         vs = ", ".join(f"{r['reverse_kl'] / got[base][s]['reverse_kl'] - 1:+.1%}"
                        for s, r in g.items() if base and s in got[base])
         print(f"| {name} | {m['reverse_kl']:.4f} | {per} | {m['teacher_nll']:.4f} | "
