@@ -274,14 +274,14 @@ ROWS = {  # name: (kind, rounds, extra train flags)
        for what, flags in (("lr 1e-3", ["--lr", "1e-3"]),
                            ("960 steps", ["--steps-per-round", 240]))},
     # 16x (654k): the best of each side at 4x, on 2,048 prompts, 4x the steps again
-    "KD on the teacher's responses to 2,048 prompts, top-256, 1,920 steps, + the warm student's "
-    "corpus 3:1, lr 3e-4, 16x the teacher tokens": (
-        "teacher-2048-k256", 0, ["--data", "K256_2048", "WARM", "--data-weights", 3, 1,
-                                 "--max-steps", 1920, "--lr", "3e-4"]),
-    "on-policy R=4 on 2,048 prompts, reverse KL (top-256), + the teacher's responses to 2,048 "
-    "prompts + the warm student's corpus 2:1:1 (KD on it), lr 3e-4, 1,920 steps, 16x the teacher "
-    "tokens": (
-        "on-policy", 4, scaled("HALF_2048_K256", "PROMPTS_2048", 480)),
+    **{f"KD on the teacher's responses to 2,048 prompts, top-256, {s:,} steps, + the warm "
+       "student's corpus 3:1, lr 3e-4, 16x the teacher tokens": (
+           "teacher-2048-k256", 0, ["--data", "K256_2048", "WARM", "--data-weights", 3, 1,
+                                    "--max-steps", s, "--lr", "3e-4"]) for s in (1920, 2400)},
+    **{"on-policy R=4 on 2,048 prompts, reverse KL (top-256), + the teacher's responses to 2,048 "
+       f"prompts + the warm student's corpus 2:1:1 (KD on it), lr 3e-4, {s:,} steps, 16x the "
+       "teacher tokens": (
+           "on-policy", 4, scaled("HALF_2048_K256", "PROMPTS_2048", s // 4)) for s in (1920, 2400)},
     # the same with KD (forward KL + 0.5 CE, off-policy's recipe) on the teacher's responses
     **{"on-policy R=4 on 512 prompts, reverse KL (top-256), + KD on the teacher's responses to "
        f"1,024 prompts + the warm student's corpus {w} (KD on it), lr 3e-4, 480 steps, 4x the "
@@ -290,6 +290,25 @@ ROWS = {  # name: (kind, rounds, extra train flags)
                                   "forward_kl", "forward_kl", "--ce-weight", 0, 0.5, 0.5,
                                   "--data-weights", *w.split(":")))
        for w in ("2:1:1", "1:2:1")},
+    # 16x, held-out bits/byte first: off-policy's whole dataset (the teacher's responses to 2,048
+    # prompts, n = 8) with its recipe, and a small share of rollouts (4 rounds of 256 prompts:
+    # +5 % teacher tokens) with reverse KL
+    # (and 2,400 steps: the teacher's responses get off-policy's 1,440, the rollouts 480 more)
+    **{"on-policy R=4 on 256 prompts, reverse KL (top-256), + KD on the teacher's responses to "
+       f"2,048 prompts (n = 8) + the warm student's corpus {w} (KD on it), lr 3e-4, {s:,} steps, "
+       "16x the teacher tokens": (
+           "on-policy", 4, scaled("K256_2048", "PROMPTS_256", s // 4, "--loss", "reverse_kl",
+                                  "forward_kl", "forward_kl", "--ce-weight", 0, 0.5, 0.5,
+                                  "--data-weights", *w.split(":")))
+       for w, s in (("1:3:1", 1920), ("2:3:1", 1920), ("1:3:1", 2400))},
+    # the same rollouts with forward KL (GKD's): the teacher's distribution at the student's
+    # prefixes, mass-covering as the held-out bits/byte is
+    "on-policy R=4 on 256 prompts, forward KL on the rollouts (top-256), + KD on the teacher's "
+    "responses to 2,048 prompts (n = 8) + the warm student's corpus 1:3:1 (KD on it), lr 3e-4, "
+    "1,920 steps, 16x the teacher tokens": (
+        "on-policy", 4, scaled("K256_2048", "PROMPTS_256", 480, "--loss", "forward_kl",
+                               "forward_kl", "forward_kl", "--ce-weight", 0, 0.5, 0.5,
+                               "--data-weights", 1, 3, 1)),
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
@@ -432,11 +451,11 @@ def main() -> None:
         half_wide_2048 = by_teacher("teacher-responses-2048-k256", N, "--seed", 6, *p2048)
         mixed = {"HALF": half, "QUARTER": quarter_responses, "CORPUS_QUARTER": quarter,
                  "HALF_K256": half_wide, "HALF_1024_K256": half_wide_1024,
-                 "HALF_2048_K256": half_wide_2048}
+                 "HALF_2048_K256": half_wide_2048, "K256_2048": wide_2048}
         offline = {"teacher": responses, "teacher-k256": wide, "corpus": corpus,
                    "teacher-1024-k256": wide_1024, "teacher-2048-k256": wide_2048}
         named = {**mixed, "HALF_PROMPTS": half_prompts, "QUARTER_PROMPTS": quarter_prompts,
-                 "K256": wide, "K256_1024": wide_1024, "K256_2048": wide_2048,
+                 "K256": wide, "K256_1024": wide_1024, "PROMPTS_256": train_prompts,
                  "WARM": warm_data,
                  **{f"PROMPTS_{n}": f for n, f in more_prompts.items()}}
         warm = cache / "warm"
