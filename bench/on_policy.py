@@ -292,8 +292,8 @@ ROWS = {  # name: (kind, rounds, extra train flags)
        for w in ("2:1:1", "1:2:1")},
     # 16x, held-out bits/byte first: off-policy's whole dataset (the teacher's responses to 2,048
     # prompts, n = 8) with its recipe, and a small share of rollouts (4 rounds of 256 prompts:
-    # +5 % teacher tokens) with reverse KL
-    # (and 2,400 steps: the teacher's responses get off-policy's 1,440, the rollouts 480 more)
+    # +6 % teacher tokens) with reverse KL; at 2,400 steps the teacher's responses get
+    # off-policy's 1,440 and the rollouts 480 more
     **{"on-policy R=4 on 256 prompts, reverse KL (top-256), + KD on the teacher's responses to "
        f"2,048 prompts (n = 8) + the warm student's corpus {w} (KD on it), lr 3e-4, {s:,} steps, "
        "16x the teacher tokens": (
