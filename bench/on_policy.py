@@ -293,22 +293,18 @@ ROWS = {  # name: (kind, rounds, extra train flags)
     # 16x, held-out bits/byte first: off-policy's whole dataset (the teacher's responses to 2,048
     # prompts, n = 8) with its recipe, and a small share of rollouts (4 rounds of 256 prompts:
     # +6 % teacher tokens) with reverse KL; at 2,400 steps the teacher's responses get
-    # off-policy's 1,440 and the rollouts 480 more
-    **{"on-policy R=4 on 256 prompts, reverse KL (top-256), + KD on the teacher's responses to "
+    # off-policy's 1,440 and the rollouts 480 more; and the rollouts with forward KL (GKD's):
+    # the teacher's distribution at the student's prefixes, mass-covering as bits/byte is
+    **{f"on-policy R=4 on 256 prompts, {what} (top-256), + KD on the teacher's responses to "
        f"2,048 prompts (n = 8) + the warm student's corpus {w} (KD on it), lr 3e-4, {s:,} steps, "
        "16x the teacher tokens": (
-           "on-policy", 4, scaled("K256_2048", "PROMPTS_256", s // 4, "--loss", "reverse_kl",
+           "on-policy", 4, scaled("K256_2048", "PROMPTS_256", s // 4, "--loss", loss,
                                   "forward_kl", "forward_kl", "--ce-weight", 0, 0.5, 0.5,
                                   "--data-weights", *w.split(":")))
-       for w, s in (("1:3:1", 1920), ("2:3:1", 1920), ("1:3:1", 2400))},
-    # the same rollouts with forward KL (GKD's): the teacher's distribution at the student's
-    # prefixes, mass-covering as the held-out bits/byte is
-    "on-policy R=4 on 256 prompts, forward KL on the rollouts (top-256), + KD on the teacher's "
-    "responses to 2,048 prompts (n = 8) + the warm student's corpus 1:3:1 (KD on it), lr 3e-4, "
-    "1,920 steps, 16x the teacher tokens": (
-        "on-policy", 4, scaled("K256_2048", "PROMPTS_256", 480, "--loss", "forward_kl",
-                               "forward_kl", "forward_kl", "--ce-weight", 0, 0.5, 0.5,
-                               "--data-weights", 1, 3, 1)),
+       for what, loss, w, s in (("reverse KL", "reverse_kl", "1:3:1", 1920),
+                                ("reverse KL", "reverse_kl", "2:3:1", 1920),
+                                ("reverse KL", "reverse_kl", "1:3:1", 2400),
+                                ("forward KL on the rollouts", "forward_kl", "1:3:1", 1920))},
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
