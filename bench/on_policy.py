@@ -279,17 +279,13 @@ ROWS = {  # name: (kind, rounds, extra train flags)
            "teacher-2048-k256", 0, ["--data", "K256_2048", "WARM", "--data-weights", 3, 1,
                                     "--max-steps", s, "--lr", "3e-4"])
        for s in (1920, 2400, 3000)},
+    # and with three fifths of the steps on the rollouts (3:1:1: the weak seed's margin)
     **{"on-policy R=4 on 2,048 prompts, reverse KL (top-256), + the teacher's responses to 2,048 "
-       f"prompts + the warm student's corpus 2:1:1 (KD on it), lr 3e-4, {s:,} steps, 16x the "
+       f"prompts + the warm student's corpus {w} (KD on it), lr 3e-4, {s:,} steps, 16x the "
        "teacher tokens": (
-           "on-policy", 4, scaled("HALF_2048_K256", "PROMPTS_2048", s // 4))
-       for s in (1920, 2400, 3000)},
-    # the same tokens with three fifths of the steps on the rollouts (the weak seed's margin)
-    **{"on-policy R=4 on 2,048 prompts, reverse KL (top-256), + the teacher's responses to 2,048 "
-       f"prompts + the warm student's corpus 3:1:1 (KD on it), lr 3e-4, {s:,} steps, 16x the "
-       "teacher tokens": (
-           "on-policy", 4, scaled("HALF_2048_K256", "PROMPTS_2048", s // 4, "--data-weights", 3,
-                                  1, 1)) for s in (2400, 3000)},
+           "on-policy", 4, scaled("HALF_2048_K256", "PROMPTS_2048", s // 4, "--data-weights",
+                                  *w.split(":")))
+       for w, s in (("2:1:1", 1920), ("2:1:1", 2400), ("3:1:1", 2400), ("3:1:1", 3000))},
     # the same with KD (forward KL + 0.5 CE, off-policy's recipe) on the teacher's responses
     **{"on-policy R=4 on 512 prompts, reverse KL (top-256), + KD on the teacher's responses to "
        f"1,024 prompts + the warm student's corpus {w} (KD on it), lr 3e-4, 480 steps, 4x the "
