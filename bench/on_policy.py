@@ -278,7 +278,7 @@ ROWS = {  # name: (kind, rounds, extra train flags)
        "student's corpus 3:1, lr 3e-4, 16x the teacher tokens": (
            "teacher-2048-k256", 0, ["--data", "K256_2048", "WARM", "--data-weights", 3, 1,
                                     "--max-steps", s, "--lr", "3e-4"])
-       for s in (1920, 2400, 3000)},
+       for s in (1920, 2400, 3000, 3600)},
     # and with three fifths of the steps on the rollouts (3:1:1: the weak seed's margin)
     **{"on-policy R=4 on 2,048 prompts, reverse KL (top-256), + the teacher's responses to 2,048 "
        f"prompts + the warm student's corpus {w} (KD on it), lr 3e-4, {s:,} steps, 16x the "
