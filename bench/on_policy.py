@@ -17,6 +17,7 @@ tokens:
   KD on the corpus                    corpus records of as many tokens, the default recipe
   on-policy R=r <loss>                `softlabels on-policy`, r rounds of 4/r responses per prompt
                                       (the teacher's top-64 unless the row says otherwise)
+  <on-policy row>, then S steps ...   that row's student, then KD (`train`) on data it has
 
 Rows spend 40.8k teacher tokens unless their names say "4x" or "16x the teacher tokens" (then
 more prompts, responses and steps on both sides); the last column compares each row with the best
@@ -50,6 +51,7 @@ sys.path.insert(0, str(REPO / "bench"))
 PROMPTS, N, NEW, WORDS_IN_PROMPT = 256, 4, 32, 8
 STEPS, WARM_STEPS, BATCH = 120, 2400, 2048
 ROUNDS_OVERHEAD = 3  # --overhead: round 0 builds the engines, the others show a steady round
+ON_POLICY = ("on-policy", "then-kd")  # kinds of row whose student wrote some of its data
 CONTENT_ONLY = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 TRAIN = ["--lr", "1e-3", "--warmup", 10, "--batch-tokens", BATCH]
 # reverse KL over the top-256 on the student's rollouts (n = 1 a round) and on the teacher's
@@ -69,7 +71,10 @@ def scaled(half: str, prompts: str, steps_per_round: int, *flags) -> list:
             prompts, "--lr", "3e-4", "--steps-per-round", steps_per_round, *flags]
 
 
-ROWS = {  # name: (kind, rounds, extra train flags)
+ONP_3000 = ("on-policy R=4 on 2,048 prompts, reverse KL (top-256), + the teacher's responses to "
+            "2,048 prompts + the warm student's corpus 3:1:1 (KD on it), lr 3e-4, 3,000 steps, "
+            "16x the teacher tokens")
+ROWS = {  # name: (kind, rounds, extra train flags; "then-kd": [on-policy row, steps, flags])
     "CE on the teacher's responses": ("teacher", 0, ["--ce-weight", 1]),
     "KD on the teacher's responses": ("teacher", 0, []),
     "KD on the corpus": ("corpus", 0, []),
@@ -309,6 +314,14 @@ ROWS = {  # name: (kind, rounds, extra train flags)
                                 ("reverse KL", "reverse_kl", "2:3:1", 1920),
                                 ("reverse KL", "reverse_kl", "1:3:1", 2400),
                                 ("forward KL on the rollouts", "forward_kl", "1:3:1", 1920))},
+    # 16x, rounds first and off-policy KD after: the 3:1:1 row's student, then S steps of KD
+    # (forward KL + 0.5 CE) on the same teacher's responses and the warm student's corpus 3:1
+    # (no new teacher tokens). Mixed in from the start, rollouts cost bits/byte at every share;
+    # does sharpening first and covering the teacher's text after keep more of the gain?
+    **{f"{ONP_3000}, then {s:,} steps of KD on the teacher's responses + the warm student's "
+       "corpus 3:1": ("then-kd", 0, [ONP_3000, s, "--data", "HALF_2048_K256", "WARM",
+                                     "--data-weights", 3, 1, "--lr", "3e-4"])
+       for s in (600, 1200, 2400)},
     "on-policy R=2, JSD (beta 0.5)": ("on-policy", 2, ["--loss", "jsd", "--ce-weight", 0]),
     "on-policy R=2, JSD, + the teacher's responses 1:1": (
         "on-policy", 2, ["--loss", "jsd", "--ce-weight", 0, "--mix", "HALF",
@@ -333,6 +346,10 @@ def with_template(src: Path, dst: Path) -> Path:
         tok.chat_template = CONTENT_ONLY
         tok.save_pretrained(dst)
     return dst
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "_").replace(",", "")
 
 
 def run(args: list, **kw) -> subprocess.CompletedProcess:
@@ -471,12 +488,13 @@ def main() -> None:
         res_file.write_text(json.dumps(res, indent=1))
         if a.overhead:
             return overhead(a, cache, t, warm, train_texts, addr)
+        runs = cache / "runs"
         for seed in a.seeds:
             for name, (kind, rounds, extra) in ROWS.items():
                 key = f"{name} | seed {seed}"
                 if key in res or (a.only and name not in a.only):
                     continue
-                out = cache / "runs" / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
+                out = runs / f"{slug(name)}-{seed}"
                 t0 = time.time()
                 row = {}
                 if kind == "on-policy":
@@ -495,6 +513,20 @@ def main() -> None:
                         Manifest.load(mixed[x]).tokens for x in extra if x in mixed)
                     row["overhead"] = [r["overhead_s"] / r["wall_s"] for r in log]
                     row["round_wall_s"] = [r["wall_s"] for r in log]
+                elif kind == "then-kd":  # that row's student, then KD on data it has
+                    first, steps, *flags = extra
+                    if f"{first} | seed {seed}" not in res:
+                        sys.exit(f"{name}: run its first part on seed {seed} first "
+                                 f"(--only \"{first}\")")
+                    before = res[f"{first} | seed {seed}"]
+                    log = json.loads((runs / f"{slug(first)}-{seed}" / "rounds.json")
+                                     .read_text())["rounds"]
+                    run(["train", "--student", Path(log[-1]["checkpoint"]).parents[1],
+                         "--output", out, "--max-steps", steps, "--seed", seed, *TRAIN,
+                         *[named.get(x, x) for x in flags]], capture_output=True)
+                    model = out
+                    row["teacher_tokens"] = before["teacher_tokens"]
+                    t0 -= before["wall_s"]  # the rounds' wall time is this row's too
                 else:
                     data = offline[kind]
                     run(["train", "--student", warm, "--data", data, "--output", out,
@@ -555,7 +587,7 @@ def baseline(name: str, got: dict, seeds: list[int]) -> str | None:
     `name`: the goal's comparison."""
     tokens = mean(got[name], "teacher_tokens")
     need = set(seeds) if len(got[name]) == len(seeds) else set(got[name])
-    full = [n for n, g in got.items() if ROWS[n][0] != "on-policy" and need <= set(g)
+    full = [n for n, g in got.items() if ROWS[n][0] not in ON_POLICY and need <= set(g)
             and abs(mean(g, "teacher_tokens") / tokens - 1) < 0.1]
     return min(full, key=lambda n: np.mean([got[n][s]["reverse_kl"] for s in need]),
                default=None)
@@ -602,7 +634,7 @@ def plot(res: dict, seeds: list[int], path: Path) -> None:
     for policy, marker in (("off-policy", "o"), ("on-policy", "^")):
         for budget, color in (("1x", "tab:blue"), ("4x", "tab:orange"), ("16x", "tab:green")):
             pts = [(mean(g, "bpb"), mean(g, "reverse_kl")) for n, g in got.items()
-                   if (ROWS[n][0] == "on-policy") == (policy == "on-policy")
+                   if (ROWS[n][0] in ON_POLICY) == (policy == "on-policy")
                    and next((w for w in ("4x", "16x") if f"{w} the teacher tokens" in n),
                             "1x") == budget]
             if pts:
