@@ -392,7 +392,8 @@ def main() -> None:
     ap.add_argument("--granularity-cache", type=Path,
                     default=REPO / ".cache" / "bench-granularity")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--only", nargs="*", default=None, help="row names to run")
+    ap.add_argument("--only", nargs="*", default=None, help="row names to run (none: run nothing, "
+                    "print the table of the rows run, and --plot)")
     ap.add_argument("--warm-steps", type=int, default=WARM_STEPS,
                     help="steps of KD on the corpus that make the warm student")
     ap.add_argument("--overhead", type=int, nargs=3, metavar=("PROMPTS", "N", "STEPS"),
@@ -492,7 +493,7 @@ def main() -> None:
         for seed in a.seeds:
             for name, (kind, rounds, extra) in ROWS.items():
                 key = f"{name} | seed {seed}"
-                if key in res or (a.only and name not in a.only):
+                if key in res or (a.only is not None and name not in a.only):
                     continue
                 out = runs / f"{slug(name)}-{seed}"
                 t0 = time.time()
@@ -631,15 +632,17 @@ def plot(res: dict, seeds: list[int], path: Path) -> None:
 
     got = rows_run(res, seeds)
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for policy, marker in (("off-policy", "o"), ("on-policy", "^")):
+    markers = {"on-policy": "^", "then-kd": "s"}  # every other kind is off-policy: "o"
+    labels = {"o": "off-policy", "^": "on-policy", "s": "on-policy, then KD"}
+    for marker, label in labels.items():
         for budget, color in (("1x", "tab:blue"), ("4x", "tab:orange"), ("16x", "tab:green")):
             pts = [(mean(g, "bpb"), mean(g, "reverse_kl")) for n, g in got.items()
-                   if (ROWS[n][0] in ON_POLICY) == (policy == "on-policy")
+                   if markers.get(ROWS[n][0], "o") == marker
                    and next((w for w in ("4x", "16x") if f"{w} the teacher tokens" in n),
                             "1x") == budget]
             if pts:
                 ax.scatter(*zip(*pts), marker=marker, color=color, alpha=0.8,
-                           label=f"{policy}, {budget} teacher tokens")
+                           label=f"{label}, {budget} teacher tokens")
     w = res["warm"]
     ax.scatter([w["bpb"]], [w["reverse_kl"]], marker="*", s=200, color="black",
                label="the warm student (every row's start)")
