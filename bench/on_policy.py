@@ -520,8 +520,8 @@ def main() -> None:
                         sys.exit(f"{name}: run its first part on seed {seed} first "
                                  f"(--only \"{first}\")")
                     before = res[f"{first} | seed {seed}"]
-                    log = json.loads((runs / f"{slug(first)}-{seed}" / "rounds.json")
-                                     .read_text())["rounds"]
+                    out = runs / f"{slug(first)}-{seed}" / f"then-kd-{steps}"  # (name length)
+                    log = json.loads((out.parent / "rounds.json").read_text())["rounds"]
                     run(["train", "--student", Path(log[-1]["checkpoint"]).parents[1],
                          "--output", out, "--max-steps", steps, "--seed", seed, *TRAIN,
                          *[named.get(x, x) for x in flags]], capture_output=True)
