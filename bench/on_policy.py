@@ -51,7 +51,8 @@ sys.path.insert(0, str(REPO / "bench"))
 PROMPTS, N, NEW, WORDS_IN_PROMPT = 256, 4, 32, 8
 STEPS, WARM_STEPS, BATCH = 120, 2400, 2048
 ROUNDS_OVERHEAD = 3  # --overhead: round 0 builds the engines, the others show a steady round
-ON_POLICY = ("on-policy", "then-kd")  # kinds of row whose student wrote some of its data
+ON_POLICY = {"on-policy": "^", "then-kd": "s"}  # kinds whose student wrote some of its data:
+# their marker in --plot (every other kind is off-policy, "o")
 CONTENT_ONLY = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 TRAIN = ["--lr", "1e-3", "--warmup", 10, "--batch-tokens", BATCH]
 # reverse KL over the top-256 on the student's rollouts (n = 1 a round) and on the teacher's
@@ -632,12 +633,11 @@ def plot(res: dict, seeds: list[int], path: Path) -> None:
 
     got = rows_run(res, seeds)
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = {"on-policy": "^", "then-kd": "s"}  # every other kind is off-policy: "o"
     labels = {"o": "off-policy", "^": "on-policy", "s": "on-policy, then KD"}
     for marker, label in labels.items():
         for budget, color in (("1x", "tab:blue"), ("4x", "tab:orange"), ("16x", "tab:green")):
             pts = [(mean(g, "bpb"), mean(g, "reverse_kl")) for n, g in got.items()
-                   if markers.get(ROWS[n][0], "o") == marker
+                   if ON_POLICY.get(ROWS[n][0], "o") == marker
                    and next((w for w in ("4x", "16x") if f"{w} the teacher tokens" in n),
                             "1x") == budget]
             if pts:
